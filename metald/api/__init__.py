@@ -1,0 +1,1 @@
+"""API adapters: Connect/gRPC/gRPC-Web handlers, REST, auth, error mapping, health, metrics."""

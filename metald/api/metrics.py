@@ -1,0 +1,105 @@
+"""Prometheus metrics: the reference's names plus one family per RPC, VM states and backend ops."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from metald.domain.states import VmState
+from metald.ports import VmStore
+
+PREFIX = "unkey_metald"
+# RPC name -> the metric stem: unkey_metald_vm_<stem>_{requests_total,failures_total,duration_seconds}
+RPC_STEMS = {
+    "CreateVm": "create",
+    "BootVm": "boot",
+    "ShutdownVm": "shutdown",
+    "PauseVm": "pause",
+    "ResumeVm": "resume",
+    "RebootVm": "reboot",
+    "DeleteVm": "delete",
+    "GetVmInfo": "get_info",
+    "ListVms": "list",
+}
+_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """Implements metald.ports.ServiceEvents and the per-RPC counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._requests = {
+            rpc: Counter(f"{PREFIX}_vm_{stem}_requests", f"{rpc} requests", registry=r)
+            for rpc, stem in RPC_STEMS.items()
+        }
+        self._failures = {
+            rpc: Counter(f"{PREFIX}_vm_{stem}_failures", f"{rpc} failures by code", ["code"], registry=r)
+            for rpc, stem in RPC_STEMS.items()
+        }
+        self._durations = {
+            rpc: Histogram(
+                f"{PREFIX}_vm_{stem}_request_duration_seconds", f"{rpc} latency", buckets=_BUCKETS, registry=r
+            )
+            for rpc, stem in RPC_STEMS.items()
+        }
+        self._boot = Histogram(
+            f"{PREFIX}_vm_boot_duration_seconds",
+            "BootVm: from the request to a running VMM",
+            ["backend"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self._backend_errors = Counter(
+            f"{PREFIX}_backend_errors", "backend operations that failed", ["backend", "operation"], registry=r
+        )
+        self._backend_latency = Histogram(
+            f"{PREFIX}_backend_operation_duration_seconds",
+            "backend operation latency",
+            ["backend", "operation"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self._exits = Counter(f"{PREFIX}_vm_exits", "VMMs that ended by themselves", ["reason"], registry=r)
+        self._active = Gauge(f"{PREFIX}_active_vms", "VMs RUNNING or PAUSED", registry=r)
+        self._by_state = Gauge(f"{PREFIX}_vms", "VMs by state", ["state"], registry=r)
+        self._by_customer = Gauge(f"{PREFIX}_customer_vms", "VMs per customer", ["customer_id"], registry=r)
+
+    # ---- RPCs ----
+    def rpc_finished(self, rpc: str, code: str, seconds: float) -> None:
+        if rpc not in self._requests:
+            return
+        self._requests[rpc].inc()
+        self._durations[rpc].observe(seconds)
+        if code != "ok":
+            self._failures[rpc].labels(code=code).inc()
+
+    # ---- ServiceEvents ----
+    def boot_finished(self, backend_type: str, seconds: float) -> None:
+        self._boot.labels(backend=backend_type).observe(seconds)
+
+    def backend_error(self, backend_type: str, operation: str) -> None:
+        self._backend_errors.labels(backend=backend_type, operation=operation).inc()
+
+    def backend_operation(self, backend_type: str, operation: str, seconds: float) -> None:
+        self._backend_latency.labels(backend=backend_type, operation=operation).observe(seconds)
+
+    def vm_exited(self, reason: str) -> None:
+        self._exits.labels(reason=reason).inc()
+
+    # ---- scrape ----
+    async def render(self, store: VmStore) -> bytes:
+        counts = await store.state_counts()
+        per_state = dict.fromkeys(VmState, 0)
+        per_customer: dict[str, int] = {}
+        for (customer, state), n in counts.items():
+            per_state[state] += n
+            per_customer[customer] = per_customer.get(customer, 0) + n
+        for state, n in per_state.items():
+            if state is not VmState.UNSPECIFIED:
+                self._by_state.labels(state=state.api_name).set(n)
+        self._by_customer.clear()
+        for customer, n in per_customer.items():
+            self._by_customer.labels(customer_id=customer).set(n)
+        self._active.set(per_state[VmState.RUNNING] + per_state[VmState.PAUSED])
+        return generate_latest(self.registry)

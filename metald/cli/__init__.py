@@ -1,0 +1,1 @@
+"""Command-line entry points: `metald` (the daemon) and `metalctl` (the client)."""

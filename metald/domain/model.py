@@ -1,0 +1,177 @@
+"""The VM and its configuration as the domain sees them: plain dataclasses, no protobuf.
+
+Shapes mirror the API's VmConfig so that one JSON form (proto field names) serves the API,
+the store and the backends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from metald.domain.states import VmState
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    vcpu_count: int = 0
+    cpu_template: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    size_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    kernel_path: str = ""
+    kernel_args: str = ""
+    initrd_path: str = ""
+
+
+@dataclass(frozen=True)
+class StorageDevice:
+    device_id: str = ""
+    path_on_host: str = ""
+    is_read_only: bool = False
+    is_root_device: bool = False
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    bandwidth_bytes_per_second: int = 0
+    burst_bytes: int = 0
+    refill_time_millis: int = 0
+
+
+@dataclass(frozen=True)
+class IpConfig:
+    address: str = ""
+    prefix_length: int = 0
+    gateway: str = ""
+
+
+@dataclass(frozen=True)
+class NetworkInterface:
+    interface_id: str = ""
+    type: str = ""
+    guest_mac: str = ""
+    rate_limit: RateLimit | None = None
+    host_ipv4: IpConfig | None = None
+    guest_ipv4: IpConfig | None = None
+    host_ipv6: IpConfig | None = None
+    guest_ipv6: IpConfig | None = None
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    type: str = ""
+    output_file: str = ""
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    cpu: CpuConfig | None = None
+    memory: MemoryConfig | None = None
+    boot: BootConfig | None = None
+    storage: tuple[StorageDevice, ...] = ()
+    network: tuple[NetworkInterface, ...] = ()
+    console: ConsoleConfig | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def vcpu_count(self) -> int:
+        return self.cpu.vcpu_count if self.cpu else 0
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory.size_bytes if self.memory else 0
+
+
+@dataclass(frozen=True)
+class NicAddress:
+    """What the daemon settled for one interface at create time (stable for the VM's life)."""
+
+    interface_id: str
+    mac: str
+    guest_ipv4: str = ""  # "addr/prefix" or ""
+    gateway_ipv4: str = ""
+    guest_ipv6: str = ""
+    gateway_ipv6: str = ""
+
+
+@dataclass
+class Vm:
+    vm_id: str
+    customer_id: str
+    config: VmConfig
+    state: VmState
+    created_at: datetime
+    updated_at: datetime
+    nics: tuple[NicAddress, ...] = ()
+    # Why the VM last stopped ("guest_poweroff", "vmm_exited", "shutdown_requested", ...).
+    shutdown_reason: str = ""
+    # A multi-step operation in flight ("creating", "booting", "stopping", "deleting"); a daemon
+    # killed halfway finishes or undoes it on restart.
+    pending: str = ""
+    # Insertion order, assigned by the store; the keyset for pagination.
+    seq: int = 0
+
+
+# ---- one JSON form (proto field names) for config <-> dict --------------------------------------
+
+T = TypeVar("T")
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> JSON-ready dict, leaving out unset (None/empty) members like proto3 JSON does."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = to_dict(getattr(obj, f.name))
+            if value is None or value == () or value == [] or value == {}:
+                continue
+            if value == f.default and not dataclasses.is_dataclass(getattr(obj, f.name)):
+                continue
+            out[f.name] = value
+        return out
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def from_dict(cls: type[T], data: Any) -> T:
+    """JSON dict (proto field names; int64 may be strings) -> dataclass tree; unknown keys ignored."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name])
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = next(a for a in typing.get_args(tp) if a is not type(None))
+        return None if value is None else _convert(inner, value)
+    if origin is tuple:
+        return tuple(_convert(typing.get_args(tp)[0], v) for v in value)
+    if origin is dict:
+        return {str(k): str(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value)  # type: ignore[arg-type]
+    if tp is int:
+        return int(value)
+    if tp is bool:
+        return bool(value)
+    return value

@@ -1,0 +1,238 @@
+"""Checks of a requested VmConfig, and the defaults a bare config gets. Pure: no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from metald.domain.errors import invalid
+from metald.domain.model import (
+    MIB,
+    BootConfig,
+    ConsoleConfig,
+    CpuConfig,
+    IpConfig,
+    MemoryConfig,
+    NetworkInterface,
+    StorageDevice,
+    VmConfig,
+)
+
+CPU_TEMPLATES = frozenset({"T2", "T2S", "T2CL", "T2A", "V1N1"})
+CONSOLE_TYPES = frozenset({"SERIAL", "VIRTIO_CONSOLE"})
+NETWORK_TYPES = frozenset({"TAP"})
+MIN_MEMORY_BYTES = 128 * MIB
+MAX_MEMORY_BYTES = 1024 * 1024 * MIB
+MAX_VCPUS = 32
+ASSETS_PREFIX = "/assets/"
+DEFAULT_KERNEL = "/assets/vmlinux"
+DEFAULT_INITRD = "/assets/initrd"
+DEFAULT_ROOTFS = "/assets/rootfs.ext4"
+RESERVED_ARG_PREFIX = "metald."
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request-size bounds (from settings)."""
+
+    max_metadata_entries: int = 64
+    max_metadata_key_length: int = 128
+    max_metadata_value_length: int = 1024
+    max_kernel_args_length: int = 2048
+    max_devices: int = 16
+    max_interfaces: int = 8
+
+
+@dataclass(frozen=True)
+class Defaults:
+    vcpu_count: int = 1
+    memory_bytes: int = 256 * MIB
+
+
+def validate_config(config: VmConfig, limits: Limits) -> None:
+    """Raise INVALID_ARGUMENT naming the first offending field."""
+    _check_cpu(config.cpu)
+    _check_memory(config.memory)
+    if config.boot is not None:
+        _check_boot(config.boot, limits)
+    _check_storage(config.storage, limits)
+    _check_network(config.network, limits)
+    if config.console is not None:
+        _check_console(config.console)
+    _check_metadata(config.metadata, limits)
+
+
+def with_defaults(config: VmConfig, defaults: Defaults) -> VmConfig:
+    """Fill what the caller left out. Zero vcpu_count/size_bytes mean "not given" (proto3 has no
+    presence for scalars). A config without `boot` gets the default guest; without `boot` and
+    `storage` it also gets the default root disk."""
+    cpu = config.cpu or CpuConfig()
+    if cpu.vcpu_count == 0:
+        cpu = dataclasses.replace(cpu, vcpu_count=defaults.vcpu_count)
+    memory = config.memory or MemoryConfig()
+    if memory.size_bytes == 0:
+        memory = MemoryConfig(size_bytes=defaults.memory_bytes)
+    boot = config.boot
+    storage = config.storage
+    if boot is None:
+        boot = BootConfig(kernel_path=DEFAULT_KERNEL, initrd_path=DEFAULT_INITRD)
+        if not storage:
+            storage = (StorageDevice("rootfs", DEFAULT_ROOTFS, is_read_only=False, is_root_device=True),)
+    network = tuple(
+        dataclasses.replace(n, type=n.type or "TAP", guest_mac=n.guest_mac or "auto") for n in config.network
+    )
+    console = config.console or ConsoleConfig()
+    if not console.type:
+        console = dataclasses.replace(console, type="SERIAL")
+    return dataclasses.replace(
+        config, cpu=cpu, memory=memory, boot=boot, storage=storage, network=network, console=console
+    )
+
+
+def _check_cpu(cpu: CpuConfig | None) -> None:
+    if cpu is None:
+        return
+    if not 0 <= cpu.vcpu_count <= MAX_VCPUS:
+        raise invalid("config.cpu.vcpu_count", f"must be between 1 and {MAX_VCPUS}")
+    if cpu.cpu_template and cpu.cpu_template not in CPU_TEMPLATES:
+        raise invalid("config.cpu.cpu_template", f"must be empty or one of {', '.join(sorted(CPU_TEMPLATES))}")
+
+
+def _check_memory(memory: MemoryConfig | None) -> None:
+    if memory is None or memory.size_bytes == 0:
+        return
+    if memory.size_bytes < MIN_MEMORY_BYTES:
+        raise invalid("config.memory.size_bytes", "must be at least 134217728 (128 MiB)")
+    if memory.size_bytes > MAX_MEMORY_BYTES:
+        raise invalid("config.memory.size_bytes", "must be at most 1 TiB")
+    if memory.size_bytes % MIB:
+        raise invalid("config.memory.size_bytes", "must be a whole number of MiB")
+
+
+def _check_asset_path(path: str, field: str) -> None:
+    if not path.startswith(ASSETS_PREFIX):
+        raise invalid(field, f"must be a path under {ASSETS_PREFIX} (the host's image directory)")
+    rest = path[len(ASSETS_PREFIX) :]
+    parts = rest.split("/")
+    if not rest or any(p in ("", ".", "..") for p in parts) or "\x00" in rest:
+        raise invalid(field, "must name a file under /assets/ without '.', '..' or empty segments")
+
+
+def _check_boot(boot: BootConfig, limits: Limits) -> None:
+    if not boot.kernel_path:
+        raise invalid("config.boot.kernel_path", "is required")
+    _check_asset_path(boot.kernel_path, "config.boot.kernel_path")
+    if boot.initrd_path:
+        _check_asset_path(boot.initrd_path, "config.boot.initrd_path")
+    if len(boot.kernel_args) > limits.max_kernel_args_length:
+        raise invalid("config.boot.kernel_args", f"longer than {limits.max_kernel_args_length} characters")
+    if not boot.kernel_args.isprintable():
+        raise invalid("config.boot.kernel_args", "must be printable text")
+    for token in boot.kernel_args.split():
+        if token.startswith(RESERVED_ARG_PREFIX):
+            raise invalid("config.boot.kernel_args", f"'{RESERVED_ARG_PREFIX}*' arguments are set by metald")
+
+
+def _check_storage(storage: tuple[StorageDevice, ...], limits: Limits) -> None:
+    if len(storage) > limits.max_devices:
+        raise invalid("config.storage", f"at most {limits.max_devices} devices")
+    seen: set[str] = set()
+    roots = 0
+    for i, dev in enumerate(storage):
+        field = f"config.storage[{i}]"
+        if not _NAME.fullmatch(dev.device_id):
+            raise invalid(f"{field}.device_id", "must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+        if dev.device_id in seen:
+            raise invalid(f"{field}.device_id", f"duplicate device_id {dev.device_id!r}")
+        seen.add(dev.device_id)
+        if not dev.path_on_host:
+            raise invalid(f"{field}.path_on_host", "is required")
+        _check_asset_path(dev.path_on_host, f"{field}.path_on_host")
+        roots += dev.is_root_device
+    if roots > 1:
+        raise invalid("config.storage", "at most one device may have is_root_device=true")
+
+
+def _check_network(network: tuple[NetworkInterface, ...], limits: Limits) -> None:
+    if len(network) > limits.max_interfaces:
+        raise invalid("config.network", f"at most {limits.max_interfaces} interfaces")
+    seen: set[str] = set()
+    for i, nic in enumerate(network):
+        field = f"config.network[{i}]"
+        if not _NAME.fullmatch(nic.interface_id):
+            raise invalid(f"{field}.interface_id", "must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+        if nic.interface_id in seen:
+            raise invalid(f"{field}.interface_id", f"duplicate interface_id {nic.interface_id!r}")
+        seen.add(nic.interface_id)
+        if nic.type and nic.type not in NETWORK_TYPES:
+            raise invalid(f"{field}.type", "must be TAP")
+        if nic.guest_mac and nic.guest_mac != "auto":
+            check_mac(nic.guest_mac, f"{field}.guest_mac")
+        if nic.rate_limit is not None:
+            rl = nic.rate_limit
+            for name in ("bandwidth_bytes_per_second", "burst_bytes", "refill_time_millis"):
+                if getattr(rl, name) < 0:
+                    raise invalid(f"{field}.rate_limit.{name}", "must not be negative")
+        _check_ip(nic.host_ipv4, 4, f"{field}.host_ipv4")
+        _check_ip(nic.guest_ipv4, 4, f"{field}.guest_ipv4")
+        _check_ip(nic.host_ipv6, 6, f"{field}.host_ipv6")
+        _check_ip(nic.guest_ipv6, 6, f"{field}.guest_ipv6")
+
+
+def check_mac(mac: str, field: str) -> str:
+    if not _MAC.fullmatch(mac):
+        raise invalid(field, 'must be "auto" or a MAC like aa:bb:cc:dd:ee:ff')
+    first = int(mac[:2], 16)
+    if first & 1:
+        raise invalid(field, "must be a unicast MAC (multicast bit set)")
+    if mac.replace(":", "").strip("0") == "":
+        raise invalid(field, "must not be all zeros")
+    return mac.lower()
+
+
+def _check_ip(ip: IpConfig | None, family: int, field: str) -> None:
+    if ip is None:
+        return
+    max_prefix = 32 if family == 4 else 128
+    for name, value in (("address", ip.address), ("gateway", ip.gateway)):
+        if not value:
+            if name == "address":
+                raise invalid(f"{field}.address", "is required when the block is given")
+            continue
+        try:
+            parsed = ipaddress.ip_address(value)
+        except ValueError:
+            raise invalid(f"{field}.{name}", f"{value!r} is not an IPv{family} address") from None
+        if parsed.version != family:
+            raise invalid(f"{field}.{name}", f"{value!r} is not an IPv{family} address")
+        if parsed.is_multicast or parsed.is_unspecified:
+            raise invalid(f"{field}.{name}", f"{value!r} is not a unicast address")
+    if not 1 <= ip.prefix_length <= max_prefix:
+        raise invalid(f"{field}.prefix_length", f"must be between 1 and {max_prefix}")
+
+
+def _check_console(console: ConsoleConfig) -> None:
+    if console.type and console.type not in CONSOLE_TYPES:
+        raise invalid("config.console.type", "must be SERIAL or VIRTIO_CONSOLE")
+    if console.output_file and not _NAME.fullmatch(console.output_file):
+        raise invalid(
+            "config.console.output_file",
+            "must be a plain file name; the log is kept in the VM's own directory",
+        )
+
+
+def _check_metadata(metadata: dict[str, str], limits: Limits) -> None:
+    if len(metadata) > limits.max_metadata_entries:
+        raise invalid("config.metadata", f"at most {limits.max_metadata_entries} entries")
+    for key, value in metadata.items():
+        if not key or len(key) > limits.max_metadata_key_length:
+            raise invalid("config.metadata", f"keys must be 1-{limits.max_metadata_key_length} characters")
+        if len(value) > limits.max_metadata_value_length:
+            raise invalid(
+                f"config.metadata[{key[:32]}]", f"value longer than {limits.max_metadata_value_length}"
+            )

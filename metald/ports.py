@@ -1,0 +1,251 @@
+"""The small interfaces the service drives: a VMM backend, a VM store and guest networking.
+
+Adapters live in metald/backends, metald/store and metald/network; the service and the domain
+depend only on what is declared here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from metald.domain.model import NicAddress, RateLimit, Vm
+from metald.domain.states import VmState
+
+# ---- health ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One health check: status is "healthy", "degraded" or "unhealthy"."""
+
+    status: str
+    detail: str = ""
+    duration_ms: float = 0.0
+
+
+# ---- backend --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What a backend can honour; the service refuses the rest before anything is created."""
+
+    backend_type: str
+    # Accepted cpu_template values -> the backend's own CPU model / template name.
+    cpu_templates: Mapping[str, str]
+    console_types: frozenset[str]
+    supports_initrd: bool = True
+    supports_pause: bool = True
+    supports_graceful_reboot: bool = True
+    max_vcpus: int = 32
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    device_id: str
+    host_path: Path  # the shared image (read-only devices) or the base of a per-VM overlay
+    read_only: bool
+    is_root: bool
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    interface_id: str
+    tap_device: str
+    mac: str
+    rate_limit: RateLimit | None = None
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a backend needs to run one VM, with host paths already resolved and checked."""
+
+    vm_id: str
+    vm_dir: Path
+    vcpu_count: int
+    memory_bytes: int
+    cpu_template: str
+    kernel: Path
+    initrd: Path | None
+    customer_kernel_args: str
+    # metald's own guest arguments (vm id, NIC addresses); appended after the customer's.
+    guest_kernel_args: str
+    disks: tuple[DiskSpec, ...]
+    nics: tuple[NicSpec, ...]
+    netns: str | None  # network namespace the VMM runs in (holds the TAPs), None without NICs
+    console_type: str  # "SERIAL" or "VIRTIO_CONSOLE"
+    console_path: Path
+    # Limits for sandboxing (cgroups): derived from the config by the service.
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VmRuntime:
+    """What is true of a running VMM right now."""
+
+    pid: int
+    socket_path: str
+    guest_ready: bool
+    paused: bool = False
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VmMetrics:
+    cpu_time_nanos: int = 0
+    memory_usage_bytes: int = 0
+    disk_read_bytes: int = 0
+    disk_write_bytes: int = 0
+    network_rx_bytes: int = 0
+    network_tx_bytes: int = 0
+
+
+# Called by a backend when a VMM ends without being asked to (guest poweroff, crash, OOM kill).
+ExitListener = Callable[[str, str], Awaitable[None]]
+
+
+class Backend(Protocol):
+    capabilities: BackendCapabilities
+
+    def set_exit_listener(self, listener: ExitListener) -> None: ...
+
+    async def prepare(self, spec: LaunchSpec) -> None:
+        """Create the VM's files (directory, overlays). Idempotent; called at CreateVm."""
+
+    async def start(self, spec: LaunchSpec) -> VmRuntime:
+        """Start the VMM; returns once the VMM runs (not once the guest is up)."""
+
+    async def wait_ready(self, vm_id: str, timeout: float) -> bool:
+        """Wait until the guest has printed its ready line since the last (re)start."""
+
+    async def pause(self, vm_id: str) -> None: ...
+
+    async def resume(self, vm_id: str) -> None: ...
+
+    async def reboot(self, vm_id: str, *, force: bool) -> None: ...
+
+    async def stop(self, vm_id: str, *, graceful: bool, timeout: float) -> str:
+        """Stop the VMM; returns how it ended ("guest_poweroff", "killed", ...). Idempotent."""
+
+    async def destroy(self, vm_id: str, vm_dir: Path) -> None:
+        """Stop if needed and remove every file of the VM. Idempotent."""
+
+    async def adopt(self, spec: LaunchSpec) -> VmRuntime | None:
+        """After a daemon restart: re-attach to this VM's VMM if it is really still running."""
+
+    async def runtime(self, vm_id: str) -> VmRuntime | None: ...
+
+    async def metrics(self, vm_id: str) -> VmMetrics: ...
+
+    async def ping(self) -> CheckResult: ...
+
+    async def close(self) -> None:
+        """Detach from every VMM without stopping them (daemon shutdown)."""
+
+
+class ServiceEvents(Protocol):
+    """What the service reports for metrics; the API layer implements it (Prometheus)."""
+
+    def boot_finished(self, backend_type: str, seconds: float) -> None: ...
+
+    def backend_error(self, backend_type: str, operation: str) -> None: ...
+
+    def backend_operation(self, backend_type: str, operation: str, seconds: float) -> None: ...
+
+    def vm_exited(self, reason: str) -> None: ...
+
+
+# ---- store ----------------------------------------------------------------------------------
+
+
+class StoreFullError(Exception):
+    """The store could not write (disk full, read-only): nothing was changed."""
+
+
+class VmStore(Protocol):
+    async def insert(self, vm: Vm) -> Vm:
+        """Store a new VM and return it with `seq` set; raises KeyError if the id is taken."""
+
+    async def get(self, vm_id: str) -> Vm | None: ...
+
+    async def save(self, vm: Vm) -> None:
+        """Persist state, nics, shutdown_reason, pending and updated_at of an existing VM."""
+
+    async def delete(self, vm_id: str) -> None: ...
+
+    async def list_page(
+        self, customer_id: str, states: Sequence[VmState], after_seq: int, limit: int
+    ) -> list[Vm]: ...
+
+    async def count(self, customer_id: str, states: Sequence[VmState]) -> int: ...
+
+    async def all_vms(self) -> list[Vm]: ...
+
+    async def state_counts(self) -> dict[tuple[str, VmState], int]:
+        """Number of VMs per (customer, state)."""
+
+    async def usage(self, customer_id: str | None) -> tuple[int, int, int]:
+        """(VM count, total vCPUs, total memory bytes) of one customer, or of the host if None."""
+
+    # Addresses handed out by IPAM: unique per (pool, address).
+    async def claim_address(self, pool: str, address: str, owner: str) -> bool:
+        """True if the address was free and is now the owner's."""
+
+    async def used_addresses(self, pool: str) -> set[str]: ...
+
+    async def release_addresses(self, owner: str) -> None: ...
+
+    async def secret(self, name: str, make: bytes) -> bytes:
+        """A persistent secret: the stored one, or `make` stored now."""
+
+    async def ping(self) -> CheckResult: ...
+
+    async def close(self) -> None: ...
+
+
+# ---- networking -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InterfaceInfo:
+    interface_id: str
+    tap_device: str
+    guest_mac: str
+    host_device_name: str
+    guest_ipv4: str = ""
+    guest_ipv6: str = ""
+
+
+@dataclass(frozen=True)
+class NetworkAttachment:
+    namespace: str
+    nics: tuple[NicSpec, ...]
+    interfaces: tuple[InterfaceInfo, ...]
+
+
+class Network(Protocol):
+    async def plan(self, vm: Vm) -> tuple[NicAddress, ...]:
+        """At CreateVm: settle MACs and addresses (IPAM) for every interface; persistent."""
+
+    async def release(self, vm: Vm) -> None:
+        """At DeleteVm: give the addresses back. Idempotent."""
+
+    async def attach(self, vm: Vm) -> NetworkAttachment:
+        """At BootVm: namespace, TAPs, veth, bridge, rate limits. Idempotent."""
+
+    async def detach(self, vm: Vm) -> None:
+        """When the VMM is gone: remove all of the above. Idempotent."""
+
+    async def describe(self, vm: Vm) -> NetworkAttachment | None:
+        """What really exists for this VM now (None if nothing)."""
+
+    async def counters(self, vm: Vm) -> tuple[int, int]:
+        """(guest rx bytes, guest tx bytes) summed over the VM's interfaces."""
+
+    async def remove_orphans(self, live_vm_ids: set[str]) -> list[str]:
+        """Remove namespaces/devices of VMs not in the set; returns what was removed."""
+
+    async def ping(self) -> CheckResult: ...
