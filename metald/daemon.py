@@ -19,8 +19,9 @@ from metald.api.auth import Authenticator, DevTokenAuthenticator
 from metald.api.codec import SnakeCaseJsonCodec
 from metald.api.handlers import VmServiceHandler
 from metald.api.health import HealthReporter
-from metald.api.interceptor import RpcInterceptor
+from metald.api.interceptor import AuthInterceptor, ErrorInterceptor
 from metald.api.metrics import Metrics
+from metald.api.status import ReferenceStatusMiddleware
 from metald.assets import AssetResolver
 from metald.domain.paging import PageTokens
 from metald.domain.quotas import Quotas
@@ -144,12 +145,12 @@ async def run(settings: Settings) -> None:
             checks["network"] = network.ping
         connect_app = VmServiceASGIApplication(
             VmServiceHandler(service),
-            interceptors=[RpcInterceptor(authenticator, metrics)],
+            interceptors=[AuthInterceptor(authenticator, metrics), ErrorInterceptor()],
             read_max_bytes=settings.max_request_bytes,
             codecs=[proto_binary_codec(), SnakeCaseJsonCodec()],
         )
         app = RootApp(
-            rpc_routes=[Route("/vmprovisioner.v1.VmService/", connect_app)],
+            rpc_routes=[Route("/vmprovisioner.v1.VmService/", ReferenceStatusMiddleware(connect_app))],
             health=HealthReporter(
                 backend_type=backend.capabilities.backend_type, checks=checks, data_dir=settings.data_dir
             ),

@@ -187,8 +187,9 @@ class VmStore(Protocol):
     async def state_counts(self) -> dict[tuple[str, VmState], int]:
         """Number of VMs per (customer, state)."""
 
-    async def usage(self, customer_id: str | None) -> tuple[int, int, int]:
-        """(VM count, total vCPUs, total memory bytes) of one customer, or of the host if None."""
+    async def usage(self, customer_id: str | None, states: Sequence[VmState] = ()) -> tuple[int, int, int]:
+        """(VM count, total vCPUs, total memory bytes) of one customer (or the host if None),
+        over VMs in `states` (all states if empty)."""
 
     # Addresses handed out by IPAM: unique per (pool, address).
     async def claim_address(self, pool: str, address: str, owner: str) -> bool:

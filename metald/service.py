@@ -24,7 +24,7 @@ from metald.domain.errors import ErrorCode, MetaldError, invalid, not_found, not
 from metald.domain.guest_args import guest_kernel_args
 from metald.domain.model import Vm, VmConfig
 from metald.domain.paging import PageTokens
-from metald.domain.quotas import Quotas, Usage, check_quotas
+from metald.domain.quotas import Quotas, Usage, check_boot, check_create
 from metald.domain.states import ACTIVE_STATES, TARGET, Operation, VmState, require_allowed
 from metald.domain.validation import Defaults, Limits, validate_config, with_defaults
 from metald.ports import (
@@ -94,6 +94,8 @@ class VmService:
         self._opts = options
         self._locks: dict[str, asyncio.Lock] = {}
         self._create_lock = asyncio.Lock()
+        self._boot_lock = asyncio.Lock()
+        self._booting: dict[str, Vm] = {}
         backend.set_exit_listener(self._on_vmm_exit)
 
     @property
@@ -206,10 +208,25 @@ class VmService:
                 reason="NETWORK_DISABLED",
             )
 
-    async def _quota_check(self, customer_id: str, config: VmConfig) -> None:
-        customer = Usage(*await self._store.usage(customer_id))
-        host = Usage(*await self._store.usage(None))
-        check_quotas(self._opts.quotas, customer, host, config.vcpu_count, config.memory_bytes)
+    async def _capacity_check(self, vm: Vm) -> None:
+        """Called under the boot lock; boots in flight count as running, so concurrent boots
+        cannot both take the last capacity."""
+        active = sorted(ACTIVE_STATES)
+        customer = Usage(*await self._store.usage(vm.customer_id, active))
+        host = Usage(*await self._store.usage(None, active))
+        for other in self._booting.values():
+            host = Usage(
+                host.vms + 1,
+                host.vcpus + other.config.vcpu_count,
+                host.memory_bytes + other.config.memory_bytes,
+            )
+            if other.customer_id == vm.customer_id:
+                customer = Usage(
+                    customer.vms + 1,
+                    customer.vcpus + other.config.vcpu_count,
+                    customer.memory_bytes + other.config.memory_bytes,
+                )
+        check_boot(self._opts.quotas, customer, host, vm.config.vcpu_count, vm.config.memory_bytes)
 
     # ---- use cases -----------------------------------------------------------------------------
 
@@ -238,7 +255,9 @@ class VmService:
                     reason="VM_EXISTS",
                     metadata={"vm_id": vm_id},
                 )
-            await self._quota_check(customer_id, config)
+            customer_vms, _, _ = await self._store.usage(customer_id)
+            host_vms, _, _ = await self._store.usage(None)
+            check_create(self._opts.quotas, customer_vms, host_vms)
             spec = await self._launch_spec(vm, None)  # resolves and checks every host path first
             try:
                 vm = await self._store.insert(vm)
@@ -274,8 +293,11 @@ class VmService:
             vm = await self._owned(customer_id, vm_id)
             require_allowed(Operation.BOOT, vm_id, vm.state)
             started = time.monotonic()
-            await self._save(vm, pending="booting")
+            async with self._boot_lock:
+                await self._capacity_check(vm)
+                self._booting[vm_id] = vm
             try:
+                await self._save(vm, pending="booting")
                 attachment = await self._attach(vm)
                 spec = await self._launch_spec(vm, attachment)
                 await self._backend_call("start", lambda: self._backend.start(spec))
@@ -283,6 +305,8 @@ class VmService:
                 await self._stop_quietly(vm)
                 await self._save(vm, pending="")
                 raise
+            finally:
+                self._booting.pop(vm_id, None)
             vm = await self._save(vm, state=VmState.RUNNING, pending="", shutdown_reason="")
             self._events.boot_finished(self.backend_type, time.monotonic() - started)
         if wait_for_ready:

@@ -72,10 +72,10 @@ class Settings(BaseSettings):
     network_allow_egress: bool = Field(False, description="route/NAT guests to the outside (never in tests)")
 
     # --- quotas and capacity ---
-    max_vms_per_customer: int = Field(100, ge=0, description="0 = unlimited")
+    max_vms_per_customer: int = Field(1000, ge=0, description="0 = unlimited")
     max_vcpus_per_customer: int = Field(64, ge=0, description="0 = unlimited")
     max_memory_mib_per_customer: int = Field(65536, ge=0, description="0 = unlimited")
-    max_vms: int = Field(1000, ge=0, description="host-wide VM cap; 0 = unlimited")
+    max_vms: int = Field(20000, ge=0, description="host-wide VM cap; 0 = unlimited")
     vcpu_overcommit_ratio: float = Field(8.0, gt=0, description="host vCPUs <= cores * ratio")
     memory_overcommit_ratio: float = Field(1.5, gt=0, description="host guest memory <= RAM * ratio")
     max_request_bytes: int = Field(1 * MIB, ge=1024, description="largest accepted request body")

@@ -1,4 +1,5 @@
-"""Around every RPC: authenticate, log, count, and map domain errors to Connect errors once."""
+"""Around every RPC: authenticate before the body is read, map domain errors to Connect errors
+once, and log and count each call with its outcome."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from connectrpc.code import Code
@@ -23,12 +25,65 @@ log = logging.getLogger("metald.rpc")
 current_customer: contextvars.ContextVar[str] = contextvars.ContextVar("current_customer")
 # Per-connection facts the ASGI layer learned (e.g. the TLS client certificate), for auth.
 current_peer: contextvars.ContextVar[dict[str, object]] = contextvars.ContextVar("current_peer")
+_current_vm: contextvars.ContextVar[str] = contextvars.ContextVar("current_vm", default="")
 
 
-class RpcInterceptor:
+@dataclass
+class CallStart:
+    started: float
+    request_id: str
+    customer: str
+
+
+class AuthInterceptor:
+    """A leading metadata interceptor: runs before the request body is read or parsed, so an
+    unauthenticated caller always gets UNAUTHENTICATED, whatever its body."""
+
     def __init__(self, authenticator: Authenticator, metrics: Metrics) -> None:
         self._auth = authenticator
         self._metrics = metrics
+
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> CallStart:
+        request_id = ctx.request_headers.get("x-request-id", "")[:64] or uuid.uuid4().hex[:16]
+        ctx.response_headers["x-request-id"] = request_id
+        start = CallStart(time.monotonic(), request_id, "")
+        try:
+            start.customer = self._auth.authenticate(ctx.request_headers, current_peer.get({}))
+        except MetaldError as exc:
+            self._finish(start, ctx, exc.code.value)
+            raise to_connect_error(exc) from None
+        current_customer.set(start.customer)
+        return start
+
+    async def on_end(self, token: CallStart, ctx: RequestContext[Any, Any], error: Exception | None, /) -> None:
+        code = "ok"
+        if isinstance(error, ConnectError):
+            code = error.code.name.lower()
+        elif error is not None:
+            code = "internal"
+        self._finish(token, ctx, code)
+
+    def _finish(self, start: CallStart, ctx: RequestContext[Any, Any], code: str) -> None:
+        rpc = ctx.method.name
+        seconds = time.monotonic() - start.started
+        self._metrics.rpc_finished(rpc, code, seconds)
+        log.info(
+            "rpc %s %s",
+            rpc,
+            code,
+            extra={
+                "request_id": start.request_id,
+                "rpc": rpc,
+                "customer_id": start.customer,
+                "vm_id": _current_vm.get(),
+                "code": code,
+                "duration_ms": round(seconds * 1000, 2),
+            },
+        )
+
+
+class ErrorInterceptor:
+    """Domain errors become Connect errors here, and only here; anything unexpected is INTERNAL."""
 
     async def intercept_unary(
         self,
@@ -37,42 +92,13 @@ class RpcInterceptor:
         ctx: RequestContext[Any, Any],
         /,
     ) -> Any:
-        rpc = ctx.method.name
-        request_id = ctx.request_headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        ctx.response_headers["x-request-id"] = request_id
-        started = time.monotonic()
-        customer = ""
-        code = "ok"
+        _current_vm.set(getattr(request, "vm_id", "") or "")
         try:
-            customer = self._auth.authenticate(ctx.request_headers, current_peer.get({}))
-            token = current_customer.set(customer)
-            try:
-                return await call_next(request, ctx)
-            finally:
-                current_customer.reset(token)
+            return await call_next(request, ctx)
         except MetaldError as exc:
-            code = exc.code.value
             raise to_connect_error(exc) from None
-        except ConnectError as exc:
-            code = exc.code.name.lower()
+        except ConnectError:
             raise
         except Exception as exc:
-            code = "internal"
-            log.exception("unexpected error in %s", rpc)
+            log.exception("unexpected error in %s", ctx.method.name)
             raise ConnectError(Code.INTERNAL, "internal error") from exc
-        finally:
-            seconds = time.monotonic() - started
-            self._metrics.rpc_finished(rpc, code, seconds)
-            log.info(
-                "rpc %s %s",
-                rpc,
-                code,
-                extra={
-                    "request_id": request_id,
-                    "rpc": rpc,
-                    "customer_id": customer,
-                    "vm_id": getattr(request, "vm_id", "") or "",
-                    "code": code,
-                    "duration_ms": round(seconds * 1000, 2),
-                },
-            )

@@ -1,4 +1,9 @@
-"""Per-customer quotas and host capacity: pure arithmetic over current usage."""
+"""Per-customer quotas and host capacity: pure arithmetic over current usage.
+
+Two moments, as an operator would expect: the number of VMs is checked when a VM is created
+(records and disks exist from then on); vCPUs and memory are checked when a VM is booted, over
+the VMs that run (RUNNING or PAUSED), since only those consume CPU and RAM.
+"""
 
 from __future__ import annotations
 
@@ -26,16 +31,7 @@ class Quotas:
     max_host_memory_bytes: int = 0
 
 
-def check_quotas(quotas: Quotas, customer: Usage, host: Usage, vcpus: int, memory_bytes: int) -> None:
-    """RESOURCE_EXHAUSTED naming the first limit the new VM would cross."""
-    checks = (
-        ("max_vms_per_customer", quotas.max_vms_per_customer, customer.vms + 1),
-        ("max_vcpus_per_customer", quotas.max_vcpus_per_customer, customer.vcpus + vcpus),
-        ("max_memory_bytes_per_customer", quotas.max_memory_bytes_per_customer, customer.memory_bytes + memory_bytes),
-        ("max_vms", quotas.max_vms, host.vms + 1),
-        ("host_vcpus", quotas.max_host_vcpus, host.vcpus + vcpus),
-        ("host_memory_bytes", quotas.max_host_memory_bytes, host.memory_bytes + memory_bytes),
-    )
+def _enforce(checks: tuple[tuple[str, int, int], ...]) -> None:
     for name, limit, wanted in checks:
         if limit and wanted > limit:
             raise MetaldError(
@@ -44,3 +40,29 @@ def check_quotas(quotas: Quotas, customer: Usage, host: Usage, vcpus: int, memor
                 reason="QUOTA_EXCEEDED",
                 metadata={"limit": name, "limit_value": str(limit), "requested_total": str(wanted)},
             )
+
+
+def check_create(quotas: Quotas, customer_vms: int, host_vms: int) -> None:
+    """RESOURCE_EXHAUSTED if one more VM would cross a VM-count limit."""
+    _enforce(
+        (
+            ("max_vms_per_customer", quotas.max_vms_per_customer, customer_vms + 1),
+            ("max_vms", quotas.max_vms, host_vms + 1),
+        )
+    )
+
+
+def check_boot(quotas: Quotas, customer: Usage, host: Usage, vcpus: int, memory_bytes: int) -> None:
+    """RESOURCE_EXHAUSTED naming the first running-resource limit booting this VM would cross."""
+    _enforce(
+        (
+            ("max_vcpus_per_customer", quotas.max_vcpus_per_customer, customer.vcpus + vcpus),
+            (
+                "max_memory_bytes_per_customer",
+                quotas.max_memory_bytes_per_customer,
+                customer.memory_bytes + memory_bytes,
+            ),
+            ("host_vcpus", quotas.max_host_vcpus, host.vcpus + vcpus),
+            ("host_memory_bytes", quotas.max_host_memory_bytes, host.memory_bytes + memory_bytes),
+        )
+    )

@@ -153,12 +153,17 @@ class SqliteStore:
             rows = await cur.fetchall()
         return {(str(c), VmState(s)): int(n) for c, s, n in rows}
 
-    async def usage(self, customer_id: str | None) -> tuple[int, int, int]:
-        sql = "SELECT COUNT(*), COALESCE(SUM(vcpus),0), COALESCE(SUM(memory_bytes),0) FROM vms"
-        params: tuple[str, ...] = ()
+    async def usage(self, customer_id: str | None, states: Sequence[VmState] = ()) -> tuple[int, int, int]:
+        clauses: list[str] = []
+        params: list[Any] = []
         if customer_id is not None:
-            sql += " WHERE customer_id = ?"
-            params = (customer_id,)
+            clauses.append("customer_id = ?")
+            params.append(customer_id)
+        if states:
+            clauses.append(f"state IN ({','.join('?' * len(states))})")
+            params.extend(int(s) for s in states)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT COUNT(*), COALESCE(SUM(vcpus),0), COALESCE(SUM(memory_bytes),0) FROM vms{where}"
         async with self._db.execute(sql, params) as cur:
             row = await cur.fetchone()
         assert row is not None

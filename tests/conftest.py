@@ -1,0 +1,62 @@
+"""Shared fixtures: the guest image, a running metald, per-test customers and clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import REPO, Daemon, kill_leftovers
+from tests.support.rpc import Rpc
+
+
+@pytest.fixture(scope="session")
+def assets_dir() -> Path:
+    """The default guest image (built once; the builder is idempotent and fast when up to date)."""
+    path = Path(os.environ.get("METALD_TEST_ASSETS", REPO / "var" / "test-assets"))
+    from metald.guest.builder import build_guest_image
+
+    asyncio.run(build_guest_image(path, REPO / "var" / "cache"))
+    return path
+
+
+def _netns_with_prefix(prefix: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
+
+
+def stop_and_sweep(daemon: Daemon) -> None:
+    """Stop a test daemon and remove anything it left: VMMs, its host namespace."""
+    daemon.stop()
+    kill_leftovers(daemon.data_dir)
+    for ns in _netns_with_prefix(daemon.host_netns):
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Iterator[Daemon]:
+    """One shared daemon for the API tests; tests isolate themselves by customer id."""
+    d = Daemon(tmp_path_factory.mktemp("metald"), assets_dir).start()
+    try:
+        yield d
+    finally:
+        stop_and_sweep(d)
+
+
+@pytest.fixture
+def customer() -> str:
+    return "c" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def rpc(daemon: Daemon, customer: str) -> Iterator[Rpc]:
+    client = Rpc(daemon.url, customer)
+    try:
+        yield client
+    finally:
+        client.delete_all()
