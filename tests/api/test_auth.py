@@ -8,7 +8,17 @@ import pytest
 from tests.support.daemon import Daemon
 from tests.support.rpc import SERVICE
 
-RPCS = ["CreateVm", "BootVm", "ShutdownVm", "PauseVm", "ResumeVm", "RebootVm", "DeleteVm", "GetVmInfo", "ListVms"]
+RPCS = [
+    "CreateVm",
+    "BootVm",
+    "ShutdownVm",
+    "PauseVm",
+    "ResumeVm",
+    "RebootVm",
+    "DeleteVm",
+    "GetVmInfo",
+    "ListVms",
+]
 BAD_HEADERS = [
     None,
     "",
@@ -44,7 +54,9 @@ def test_health_and_metrics_need_no_token(daemon: Daemon) -> None:
 def test_token_is_never_logged(daemon: Daemon) -> None:
     secret = "dev_customer_sekrit" + "q" * 10
     httpx.post(f"{daemon.url}/{SERVICE}/ListVms", json={}, headers={"Authorization": f"Bearer {secret}"})
-    httpx.post(f"{daemon.url}/{SERVICE}/ListVms", json={}, headers={"Authorization": "Bearer nope-" + "z" * 20})
+    httpx.post(
+        f"{daemon.url}/{SERVICE}/ListVms", json={}, headers={"Authorization": "Bearer nope-" + "z" * 20}
+    )
     logs = daemon.logs()
     assert "nope-" + "z" * 20 not in logs
     assert secret not in logs

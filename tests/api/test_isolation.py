@@ -18,7 +18,9 @@ BY_ID = [
 
 
 @pytest.mark.parametrize(("method", "extra"), BY_ID)
-def test_by_id_rpc_on_foreign_vm_is_permission_denied(rpc: Rpc, customer: str, method: str, extra: dict) -> None:
+def test_by_id_rpc_on_foreign_vm_is_permission_denied(
+    rpc: Rpc, customer: str, method: str, extra: dict
+) -> None:
     vm_id = rpc.create()
     intruder = "intruder-" + customer
     status, body = rpc.error(method, {"vm_id": vm_id, **extra}, customer=intruder)

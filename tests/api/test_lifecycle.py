@@ -31,7 +31,10 @@ def test_every_transition_and_guard(rpc: Rpc) -> None:
     vm_id = rpc.create()
     _refused(rpc, vm_id, NOT_FROM_CREATED, "VM_STATE_CREATED")
 
-    assert rpc.ok("BootVm", {"vm_id": vm_id, "wait_for_ready": True}) == {"success": True, "state": "VM_STATE_RUNNING"}
+    assert rpc.ok("BootVm", {"vm_id": vm_id, "wait_for_ready": True}) == {
+        "success": True,
+        "state": "VM_STATE_RUNNING",
+    }
     _refused(rpc, vm_id, NOT_FROM_RUNNING, "VM_STATE_RUNNING")
     info = rpc.info(vm_id)
     assert info["backend_info"]["backend_type"] == "qemu"
@@ -45,7 +48,10 @@ def test_every_transition_and_guard(rpc: Rpc) -> None:
 
     # PAUSED -> SHUTDOWN is allowed too
     rpc.ok("PauseVm", {"vm_id": vm_id})
-    assert rpc.ok("ShutdownVm", {"vm_id": vm_id, "force": True}) == {"success": True, "state": "VM_STATE_SHUTDOWN"}
+    assert rpc.ok("ShutdownVm", {"vm_id": vm_id, "force": True}) == {
+        "success": True,
+        "state": "VM_STATE_SHUTDOWN",
+    }
     _refused(rpc, vm_id, NOT_FROM_SHUTDOWN, "VM_STATE_SHUTDOWN")
 
     # a stopped VM starts again

@@ -7,7 +7,9 @@ import threading
 from tests.support.rpc import Rpc
 
 
-def _walk(rpc: Rpc, page_size: int, churn: list[str] | None = None, **filters: object) -> tuple[list[str], int]:
+def _walk(
+    rpc: Rpc, page_size: int, churn: list[str] | None = None, **filters: object
+) -> tuple[list[str], int]:
     seen: list[str] = []
     token = ""
     total = 0
@@ -65,7 +67,10 @@ def test_default_and_max_page_size(rpc: Rpc) -> None:
 
 def test_state_filter(rpc: Rpc) -> None:
     ids = [rpc.create() for _ in range(3)]
-    assert rpc.ok("ListVms", {"state_filter": ["VM_STATE_RUNNING", "VM_STATE_PAUSED"]}).get("total_count", 0) == 0
+    assert (
+        rpc.ok("ListVms", {"state_filter": ["VM_STATE_RUNNING", "VM_STATE_PAUSED"]}).get("total_count", 0)
+        == 0
+    )
     page = rpc.ok("ListVms", {"state_filter": ["VM_STATE_CREATED"]})
     assert {v["vm_id"] for v in page["vms"]} == set(ids)
     status, body = rpc.error("ListVms", {"state_filter": ["VM_STATE_UNSPECIFIED"]})

@@ -44,14 +44,22 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "config.storage[1].device_id",
     ),
     ("device path empty", {"storage": [{"device_id": "a"}]}, "config.storage[0].path_on_host"),
-    ("device path /dev", {"storage": [{"device_id": "a", "path_on_host": "/dev/sda"}]}, "config.storage[0].path_on_host"),
+    (
+        "device path /dev",
+        {"storage": [{"device_id": "a", "path_on_host": "/dev/sda"}]},
+        "config.storage[0].path_on_host",
+    ),
     (
         "duplicate interface id",
         {"network": [{"interface_id": "eth0"}, {"interface_id": "eth0"}]},
         "config.network[1].interface_id",
     ),
     ("bad nic type", {"network": [{"interface_id": "eth0", "type": "MACVTAP"}]}, "config.network[0].type"),
-    ("bad mac", {"network": [{"interface_id": "eth0", "guest_mac": "zz:00:00:00:00:00"}]}, "config.network[0].guest_mac"),
+    (
+        "bad mac",
+        {"network": [{"interface_id": "eth0", "guest_mac": "zz:00:00:00:00:00"}]},
+        "config.network[0].guest_mac",
+    ),
     (
         "multicast mac",
         {"network": [{"interface_id": "eth0", "guest_mac": "01:00:5e:00:00:01"}]},
@@ -137,5 +145,7 @@ def test_bare_create_gets_documented_defaults(rpc: Rpc) -> None:
 
 
 def test_lower_camel_case_requests_are_accepted(rpc: Rpc) -> None:
-    vm_id = rpc.ok("CreateVm", {"config": {"cpu": {"vcpuCount": 2}, "memory": {"sizeBytes": "268435456"}}})["vm_id"]
+    vm_id = rpc.ok("CreateVm", {"config": {"cpu": {"vcpuCount": 2}, "memory": {"sizeBytes": "268435456"}}})[
+        "vm_id"
+    ]
     assert rpc.info(vm_id)["config"]["cpu"]["vcpu_count"] == 2
