@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 import logging
 import os
-import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 from connectrpc.codec import proto_binary_codec
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
 
 from metald.api.app import RootApp, Route
-from metald.api.auth import Authenticator, DevTokenAuthenticator
+from metald.api.auth import build_authenticator
 from metald.api.codec import SnakeCaseJsonCodec
 from metald.api.handlers import VmServiceHandler
 from metald.api.health import HealthReporter
 from metald.api.interceptor import AuthInterceptor, ErrorInterceptor
 from metald.api.metrics import Metrics
+from metald.api.serve import serve_api
 from metald.api.status import ReferenceStatusMiddleware
 from metald.assets import AssetResolver
 from metald.domain.paging import PageTokens
@@ -34,32 +30,6 @@ from metald.settings import MIB, Settings
 from metald.store.sqlite import SqliteStore
 
 log = logging.getLogger("metald")
-
-
-class ConfigError(Exception):
-    """The settings cannot be served as given."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def build_authenticator(settings: Settings) -> Authenticator:
-    host, _ = settings.host_port
-    if settings.auth_mode == "dev":
-        if not is_loopback(host) and not settings.insecure_dev_auth:
-            raise ConfigError(
-                f"auth_mode=dev on non-loopback address {host}: refused "
-                "(use jwt/mtls, or --insecure-dev-auth to accept the risk)"
-            )
-        log.warning("auth_mode=dev: development tokens (dev_customer_<id>) are accepted")
-        return DevTokenAuthenticator()
-    raise ConfigError(f"auth_mode={settings.auth_mode} is not available yet")
 
 
 async def build_backend(settings: Settings) -> Backend:
@@ -157,24 +127,4 @@ async def run(settings: Settings) -> None:
             metrics=metrics,
             store=store,
         )
-        await _serve(app, settings)
-
-
-async def _serve(app: RootApp, settings: Settings) -> None:
-    config = Config()
-    config.bind = [settings.listen]
-    config.keep_alive_max_requests = 1 << 31
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    if settings.tls_cert and settings.tls_key:
-        config.certfile = str(settings.tls_cert)
-        config.keyfile = str(settings.tls_key)
-        if settings.tls_client_ca:
-            config.ca_certs = str(settings.tls_client_ca)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("metald listening on %s", settings.listen)
-    await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-    log.info("metald stopped; VMs keep running and are re-adopted at the next start")
+        await serve_api(app, settings)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Mapping
 from typing import Protocol
 
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.domain.ids import CUSTOMER_ID_PATTERN
+from metald.settings import Settings
 
 log = logging.getLogger("metald.auth")
 
 DEV_TOKEN_PREFIX = "dev_customer_"
+
+
+class ConfigError(Exception):
+    """The settings cannot be served as given."""
 
 
 def unauthenticated() -> MetaldError:
@@ -52,3 +58,25 @@ class DevTokenAuthenticator:
                 extra={"customer_id": customer},
             )
         return customer
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_authenticator(settings: Settings) -> Authenticator:
+    host, _ = settings.host_port
+    if settings.auth_mode == "dev":
+        if not is_loopback(host) and not settings.insecure_dev_auth:
+            raise ConfigError(
+                f"auth_mode=dev on non-loopback address {host}: refused "
+                "(use jwt/mtls, or --insecure-dev-auth to accept the risk)"
+            )
+        log.warning("auth_mode=dev: development tokens (dev_customer_<id>) are accepted")
+        return DevTokenAuthenticator()
+    raise ConfigError(f"auth_mode={settings.auth_mode} is not available yet")

@@ -55,7 +55,9 @@ class AuthInterceptor:
         current_customer.set(start.customer)
         return start
 
-    async def on_end(self, token: CallStart, ctx: RequestContext[Any, Any], error: Exception | None, /) -> None:
+    async def on_end(
+        self, token: CallStart, ctx: RequestContext[Any, Any], error: Exception | None, /
+    ) -> None:
         code = "ok"
         if isinstance(error, ConnectError):
             code = error.code.name.lower()

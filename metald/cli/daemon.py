@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValidationError as exc:
             print(f"metald: invalid settings:\n{exc}", file=sys.stderr)
             return 2
-        from metald.daemon import ConfigError, run
+        from metald.api.auth import ConfigError
+        from metald.daemon import run
 
         try:
             asyncio.run(run(settings))
