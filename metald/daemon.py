@@ -12,41 +12,32 @@ from connectrpc.codec import proto_binary_codec
 from metald.api.app import RootApp, Route
 from metald.api.auth import build_authenticator
 from metald.api.codec import SnakeCaseJsonCodec
+from metald.api.grpc_health import health_app
 from metald.api.handlers import VmServiceHandler
 from metald.api.health import HealthReporter
 from metald.api.interceptor import AuthInterceptor, ErrorInterceptor
 from metald.api.metrics import Metrics
+from metald.api.openapi import render as render_openapi
+from metald.api.reflection import reflection_apps
+from metald.api.rest import ConsoleReader, RestApi
 from metald.api.serve import serve_api
 from metald.api.status import ReferenceStatusMiddleware
 from metald.assets import AssetResolver
+from metald.backends.factory import build_backend
 from metald.domain.paging import PageTokens
 from metald.domain.quotas import Quotas
 from metald.domain.validation import Defaults, Limits
+from metald.gen.grpc.health.v1.health_connect import Health
+from metald.gen.vmprovisioner.v1.vm_connect import VmService as VmServiceDesc
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 from metald.logs import configure_logging
-from metald.ports import Backend, CheckResult, Network
+from metald.ports import CheckResult, Network
 from metald.service import ServiceOptions, VmService
 from metald.settings import MIB, Settings
 from metald.store.sqlite import SqliteStore
+from metald.tracing import Tracing
 
 log = logging.getLogger("metald")
-
-
-async def build_backend(settings: Settings) -> Backend:
-    from metald.backends.qemu.backend import QemuBackend
-
-    assets = settings.assets_root
-    return QemuBackend(
-        qemu_binary=settings.qemu_binary,
-        qemu_img_binary=settings.qemu_img_binary,
-        accel=settings.accel,
-        state_dir=settings.data_dir,
-        probe_kernel=assets / "vmlinux",
-        probe_initrd=assets / "initrd",
-        probe_rootfs=assets / "rootfs.ext4",
-        vmm_uid=settings.vmm_uid,
-        vmm_gid=settings.vmm_gid,
-    )
 
 
 def build_network(settings: Settings, store: SqliteStore) -> Network | None:
@@ -60,6 +51,7 @@ def build_network(settings: Settings, store: SqliteStore) -> Network | None:
         ipv4_pool=settings.network_ipv4_pool,
         ipv6_pool=settings.network_ipv6_pool,
         allow_egress=settings.network_allow_egress,
+        blocked_ports=(settings.host_port[1],),
     )
 
 
@@ -90,7 +82,9 @@ async def run(settings: Settings) -> None:
     configure_logging(settings.log_format, settings.log_level)
     authenticator = build_authenticator(settings)
     settings.vms_dir.mkdir(parents=True, exist_ok=True)
+    tracing = Tracing.from_env(os.environ)
     async with AsyncExitStack() as stack:
+        stack.push_async_callback(tracing.shutdown)
         store = await SqliteStore.open(settings.db_path)
         stack.push_async_callback(store.close)
         backend = await build_backend(settings)
@@ -98,9 +92,9 @@ async def run(settings: Settings) -> None:
         network = build_network(settings, store)
         metrics = Metrics()
         service = VmService(
-            store=store,
-            backend=backend,
-            network=network,
+            store=tracing.port(store, "store"),
+            backend=tracing.port(backend, "backend"),
+            network=tracing.port(network, "network"),
             assets=AssetResolver(settings.assets_root),
             page_tokens=PageTokens(await store.secret("page_token_key", os.urandom(32))),
             events=metrics,
@@ -115,16 +109,30 @@ async def run(settings: Settings) -> None:
             checks["network"] = network.ping
         connect_app = VmServiceASGIApplication(
             VmServiceHandler(service),
-            interceptors=[AuthInterceptor(authenticator, metrics), ErrorInterceptor()],
+            interceptors=tracing.around([AuthInterceptor(authenticator, metrics), ErrorInterceptor()]),
             read_max_bytes=settings.max_request_bytes,
             codecs=[proto_binary_codec(), SnakeCaseJsonCodec()],
         )
+        health = HealthReporter(
+            backend_type=backend.capabilities.backend_type, checks=checks, data_dir=settings.data_dir
+        )
+        vm_app = ReferenceStatusMiddleware(connect_app)
+        rest = RestApi(
+            rpc_app=vm_app,
+            authenticator=authenticator,
+            console=ConsoleReader(service, settings.vms_dir),
+            max_request_bytes=settings.max_request_bytes,
+        )
         app = RootApp(
-            rpc_routes=[Route("/vmprovisioner.v1.VmService/", ReferenceStatusMiddleware(connect_app))],
-            health=HealthReporter(
-                backend_type=backend.capabilities.backend_type, checks=checks, data_dir=settings.data_dir
-            ),
+            routes=[
+                Route.service(connect_app, vm_app),
+                Route.service(health_app(health, [VmServiceDesc.desc().type_name])),
+                *map(Route.service, reflection_apps(VmServiceDesc.desc(), Health.desc())),
+                Route("/v1/", rest),
+            ],
+            health=health,
             metrics=metrics,
             store=store,
+            openapi=render_openapi().encode(),
         )
         await serve_api(app, settings)

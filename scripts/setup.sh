@@ -9,7 +9,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils            # the VMM and qemu-img (per-VM overlays)
-  iproute2 nftables iputils-ping        # namespaces, TAPs, bridges, tc; tenant walls
+  iproute2 nftables iputils-ping        # namespaces, TAPs, bridges, tc; nftables tenant walls
   e2fsprogs kmod lz4 xz-utils zstd      # guest image: mkfs.ext4 -d, depmod, kernel decompression
   python3 python3-venv python3-dev gcc  # the daemon
   curl ca-certificates                  # health checks and tests

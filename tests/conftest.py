@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from metald.network import LinuxNetwork
+from metald.store.sqlite import SqliteStore
 from tests.support.daemon import REPO, Daemon, kill_leftovers
 from tests.support.rpc import Rpc
 
@@ -30,10 +32,28 @@ def _netns_with_prefix(prefix: str) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
 
 
+async def _sweep_vm_namespaces(daemon: Daemon) -> list[str]:
+    """What the daemon's own orphan sweep does at start-up, for VMs a stopped daemon left running."""
+    store = await SqliteStore.open(daemon.data_dir / "metald.db")
+    try:
+        network = LinuxNetwork(
+            store,
+            host_netns=daemon.host_netns,
+            ipv4_pool="10.240.0.0/16",
+            ipv6_pool="fd6d:6574:616c::/48",
+            allow_egress=False,
+        )
+        return await network.remove_orphans(set())
+    finally:
+        await store.close()
+
+
 def stop_and_sweep(daemon: Daemon) -> None:
-    """Stop a test daemon and remove anything it left: VMMs, its host namespace."""
+    """Stop a test daemon and remove anything it left: VMMs, VM namespaces, its host namespace."""
     daemon.stop()
     kill_leftovers(daemon.data_dir)
+    if (daemon.data_dir / "metald.db").exists():
+        asyncio.run(_sweep_vm_namespaces(daemon))
     for ns in _netns_with_prefix(daemon.host_netns):
         subprocess.run(["ip", "netns", "del", ns], check=False)
 

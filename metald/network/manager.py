@@ -1,0 +1,210 @@
+"""LinuxNetwork: metald.ports.Network on network namespaces, bridges, veths, TAPs, tc and nftables.
+
+The host namespace holds one bridge per customer (its gateways) behind the walls of walls.py;
+each VM gets a namespace of its own (plumbing.py) where QEMU runs and opens its TAPs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Collection, Sequence
+
+from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.model import NicAddress, Vm
+from metald.network import ip, names, plumbing, walls
+from metald.network.ipam import CustomerNetwork, Ipam
+from metald.network.plan import host_interface, plan_vm
+from metald.ports import CheckResult, InterfaceInfo, NetworkAttachment, NicSpec, VmStore
+
+log = logging.getLogger(__name__)
+
+
+class LinuxNetwork:
+    def __init__(
+        self,
+        store: VmStore,
+        *,
+        host_netns: str,
+        ipv4_pool: str,
+        ipv6_pool: str,
+        allow_egress: bool,
+        blocked_ports: Collection[int] = (),
+    ) -> None:
+        """host_netns "" is the root namespace; any other name is metald's own, created on first
+        use. blocked_ports (the API's) are refused to guests even on their gateway address."""
+        if allow_egress:
+            raise MetaldError(
+                ErrorCode.FAILED_PRECONDITION,
+                "network_allow_egress: routing/NAT guests to the outside is not implemented",
+                reason="NETWORK_EGRESS_UNSUPPORTED",
+            )
+        self._ipam = Ipam(store, ipv4_pool, ipv6_pool)
+        self._host = host_netns
+        self._blocked = tuple(blocked_ports)
+        self._host_ready = False
+        self._host_lock = asyncio.Lock()
+        self._walls_lock = asyncio.Lock()
+        self._bridge_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    # ---- addresses ----
+
+    async def plan(self, vm: Vm) -> tuple[NicAddress, ...]:
+        return await plan_vm(self._ipam, vm)
+
+    async def release(self, vm: Vm) -> None:
+        await self._ipam.release(vm.vm_id)
+
+    # ---- devices ----
+
+    async def attach(self, vm: Vm) -> NetworkAttachment:
+        """Create (or complete) the VM's devices; on failure nothing of the VM is left behind."""
+        if not vm.config.network:
+            return NetworkAttachment("", (), ())
+        if not _planned(vm):
+            raise MetaldError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"VM {vm.vm_id} has no network plan",
+                reason="NETWORK_NOT_PLANNED",
+            )
+        started = time.monotonic()
+        nics = plumbing.nic_links(vm)
+        try:
+            net = await self._ipam.customer_network(vm.customer_id)
+            await self._ensure_host()
+            await self._ensure_bridge(net, vm)
+            await plumbing.ensure_vm(self._host, names.vm_netns(vm.vm_id), net.bridge, nics)
+        except BaseException:
+            await asyncio.shield(self._detach_quietly(vm))
+            raise
+        log.info(
+            "network attached in %.0f ms", (time.monotonic() - started) * 1000, extra={"vm_id": vm.vm_id}
+        )
+        return self._attachment(vm, nics)
+
+    async def detach(self, vm: Vm) -> None:
+        started = time.monotonic()
+        veths = [names.host_veth(vm.vm_id, i) for i in range(len(vm.config.network))]
+        await plumbing.remove_vm(self._host, names.vm_netns(vm.vm_id), veths)
+        log.info(
+            "network detached in %.0f ms", (time.monotonic() - started) * 1000, extra={"vm_id": vm.vm_id}
+        )
+
+    async def describe(self, vm: Vm) -> NetworkAttachment | None:
+        netns = names.vm_netns(vm.vm_id)
+        if not _planned(vm) or not ip.netns_exists(netns):
+            return None
+        present = {link["ifname"] for link in await ip.links(netns)}
+        return self._attachment(vm, [nic for nic in plumbing.nic_links(vm) if nic.tap in present])
+
+    async def counters(self, vm: Vm) -> tuple[int, int]:
+        """(guest rx, guest tx) bytes: the TAPs' tx and rx as the host sees them."""
+        netns = names.vm_netns(vm.vm_id)
+        if not vm.config.network or not ip.netns_exists(netns):
+            return 0, 0
+        taps = {nic.tap for nic in plumbing.nic_links(vm)}
+        rx = tx = 0
+        for link in await ip.links(netns, stats=True):
+            if link["ifname"] in taps:
+                stats = link.get("stats64", {})
+                rx += int(stats.get("tx", {}).get("bytes", 0))
+                tx += int(stats.get("rx", {}).get("bytes", 0))
+        return rx, tx
+
+    async def remove_orphans(self, live_vm_ids: set[str]) -> list[str]:
+        """Remove VM namespaces (made for this host namespace) and host veths of VMs not alive."""
+        live = {names.id8(vm_id) for vm_id in live_vm_ids}
+        removed: list[str] = []
+        if ip.netns_exists(self._host):
+            stale = [
+                str(link["ifname"])
+                for link in await ip.links(self._host)
+                if (owner := names.host_veth_id8(str(link["ifname"]))) and owner not in live
+            ]
+            removed += await plumbing.delete_links(self._host, stale)
+        for netns in await ip.netns_names():
+            owner = names.netns_id8(netns)
+            if owner and owner not in live and await plumbing.belongs_to(self._host, netns):
+                removed += await plumbing.remove_vm(self._host, netns, ())
+        return removed
+
+    async def ping(self) -> CheckResult:
+        started = time.monotonic()
+        try:
+            status, detail = await self._health()
+        except MetaldError as exc:
+            status, detail = "unhealthy", exc.message
+        return CheckResult(status, detail, (time.monotonic() - started) * 1000)
+
+    # ---- internals ----
+
+    async def _health(self) -> tuple[str, str]:
+        where = f"host namespace {self._host or '(root)'}"
+        if not ip.netns_exists(self._host):
+            return "healthy", f"{where} not created yet (the first BootVm with a NIC creates it)"
+        bridges = await self._bridges()
+        if bridges and not await walls.present(self._host):
+            self._host_ready = False  # the next attach puts the walls back
+            return "unhealthy", f"{where}: nftables table inet {walls.TABLE} is missing"
+        return "healthy", f"{where}: {len(bridges)} customer bridge(s)"
+
+    async def _ensure_host(self) -> None:
+        async with self._host_lock:
+            if self._host_ready and ip.netns_exists(self._host):
+                return
+            if not ip.netns_exists(self._host):
+                await ip.check("ip", "netns", "add", self._host)
+            if self._host:
+                await ip.check(*ip.ip(self._host, "link", "set", "lo", "up"))
+                await walls.seal_own_namespace(self._host)
+            await self._apply_walls()
+            self._host_ready = True
+
+    async def _ensure_bridge(self, net: CustomerNetwork, vm: Vm) -> None:
+        addresses = [f"{net.gateway(v)}/{net.subnet(v).prefixlen}" for v in (4, 6)]
+        for nic in vm.config.network:
+            addresses += [str(i) for v in (4, 6) if (i := host_interface(nic, v)) is not None]
+        async with self._bridge_locks[net.bridge]:
+            created = await plumbing.ensure_bridge(self._host, net.bridge, addresses)
+        if created:
+            await self._apply_walls()
+
+    async def _apply_walls(self) -> None:
+        async with self._walls_lock:  # list and apply together, so the last apply sees every bridge
+            await walls.apply(self._host, await self._bridges(), self._blocked)
+
+    async def _bridges(self) -> list[str]:
+        return [
+            str(link["ifname"])
+            for link in await ip.links(self._host)
+            if str(link["ifname"]).startswith(names.CUSTOMER_BRIDGE_PREFIX)
+        ]
+
+    async def _detach_quietly(self, vm: Vm) -> None:
+        try:
+            await self.detach(vm)
+        except MetaldError as exc:
+            log.warning("network clean-up after a failed attach failed: %s", exc.message)
+
+    def _attachment(self, vm: Vm, nics: Sequence[plumbing.NicLinks]) -> NetworkAttachment:
+        specs, infos = [], []
+        for nic in nics:
+            address = vm.nics[nic.index]
+            specs.append(NicSpec(address.interface_id, nic.tap, address.mac, nic.rate_limit))
+            infos.append(
+                InterfaceInfo(
+                    address.interface_id,
+                    nic.tap,
+                    address.mac,
+                    nic.host_veth,
+                    address.guest_ipv4,
+                    address.guest_ipv6,
+                )
+            )
+        return NetworkAttachment(names.vm_netns(vm.vm_id), tuple(specs), tuple(infos))
+
+
+def _planned(vm: Vm) -> bool:
+    return bool(vm.config.network) and len(vm.nics) == len(vm.config.network)
