@@ -1,0 +1,1 @@
+"""VMM backends: adapters behind metald.ports.Backend."""

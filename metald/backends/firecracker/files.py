@@ -1,0 +1,74 @@
+"""Per-VM files: sparse copies of writable images, links into the jail, files emptied before a start."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+from metald.domain.errors import ErrorCode, MetaldError
+
+
+async def sparse_copy(src: Path, dst: Path) -> None:
+    """Copy an image without allocating its holes (reflink where the filesystem can).
+
+    Firecracker has no copy-on-write format (no qcow2), so every writable drive is a per-VM copy of
+    the shared raw image. The copy is made under a temporary name and renamed: an interrupted copy
+    never passes for a finished one.
+    """
+    tmp = dst.with_name(dst.name + ".part")
+    proc = await asyncio.create_subprocess_exec(
+        "cp",
+        "--reflink=auto",
+        "--sparse=always",
+        "--",
+        str(src),
+        str(tmp),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise MetaldError(
+            ErrorCode.INTERNAL,
+            f"cannot copy {src} for the VM: {err.decode(errors='replace').strip()}",
+            reason="DISK_COPY_FAILED",
+        )
+    await asyncio.to_thread(os.replace, tmp, dst)
+
+
+async def link_or_copy(src: Path, dst: Path) -> None:
+    """Put `src` at `dst` (in a jail): a hard link when on the same filesystem, else a sparse copy."""
+
+    def link() -> bool:
+        with contextlib.suppress(FileNotFoundError):
+            dst.unlink()
+        try:
+            os.link(src, dst)
+        except OSError:  # EXDEV across filesystems, EPERM under protected_hardlinks
+            return False
+        return True
+
+    if not await asyncio.to_thread(link):
+        await sparse_copy(src, dst)
+
+
+def chown(path: Path, uid: int | None, gid: int | None) -> None:
+    if uid is not None or gid is not None:
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+
+
+def fresh_file(path: Path, uid: int | None, gid: int | None) -> None:
+    """An empty file for the VMM to write: Firecracker opens its outputs without O_APPEND or O_TRUNC."""
+    with open(path, "wb"):
+        pass
+    chown(path, uid, gid)
+
+
+def remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

@@ -1,0 +1,88 @@
+"""Facts about a host process from /proc, shared by the VMM backends.
+
+/proc files live in kernel memory: reading them never waits on a disk, so these helpers are plain
+synchronous functions that are safe to call from the event loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from dataclasses import dataclass
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of /proc/PID/stat that identify a process and measure its CPU use."""
+
+    state: str  # R, S, D, Z, T, ...
+    cpu_time_nanos: int  # utime + stime
+    start_time: int  # clock ticks after boot: with the pid, an identity that survives pid reuse
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    """None when the process does not exist (any more)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm (field 2) may contain spaces and parentheses: split after the last ")".
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return ProcStat(
+        state=fields[0].decode(),
+        cpu_time_nanos=(utime + stime) * 1_000_000_000 // _CLK_TCK,
+        start_time=int(fields[19]),  # field 22 of proc(5)
+    )
+
+
+def read_rss_bytes(pid: int) -> int:
+    """VmRSS of the process, 0 if it is gone or has no memory (zombie)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def read_cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def read_cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return ""
+
+
+def is_live(pid: int, start_time: int) -> bool:
+    """True if `pid` is still the process that started at `start_time` and is not a zombie.
+
+    `kill -0` is not enough: an orphan re-parented to a PID 1 that never reaps stays a zombie forever,
+    and a recycled pid belongs to another process.
+    """
+    stat = read_stat(pid)
+    return stat is not None and stat.start_time == start_time and stat.state not in ("Z", "X")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a forked child before exec (preexec_fn of a single-threaded parent): get SIGKILL when the
+    parent dies; exit at once if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent_pid:
+        os._exit(1)

@@ -1,0 +1,51 @@
+"""Watching a console log for the guest's ready line, from the offset where the current boot began."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+READY_MARKER = "METALD_READY vm_id="
+_CHUNK = 1 << 20
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+class ReadyWatch:
+    """Scans a growing log once, incrementally: each call reads only what was appended since the last."""
+
+    def __init__(self, path: Path, vm_id: str, offset: int) -> None:
+        self.path = path
+        self.offset = offset  # where this boot's output starts
+        self._marker = f"{READY_MARKER}{vm_id} ".encode()
+        self._position = offset
+        self._tail = b""  # the end of the last read, in case the marker straddles two reads
+        self.ready = False
+
+    def _scan(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            while chunk := os.pread(fd, _CHUNK, self._position):
+                self._position += len(chunk)
+                data = self._tail + chunk
+                if self._marker in data:
+                    return True
+                self._tail = data[-len(self._marker) :]
+        finally:
+            os.close(fd)
+        return False
+
+    async def poll(self) -> bool:
+        """True if the ready line has appeared since `offset`."""
+        if not self.ready and await asyncio.to_thread(self._scan):
+            self.ready = True
+        return self.ready

@@ -1,0 +1,116 @@
+"""A small asyncio QMP client: commands matched to replies by id, events handed to a callback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from metald.backends.qemu.sockets import open_in_dir
+
+Event = dict[str, Any]
+
+
+class QmpError(Exception):
+    """QEMU answered a command with an error."""
+
+
+class QmpClosedError(ConnectionError):
+    """The QMP connection ended (QEMU exited) before the answer came."""
+
+
+class QmpClient:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_event: Callable[[Event], None] | None,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._on_event = on_event
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._next_id = 0
+        self._reader_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        vm_dir: Path,
+        socket_name: str,
+        *,
+        timeout: float = 5.0,
+        on_event: Callable[[Event], None] | None = None,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> QmpClient:
+        """Connect and negotiate capabilities; `alive` ends the wait for the socket early."""
+        reader, writer = await open_in_dir(vm_dir, socket_name, timeout=timeout, limit=1 << 24, alive=alive)
+        client = cls(reader, writer, on_event)
+        try:
+            greeting = json.loads(await asyncio.wait_for(reader.readline(), timeout))
+            if "QMP" not in greeting:
+                raise QmpError(f"unexpected QMP greeting: {greeting!r}")
+            client._reader_task = asyncio.create_task(client._read_loop())
+            await client.execute("qmp_capabilities", timeout=timeout)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    @property
+    def closed(self) -> bool:
+        return self._reader_task is None or self._reader_task.done()
+
+    async def _read_loop(self) -> None:
+        try:
+            while line := await self._reader.readline():
+                msg = json.loads(line)
+                if "event" in msg:
+                    if self._on_event is not None:
+                        self._on_event(msg)
+                elif (fut := self._pending.pop(msg.get("id", -1), None)) is not None and not fut.done():
+                    fut.set_result(msg)
+        except (ConnectionError, OSError, ValueError):
+            pass
+        finally:
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(QmpClosedError("QMP connection closed"))
+            self._pending.clear()
+
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float = 10.0
+    ) -> Any:
+        if self._reader_task is not None and self._reader_task.done():
+            raise QmpClosedError("QMP connection closed")
+        self._next_id += 1
+        msg_id = self._next_id
+        msg: dict[str, Any] = {"execute": command, "id": msg_id}
+        if arguments:
+            msg["arguments"] = arguments
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = fut
+        try:
+            self._writer.write(json.dumps(msg).encode() + b"\n")
+            await self._writer.drain()
+            reply = await asyncio.wait_for(fut, timeout)
+        except (ConnectionError, OSError) as e:
+            raise QmpClosedError(str(e)) from e
+        finally:
+            self._pending.pop(msg_id, None)
+        if "error" in reply:
+            err = reply["error"]
+            raise QmpError(f"{command}: {err.get('class')}: {err.get('desc')}")
+        return reply.get("return")
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+        self._writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._writer.wait_closed()
