@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from metald.api.auth import ConfigError
         from metald.daemon import run
 
+        # One pidfd per VMM supervisor instead of one waiting thread each (Python 3.11's default).
+        asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
         try:
             asyncio.run(run(settings))
         except ConfigError as exc:
