@@ -15,7 +15,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
-from metald.api.auth import Authenticator
+from metald.api.auth import Authenticator, current_peer
 from metald.api.errors import to_connect_error
 from metald.api.metrics import Metrics
 from metald.domain.errors import MetaldError
@@ -23,8 +23,6 @@ from metald.domain.errors import MetaldError
 log = logging.getLogger("metald.rpc")
 
 current_customer: contextvars.ContextVar[str] = contextvars.ContextVar("current_customer")
-# Per-connection facts the ASGI layer learned (e.g. the TLS client certificate), for auth.
-current_peer: contextvars.ContextVar[dict[str, object]] = contextvars.ContextVar("current_peer")
 _current_vm: contextvars.ContextVar[str] = contextvars.ContextVar("current_vm", default="")
 
 
@@ -48,7 +46,7 @@ class AuthInterceptor:
         ctx.response_headers["x-request-id"] = request_id
         start = CallStart(time.monotonic(), request_id, "")
         try:
-            start.customer = self._auth.authenticate(ctx.request_headers, current_peer.get({}))
+            start.customer = self._auth.authenticate(ctx.request_headers, current_peer.get())
         except MetaldError as exc:
             self._finish(start, ctx, exc.code.value)
             raise to_connect_error(exc) from None

@@ -34,6 +34,11 @@ RESERVED_ARG_PREFIX = "metald."
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+# The console log shares the VM's directory with files the daemon and the VMM trust (sockets,
+# overlays, pid/state JSON). The guest writes whatever it likes into its console, so the console
+# may only be a `.log` file, and not one of the logs metald itself writes there.
+_CONSOLE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,59}\.log")
+RESERVED_LOG_NAMES = frozenset({"vmm.log", "serial.log", "firecracker.log"})
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,9 @@ def _check_cpu(cpu: CpuConfig | None) -> None:
     if not 0 <= cpu.vcpu_count <= MAX_VCPUS:
         raise invalid("config.cpu.vcpu_count", f"must be between 1 and {MAX_VCPUS}")
     if cpu.cpu_template and cpu.cpu_template not in CPU_TEMPLATES:
-        raise invalid("config.cpu.cpu_template", f"must be empty or one of {', '.join(sorted(CPU_TEMPLATES))}")
+        raise invalid(
+            "config.cpu.cpu_template", f"must be empty or one of {', '.join(sorted(CPU_TEMPLATES))}"
+        )
 
 
 def _check_memory(memory: MemoryConfig | None) -> None:
@@ -219,10 +226,13 @@ def _check_ip(ip: IpConfig | None, family: int, field: str) -> None:
 def _check_console(console: ConsoleConfig) -> None:
     if console.type and console.type not in CONSOLE_TYPES:
         raise invalid("config.console.type", "must be SERIAL or VIRTIO_CONSOLE")
-    if console.output_file and not _NAME.fullmatch(console.output_file):
+    name = console.output_file
+    if name and not (_CONSOLE_FILE.fullmatch(name) and name not in RESERVED_LOG_NAMES):
         raise invalid(
             "config.console.output_file",
-            "must be a plain file name; the log is kept in the VM's own directory",
+            "must be a plain file name ending in .log (not "
+            + ", ".join(sorted(RESERVED_LOG_NAMES))
+            + "); the log is kept in the VM's own directory",
         )
 
 
