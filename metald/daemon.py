@@ -95,7 +95,7 @@ async def run(settings: Settings) -> None:
             store=tracing.port(store, "store"),
             backend=tracing.port(backend, "backend"),
             network=tracing.port(network, "network"),
-            assets=AssetResolver(settings.assets_root),
+            assets=AssetResolver(settings.assets_root, private=(settings.vms_dir, settings.db_path)),
             page_tokens=PageTokens(await store.secret("page_token_key", os.urandom(32))),
             events=metrics,
             options=service_options(settings),
@@ -120,7 +120,7 @@ async def run(settings: Settings) -> None:
         rest = RestApi(
             rpc_app=vm_app,
             authenticator=authenticator,
-            console=ConsoleReader(service, settings.vms_dir),
+            console=ConsoleReader(service),
             max_request_bytes=settings.max_request_bytes,
         )
         app = RootApp(

@@ -179,9 +179,17 @@ class VmService:
             nics=attachment.nics if attachment else (),
             netns=attachment.namespace if attachment else None,
             console_type=config.console.type,
-            console_path=vm_dir / (config.console.output_file or "console.log"),
+            console_path=self._console_path(vm),
             labels={"customer_id": vm.customer_id},
         )
+
+    def _console_path(self, vm: Vm) -> Path:
+        console = vm.config.console
+        return self._vm_dir(vm.vm_id) / ((console.output_file if console else "") or "console.log")
+
+    async def console_path(self, customer_id: str, vm_id: str) -> Path:
+        """The owner's view of a VM's console log (the file may not exist yet)."""
+        return self._console_path(await self._owned(customer_id, vm_id))
 
     def _check_capabilities(self, config: VmConfig) -> None:
         caps = self._backend.capabilities

@@ -1,8 +1,12 @@
-"""The daemon's one ASGI application: Connect/gRPC/gRPC-Web plus the plain HTTP endpoints."""
+"""The daemon's one ASGI application: Connect/gRPC/gRPC-Web services, REST under /v1/, and the
+plain endpoints /health, /metrics and /openapi.json."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from connectrpc.server import ConnectASGIApplication
 
 from metald.api.asgi import ASGIApp, Receive, Scope, Send, send_bytes, send_json
 from metald.api.health import HealthReporter
@@ -17,22 +21,29 @@ class Route:
     prefix: str
     app: ASGIApp
 
+    @classmethod
+    def service(cls, app: ConnectASGIApplication[Any], wrapped: ASGIApp | None = None) -> Route:
+        """The route of a Connect service app (optionally served through a middleware)."""
+        return cls(f"{app.path}/", wrapped or app)
+
 
 class RootApp:
-    """Dispatches by path: exact plain endpoints first, then RPC service prefixes."""
+    """Dispatches by path: exact plain endpoints first, then route prefixes."""
 
     def __init__(
         self,
         *,
-        rpc_routes: list[Route],
+        routes: list[Route],
         health: HealthReporter,
         metrics: Metrics,
         store: VmStore,
+        openapi: bytes,
     ) -> None:
-        self._routes = rpc_routes
+        self._routes = routes
         self._health = health
         self._metrics = metrics
         self._store = store
+        self._openapi = openapi
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -48,6 +59,9 @@ class RootApp:
             return
         if path == "/metrics" and method in ("GET", "HEAD"):
             await send_bytes(send, 200, await self._metrics.render(self._store), CONTENT_TYPE_PROMETHEUS)
+            return
+        if path == "/openapi.json" and method in ("GET", "HEAD"):
+            await send_bytes(send, 200, self._openapi, "application/json")
             return
         for route in self._routes:
             if path.startswith(route.prefix):

@@ -1,7 +1,10 @@
-"""GET /health: the reference's JSON from real checks.
+"""GET /health: the reference's JSON from real checks (rules in docs/operations.md).
 
-Rules: `unhealthy` (HTTP 503) when the store or the backend fails its check; `degraded` (HTTP 200)
-when only a secondary check fails (networking, free disk below 1 GiB); otherwise `healthy`.
+Rules: `unhealthy` (HTTP 503) when a critical check (the backend's ping, the store) fails;
+`degraded` (HTTP 200) when only a secondary check is not healthy (networking, free disk below
+1 GiB); otherwise `healthy`. A check that raises or takes longer than 5 s counts as unhealthy.
+One evaluation is shared by all callers for `max_age` seconds, so /health, the gRPC health
+service and its watchers cannot pile up checks.
 """
 
 from __future__ import annotations
@@ -20,11 +23,23 @@ from metald import __version__
 from metald.ports import CheckResult
 
 MIN_FREE_DISK_BYTES = 1 << 30
+CHECK_TIMEOUT_SECONDS = 5.0
 CRITICAL_CHECKS = frozenset({"backend_ping", "store"})
+STATUSES = ("healthy", "degraded", "unhealthy")
+
+Check = Callable[[], Awaitable[CheckResult]]
 
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def overall_status(statuses: Mapping[str, str]) -> str:
+    if any(statuses[n] == "unhealthy" for n in CRITICAL_CHECKS if n in statuses):
+        return "unhealthy"
+    if any(s != "healthy" for s in statuses.values()):
+        return "degraded"
+    return "healthy"
 
 
 class HealthReporter:
@@ -32,15 +47,19 @@ class HealthReporter:
         self,
         *,
         backend_type: str,
-        checks: Mapping[str, Callable[[], Awaitable[CheckResult]]],
+        checks: Mapping[str, Check],
         data_dir: Path,
+        max_age: float = 1.0,
     ) -> None:
         self._backend_type = backend_type
-        self._checks: dict[str, Callable[[], Awaitable[CheckResult]]] = dict(checks)
+        self._checks: dict[str, Check] = dict(checks)
         self._checks["disk"] = self._disk
         self._data_dir = data_dir
+        self._max_age = max_age
         self._started = time.monotonic()
         self._cpu_mark = (time.monotonic(), time.process_time())
+        self._lock = asyncio.Lock()
+        self._last: tuple[float, int, dict[str, Any]] | None = None
 
     async def _disk(self) -> CheckResult:
         usage = await asyncio.to_thread(shutil.disk_usage, self._data_dir)
@@ -48,10 +67,10 @@ class HealthReporter:
         status = "healthy" if usage.free >= MIN_FREE_DISK_BYTES else "degraded"
         return CheckResult(status, f"{free_mib} MiB free in {self._data_dir}")
 
-    async def _run(self, name: str, check: Callable[[], Awaitable[CheckResult]]) -> dict[str, Any]:
+    async def _run(self, check: Check) -> dict[str, Any]:
         started = time.monotonic()
         try:
-            result = await asyncio.wait_for(check(), timeout=5)
+            result = await asyncio.wait_for(check(), timeout=CHECK_TIMEOUT_SECONDS)
         except Exception as exc:
             result = CheckResult("unhealthy", f"{type(exc).__name__}: {exc}")
         return {
@@ -68,16 +87,23 @@ class HealthReporter:
         return round(100 * (cpu - last_cpu) / max(wall - last_wall, 1e-6), 1)
 
     async def report(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body): a fresh evaluation, or the last one if younger than max_age."""
+        async with self._lock:
+            if self._last is None or time.monotonic() - self._last[0] >= self._max_age:
+                self._last = (time.monotonic(), *await self._evaluate())
+            return self._last[1], self._last[2]
+
+    async def status(self) -> str:
+        """The overall status alone: healthy, degraded or unhealthy."""
+        _, body = await self.report()
+        return str(body["status"])
+
+    async def _evaluate(self) -> tuple[int, dict[str, Any]]:
         names = list(self._checks)
-        results = await asyncio.gather(*(self._run(n, self._checks[n]) for n in names))
+        results = await asyncio.gather(*(self._run(self._checks[n]) for n in names))
         checks = dict(zip(names, results, strict=True))
         statuses = {n: c["status"] for n, c in checks.items()}
-        if any(statuses[n] == "unhealthy" for n in CRITICAL_CHECKS if n in statuses):
-            overall = "unhealthy"
-        elif any(s != "healthy" for s in statuses.values()):
-            overall = "degraded"
-        else:
-            overall = "healthy"
+        overall = overall_status(statuses)
         rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         body = {
             "status": overall,
@@ -101,3 +127,54 @@ def _current_rss_mb() -> int:
     except OSError:
         return 0
     return pages * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
+
+
+def _check_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["status", "duration_ms", "timestamp"],
+        "properties": {
+            "status": {"type": "string", "enum": list(STATUSES)},
+            "duration_ms": {"type": "number", "minimum": 0},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "detail": {"type": "string"},
+        },
+        "additionalProperties": False,
+    }
+
+
+# The body above as JSON Schema, for the OpenAPI document and the tests.
+HEALTH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["status", "timestamp", "version", "backend", "system", "checks"],
+    "properties": {
+        "status": {"type": "string", "enum": list(STATUSES)},
+        "timestamp": {"type": "string", "format": "date-time"},
+        "version": {"type": "string"},
+        "backend": {
+            "type": "object",
+            "required": ["type", "status"],
+            "properties": {
+                "type": {"type": "string"},
+                "status": {"type": "string", "enum": list(STATUSES)},
+            },
+            "additionalProperties": False,
+        },
+        "system": {
+            "type": "object",
+            "required": ["uptime_seconds", "memory_usage_mb", "cpu_usage_percent"],
+            "properties": {
+                "uptime_seconds": {"type": "integer", "minimum": 0},
+                "memory_usage_mb": {"type": "integer", "minimum": 0},
+                "cpu_usage_percent": {"type": "number"},
+            },
+            "additionalProperties": False,
+        },
+        "checks": {
+            "type": "object",
+            "required": ["backend_ping", "store", "disk"],
+            "additionalProperties": _check_schema(),
+        },
+    },
+    "additionalProperties": False,
+}

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
+from metald import __version__
 from metald.domain.states import VmState
 from metald.ports import VmStore
 
@@ -27,8 +38,12 @@ class Metrics:
     """Implements metald.ports.ServiceEvents and the per-RPC counters."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no `*_created` twin of each counter
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, fds
+        PlatformCollector(registry=r)
+        Info(f"{PREFIX}_build", "metald build", registry=r).info({"version": __version__})
         self._requests = {
             rpc: Counter(f"{PREFIX}_vm_{stem}_requests", f"{rpc} requests", registry=r)
             for rpc, stem in RPC_STEMS.items()

@@ -20,7 +20,9 @@ class Rpc:
         self.customer = customer
         self.client = httpx.Client(base_url=url, timeout=120)
 
-    def call(self, method: str, body: dict[str, Any] | None = None, *, customer: str | None = None) -> httpx.Response:
+    def call(
+        self, method: str, body: dict[str, Any] | None = None, *, customer: str | None = None
+    ) -> httpx.Response:
         return self.client.post(
             f"/{SERVICE}/{method}",
             json=body or {},

@@ -1,0 +1,193 @@
+"""What metalctl prints: aligned tables (colours on a TTY), a spinner with elapsed time while it
+waits, or JSON (`-o json`) in the API's own shape (snake_case, proto field names)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from protobuf import Message
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from metald.api.codec import SnakeCaseJsonCodec
+from metald.client.common import state_name
+from metald.client.errors import ApiError
+from metald.gen.vmprovisioner.v1 import vm_pb as pb
+
+STATE_STYLES = {"CREATED": "cyan", "RUNNING": "green", "PAUSED": "yellow", "SHUTDOWN": "red"}
+HEALTH_STYLES = {"healthy": "green", "degraded": "yellow", "unhealthy": "red"}
+_CODEC = SnakeCaseJsonCodec()
+
+
+def as_json(message: Message) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(_CODEC.encode(message))
+    return data
+
+
+def human_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            break
+        value /= 1024
+    return f"{value:.4g} {unit}"
+
+
+def _state(value: pb.VmState | int) -> Text:
+    name = state_name(value).removeprefix("VM_STATE_")
+    return Text(name, style=STATE_STYLES.get(name, ""))
+
+
+def _created(info: pb.VmInfo | pb.GetVmInfoResponse) -> str:
+    if info.created_at is None:
+        return ""
+    ts = datetime.fromtimestamp(info.created_at.seconds, UTC)
+    return ts.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+class Output:
+    def __init__(self, json_mode: bool) -> None:
+        self.json = json_mode
+        self.out = Console(highlight=False)
+        self.err = Console(stderr=True, highlight=False)
+        if not self.out.is_terminal:
+            self.out.width = 500  # a pipe: no wrapping of long lines (rich would assume 80 columns)
+
+    def emit(self, data: Any) -> None:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+    @contextlib.contextmanager
+    def waiting(self, text: str) -> Iterator[None]:
+        """A spinner with elapsed time on stderr while the body runs (TTY, human mode only)."""
+        if self.json or not self.err.is_terminal:
+            yield
+            return
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=self.err, transient=True) as progress:
+            progress.add_task(text, total=None)
+            yield
+
+    def done(self, vm_id: str, state: pb.VmState | int, verb: str, started: float) -> None:
+        """`vm_x  RUNNING  booted in 2.1s` (or the JSON of the outcome)."""
+        if self.json:
+            self.emit({"vm_id": vm_id, "success": True, "state": state_name(state)})
+            return
+        line = Text.assemble(
+            (vm_id, "bold"), "  ", _state(state), f"  {verb} in {time.monotonic() - started:.1f}s"
+        )
+        self.out.print(line)
+
+    def vm_list(self, vms: Iterable[pb.VmInfo]) -> None:
+        vms = list(vms)
+        if self.json:
+            self.emit({"vms": [as_json(v) for v in vms], "total_count": len(vms)})
+            return
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("VM ID", "STATE", "VCPUS", "MEMORY", "CREATED", "NAME"):
+            table.add_column(column, no_wrap=True)
+        for vm in vms:
+            config = vm.config or pb.VmConfig()
+            table.add_row(
+                vm.vm_id,
+                _state(vm.state),
+                str(config.cpu.vcpu_count if config.cpu else ""),
+                human_bytes(config.memory.size_bytes) if config.memory else "",
+                _created(vm),
+                config.metadata.get("name", ""),
+            )
+        self.out.print(table)
+
+    def vm_details(self, info: pb.GetVmInfoResponse) -> None:
+        if self.json:
+            self.emit(as_json(info))
+            return
+        config = info.config or pb.VmConfig()
+        rows: list[tuple[str, str | Text]] = [
+            ("VM ID", info.vm_id),
+            ("State", _state(info.state)),
+            ("Created", _created(info)),
+            ("vCPUs", str(config.cpu.vcpu_count if config.cpu else "")),
+            ("Memory", human_bytes(config.memory.size_bytes) if config.memory else ""),
+        ]
+        if config.boot:
+            rows += [("Kernel", config.boot.kernel_path), ("Kernel args", config.boot.kernel_args)]
+            rows += [("Initrd", config.boot.initrd_path)]
+        for disk in config.storage:
+            flags = ", ".join(f for f, on in (("root", disk.is_root_device), ("ro", disk.is_read_only)) if on)
+            rows.append((f"Disk {disk.device_id}", f"{disk.path_on_host}" + (f" ({flags})" if flags else "")))
+        for nic in info.network_info.interfaces if info.network_info else []:
+            addresses = " ".join(a for a in (nic.guest_ipv4, nic.guest_ipv6) if a)
+            rows.append((f"NIC {nic.interface_id}", f"{nic.guest_mac} {nic.tap_device} {addresses}".strip()))
+        rows += [(f"Metadata {k}", v) for k, v in sorted(config.metadata.items())]
+        rows += [(f"Backend {k}", v) for k, v in sorted(info.backend_info.items())]
+        if info.metrics:
+            m = info.metrics
+            rows.append(("CPU time", f"{m.cpu_time_nanos / 1e9:.2f}s"))
+            rows.append(("Memory used", human_bytes(m.memory_usage_bytes)))
+            rows.append(("Disk r/w", f"{human_bytes(m.disk_read_bytes)} / {human_bytes(m.disk_write_bytes)}"))
+            rows.append(
+                ("Net rx/tx", f"{human_bytes(m.network_rx_bytes)} / {human_bytes(m.network_tx_bytes)}")
+            )
+        table = Table(box=None, show_header=False, pad_edge=False)
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        for key, value in rows:
+            if value:
+                table.add_row(key, value)
+        self.out.print(table)
+
+    def health(self, body: dict[str, Any]) -> None:
+        if self.json:
+            self.emit(body)
+            return
+        status = str(body.get("status"))
+        backend, system = body.get("backend", {}), body.get("system", {})
+        self.out.print(
+            Text.assemble(
+                ("metald ", "bold"),
+                (status, HEALTH_STYLES.get(status, "")),
+                f"  version {body.get('version')}  backend {backend.get('type')}",
+                f"  up {system.get('uptime_seconds')}s  rss {system.get('memory_usage_mb')} MiB",
+            )
+        )
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("CHECK", "STATUS", "MS", "DETAIL"):
+            table.add_column(column)
+        for name, check in body.get("checks", {}).items():
+            check_status = str(check.get("status"))
+            table.add_row(
+                name,
+                Text(check_status, style=HEALTH_STYLES.get(check_status, "")),
+                f"{check.get('duration_ms', 0):.1f}",
+                str(check.get("detail", "")),
+            )
+        self.out.print(table)
+
+    def error(self, error: ApiError) -> int:
+        """Report a failed call; the exit status is the gRPC code number."""
+        if self.json:
+            sys.stderr.write(json.dumps({"error": error.to_dict()}) + "\n")
+        else:
+            reason = f" [{error.reason}]" if error.reason else ""
+            self.err.print(
+                Text.assemble(("error: ", "bold red"), f"{error.code.value}: {error.message}{reason}")
+            )
+        return error.grpc_code
+
+    def failure(self, code: str, message: str, status: int) -> int:
+        """A failure that is not an API error (a timeout, a bad file)."""
+        if self.json:
+            sys.stderr.write(json.dumps({"error": {"code": code, "message": message}}) + "\n")
+        else:
+            self.err.print(Text.assemble(("error: ", "bold red"), f"{code}: {message}"))
+        return status
