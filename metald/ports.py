@@ -138,6 +138,10 @@ class Backend(Protocol):
 
     async def runtime(self, vm_id: str) -> VmRuntime | None: ...
 
+    def last_exit_reason(self, vm_id: str) -> str | None:
+        """Why the VMM last ended by itself ("guest_poweroff", "oom_killed", ...), also when that was
+        while no daemon watched (learnt in adopt()); None if unknown."""
+
     async def metrics(self, vm_id: str) -> VmMetrics: ...
 
     async def ping(self) -> CheckResult: ...

@@ -490,9 +490,8 @@ class VmService:
             if self._network is not None and vm.config.network:
                 await self._network.detach(vm)
             if vm.state in ACTIVE_STATES or vm.pending == "stopping":
-                await self._save(
-                    vm, state=VmState.SHUTDOWN, pending="", shutdown_reason="vmm_gone_while_daemon_down"
-                )
+                reason = self._backend.last_exit_reason(vm.vm_id) or "vmm_gone_while_daemon_down"
+                await self._save(vm, state=VmState.SHUTDOWN, pending="", shutdown_reason=reason)
             else:
                 await self._save(vm, pending="")
             return False

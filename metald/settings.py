@@ -52,8 +52,11 @@ class Settings(BaseSettings):
     firecracker_binary: str = Field("firecracker", description="Firecracker binary")
     jailer_binary: str = Field("", description="jailer binary; empty runs Firecracker unjailed")
     jailer_chroot_base: Path = Field(Path("/srv/jailer"), description="jailer --chroot-base-dir")
-    vmm_uid: int | None = Field(None, description="uid VMMs run as (None: the daemon's own)")
-    vmm_gid: int | None = Field(None, description="gid VMMs run as")
+    vmm_user: str = Field(
+        "metald-vmm", description='user VMMs run as ("": the daemon\'s own; missing: a warning, the same)'
+    )
+    vmm_uid: int | None = Field(None, description="uid VMMs run as, instead of vmm_user's")
+    vmm_gid: int | None = Field(None, description="gid VMMs run as (default: the user's group)")
     cgroup_root: Path = Field(Path("/sys/fs/cgroup"), description="cgroup mount root")
 
     # --- lifecycle defaults ---

@@ -12,7 +12,7 @@ APT_PACKAGES=(
   iproute2 nftables iputils-ping        # namespaces, TAPs, bridges, tc; nftables tenant walls
   e2fsprogs kmod lz4 xz-utils zstd      # guest image: mkfs.ext4 -d, depmod, kernel decompression
   python3 python3-venv python3-dev gcc  # the daemon
-  curl ca-certificates                  # health checks and tests
+  curl ca-certificates nghttp2-client   # health checks, tests, h2load for bench/
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -25,6 +25,9 @@ apt-get update -qq
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# The unprivileged user VMMs run as (setting vmm_user; docs/security.md, "Sandboxed VMMs").
+id -u metald-vmm >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin metald-vmm
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

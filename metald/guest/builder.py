@@ -4,6 +4,18 @@ Outputs in the assets dir: ``vmlinux`` (uncompressed ELF, booted through its PVH
 (gzip newc cpio: busybox, virtio modules, an init that switch_roots into /dev/vda),
 ``rootfs.ext4`` (64 MiB, label vmroot, made with ``mkfs.ext4 -d``), ``data.ext4`` (16 MiB, empty,
 label data) and ``manifest.json``. A build whose inputs and outputs match the manifest is a no-op.
+
+Versions: each output is a content-addressed file (``rootfs-<sha256[:16]>.ext4``, ``vmlinux-<...>``)
+that is never modified once published, and the plain name is a relative symlink to the current
+version, swapped atomically (the manifest last). A VM's writable disk is a qcow2 overlay over the
+canonical path of the version current when the VM was created (the asset resolver resolves the
+link), so a rebuild changes what new VMs get and never the base under an existing overlay.
+
+Old versions are kept. One may be deleted once no link points at it and no VM references it: a
+QEMU VM names the bases of its overlays in ``<data_dir>/vms/<vm>/disks.json``, and every VM's
+kernel, initrd and read-only disks are resolved again at each boot, so e.g.
+``grep -l rootfs-<sha> <data_dir>/vms/*/disks.json`` must find nothing (Firecracker VMs copy
+their writable disks and do not reference a version after CreateVm).
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from metald.guest.proc import REQUIRED_TOOLS, GuestBuildError, require_tools, ru
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: content-addressed versions behind symlinks
 FILES_DIR = Path(__file__).parent / "files"
 OUTPUTS = ("vmlinux", "initrd", "rootfs.ext4", "data.ext4")
 MANIFEST = "manifest.json"
@@ -109,6 +121,12 @@ def manifest_is_current(
     )
 
 
+def versioned_name(name: str, sha256: str) -> str:
+    """The file a version of output `name` is published as: rootfs.ext4 -> rootfs-<sha[:16]>.ext4."""
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}-{sha256[:16]}{dot}{suffix}"
+
+
 def outputs_intact(manifest: Mapping[str, Any], actual: Mapping[str, str | None]) -> bool:
     """True if every output exists with the sha256 the manifest recorded."""
     return all(
@@ -125,8 +143,11 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
-def _hash_outputs(directory: Path) -> dict[str, str | None]:
-    return {name: _sha256(directory / name) for name in OUTPUTS}
+def _hash_published(assets_dir: Path) -> dict[str, str | None]:
+    """sha256 of what each output name leads to; None unless the name is a link (to a version)."""
+    return {
+        name: _sha256(assets_dir / name) if (assets_dir / name).is_symlink() else None for name in OUTPUTS
+    }
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
@@ -165,7 +186,7 @@ async def build_guest_image(assets_dir: Path, cache_dir: Path, *, force: bool = 
         if (
             not force
             and manifest_is_current(manifest, inputs)
-            and outputs_intact(manifest, await asyncio.to_thread(_hash_outputs, assets_dir))
+            and outputs_intact(manifest, await asyncio.to_thread(_hash_published, assets_dir))
         ):
             log.info("guest image in %s is up to date", assets_dir)
             return GuestImage.in_dir(assets_dir, packages.kernel_version, rebuilt=False)
@@ -198,15 +219,18 @@ async def _build(
         await asyncio.to_thread(_write_trees, work, vmlinux, busybox, applets, modules, files)
         await _mkfs(work / "rootfs.ext4", ROOTFS_SIZE, "vmroot", work / "rootfs")
         await _mkfs(work / "data.ext4", DATA_SIZE, "data")
-        hashes = await asyncio.to_thread(_hash_outputs, work)
+        outputs = {}
+        for name in OUTPUTS:
+            sha = await asyncio.to_thread(_sha256, work / name)
+            assert sha is not None
+            size = (await asyncio.to_thread((work / name).stat)).st_size
+            outputs[name] = {"sha256": sha, "size": size, "file": versioned_name(name, sha)}
         manifest = {
             "builder_version": BUILDER_VERSION,
             "kernel_version": kver,
             "inputs": dict(inputs),
             "modules": order,
-            "outputs": {
-                name: {"sha256": hashes[name], "size": (work / name).stat().st_size} for name in OUTPUTS
-            },
+            "outputs": outputs,
         }
         await asyncio.to_thread(_publish, work, assets_dir, manifest)
     finally:
@@ -222,10 +246,21 @@ def _fresh_workdir(assets_dir: Path) -> Path:
 
 
 def _publish(work: Path, assets_dir: Path, manifest: Mapping[str, Any]) -> None:
-    """Rename the outputs into place, the manifest last, so a partial update never looks current."""
+    """Add each output as a new version (an existing version is kept as is), point its name at it,
+    then replace the manifest: a partial update never looks current, and no file in use changes."""
+    for name in OUTPUTS:
+        output = manifest["outputs"][name]
+        version = assets_dir / output["file"]
+        try:
+            os.link(work / name, version)  # fails, touching nothing, if that version exists
+        except FileExistsError:
+            if _sha256(version) != output["sha256"]:
+                raise GuestBuildError(f"{version} exists with other content: remove it") from None
+        link = work / f"{name}.link"
+        link.symlink_to(output["file"])
+        os.replace(link, assets_dir / name)
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    for name in (*OUTPUTS, MANIFEST):
-        os.replace(work / name, assets_dir / name)
+    os.replace(work / MANIFEST, assets_dir / MANIFEST)
 
 
 def _install(path: Path, data: bytes, perm: int | None = None) -> None:
@@ -298,5 +333,5 @@ def build_cli(assets_dir: str, cache_dir: str, force: bool) -> int:
     state = "built" if image.rebuilt else "already up to date"
     print(f"guest image {state} in {time.monotonic() - start:.1f}s (kernel {image.kernel_version})")
     for path in (image.vmlinux, image.initrd, image.rootfs, image.data_disk):
-        print(f"  {path}  {path.stat().st_size / 2**20:.1f} MiB")
+        print(f"  {path} -> {os.readlink(path)}  {path.stat().st_size / 2**20:.1f} MiB")
     return 0

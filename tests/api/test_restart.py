@@ -48,7 +48,7 @@ def test_restart_keeps_states_and_readopts_guests(own_daemon: Daemon) -> None:
     assert rpc.state(running[0]) == "VM_STATE_RUNNING"
     assert rpc.state(running[2]) == "VM_STATE_PAUSED"
     assert rpc.state(running[1]) == "VM_STATE_SHUTDOWN"
-    assert rpc.info(running[1])["backend_info"]["shutdown_reason"] == "vmm_gone_while_daemon_down"
+    assert rpc.info(running[1])["backend_info"]["shutdown_reason"] == "vmm_crashed"  # from exit.json
     assert int(rpc.info(running[0])["backend_info"]["process_id"]) == pids[running[0]], "same VMM, re-adopted"
     assert rpc.ok("ListVms", {})["total_count"] == 5
 

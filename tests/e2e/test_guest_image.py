@@ -7,6 +7,7 @@ METALD_TEST_GUEST_CACHE to keep the downloaded .debs elsewhere than var/cache (s
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from metald.guest import GuestImage, build_guest_image
+from metald.assets import AssetResolver
+from metald.backends.qemu.layout import overlay_path
+from metald.backends.qemu.overlay import prepare_vm_dir, recorded_bases
+from metald.guest import GuestImage, build_guest_image, builder
+from metald.ports import DiskSpec, LaunchSpec
 
 QEMU = "qemu-system-x86_64"
 MACHINE = "microvm,acpi=on,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on,pcie=off"
@@ -210,6 +215,51 @@ async def test_second_build_is_a_fast_noop(guest: GuestImage) -> None:
     for image, label, size in ((guest.rootfs, "vmroot", 64), (guest.data_disk, "data", 16)):
         assert image.stat().st_size == size << 20
         assert (await _superblock(image))["Filesystem volume name"] == label
+
+
+def _digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+async def _qemu_img_compare(a: Path, b: Path) -> int:
+    """0 if the two images read the same (qcow2 through its backing chain), 1 if they differ."""
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", "compare", "-q", str(a), str(b), stdout=asyncio.subprocess.DEVNULL
+    )
+    return await proc.wait()
+
+
+async def test_rebuild_never_changes_the_base_of_an_existing_overlay(
+    guest: GuestImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VM made before `metald image build --force` with a changed input keeps reading the root
+    file system it was made over; VMs made after it get the new one."""
+    assets = tmp_path / "assets"
+    shutil.copytree(guest.vmlinux.parent, assets, symlinks=True)  # its versions and links
+    resolver = AssetResolver(assets)
+    old_base = await resolver.resolve("/assets/rootfs.ext4", "rootfs")
+    assert old_base.name == os.readlink(assets / "rootfs.ext4") != "rootfs.ext4"
+    old_digest = _digest(old_base)
+    vm_dir = tmp_path / "vm"
+    spec = LaunchSpec(
+        vm_id="vm-old", vm_dir=vm_dir, vcpu_count=1, memory_bytes=256 << 20, cpu_template="",
+        kernel=guest.vmlinux, initrd=guest.initrd, customer_kernel_args="", guest_kernel_args="",
+        disks=(DiskSpec("root", old_base, read_only=False, is_root=True),), nics=(), netns=None,
+        console_type="SERIAL", console_path=vm_dir / "console.log",
+    )  # fmt: skip
+    await prepare_vm_dir(spec, qemu_img="qemu-img")
+    overlay = overlay_path(vm_dir, 0)
+
+    files = builder.guest_files()
+    monkeypatch.setattr(builder, "guest_files", lambda: {**files, "rootfs/etc/rebuilt": b"yes\n"})
+    assert (await build_guest_image(assets, _cache_dir(), force=True)).rebuilt
+
+    new_base = await resolver.resolve("/assets/rootfs.ext4", "rootfs")
+    assert new_base != old_base and _digest(old_base) == old_digest
+    assert recorded_bases(vm_dir) == {overlay.name: str(old_base)}  # what QEMU is given as base
+    assert await _qemu_img_compare(overlay, old_base) == 0
+    assert await _qemu_img_compare(overlay, new_base) == 1
 
 
 async def test_boot_ready_and_agent_exec(boot: Boot, tmp_path: Path, guest: GuestImage) -> None:

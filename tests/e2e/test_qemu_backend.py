@@ -22,6 +22,7 @@ from metald.backends import procfs
 from metald.backends.qemu import layout
 from metald.backends.qemu.agent import GuestAgent
 from metald.backends.qemu.backend import QemuBackend
+from metald.backends.vmm.layout import EXIT_STATE
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import DiskSpec, LaunchSpec, VmRuntime
 
@@ -281,6 +282,7 @@ async def test_unrequested_exits_reach_the_listener(
     assert await _wait_for(lambda: ("vm-crash", "vmm_crashed") in events, EXIT_EVENT_TIMEOUT), events
     assert time.monotonic() - started < 2.0
     assert sorted(events) == [("vm-crash", "vmm_crashed"), ("vm-off", "guest_poweroff")]
+    assert [backend.last_exit_reason(s.vm_id) for s in specs] == ["guest_poweroff", "vmm_crashed"]
     for spec, runtime in zip(specs, runtimes, strict=True):
         assert _gone(runtime.pid)
         assert await backend.runtime(spec.vm_id) is None
@@ -297,7 +299,7 @@ async def test_readoption_after_daemon_restart(
     await first.close()  # the daemon goes away; its VMs do not
     assert all(not _gone(pid) for pid in pids.values())
     os.kill(pids["vm-c"], signal.SIGKILL)  # dies while no daemon watches
-    assert await _wait_for(lambda: (specs["vm-c"].vm_dir / layout.EXIT_STATE).exists(), 5.0)
+    assert await _wait_for(lambda: (specs["vm-c"].vm_dir / EXIT_STATE).exists(), 5.0)
 
     events: Events = []
     second = backends(events)
@@ -306,6 +308,9 @@ async def test_readoption_after_daemon_restart(
     assert (await second.adopt(specs["vm-b"])) is not None
     assert await second.adopt(specs["vm-c"]) is None
     assert not (specs["vm-c"].vm_dir / layout.QMP_SOCKET).exists()
+    # Why it ended is not lost with exit.json: the service records it as the shutdown reason.
+    assert second.last_exit_reason("vm-c") == "vmm_crashed"
+    assert second.last_exit_reason("vm-a") is None
     assert events == []
 
     # Controllable: pause/resume through the re-connected QMP, then a graceful stop.

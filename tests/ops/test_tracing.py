@@ -65,6 +65,9 @@ class FakeBackend:
 
     async def destroy(self, vm_id: str, vm_dir: Path) -> None: ...
 
+    def last_exit_reason(self, vm_id: str) -> str | None:
+        return None
+
     async def ping(self) -> CheckResult:
         return CheckResult("healthy")
 

@@ -98,9 +98,9 @@ def own_assets(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Pa
         try:
             if name.endswith(".ext4"):
                 raise OSError("copied, not linked")
-            os.link(assets_dir / name, own / name)
+            os.link((assets_dir / name).resolve(), own / name)
         except OSError:
-            shutil.copyfile(assets_dir / name, own / name)
+            shutil.copyfile((assets_dir / name).resolve(), own / name)
     return own
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from metald.backends.firecracker import launch
+from metald.backends.vmm.cgroups import VMM_MEMORY_OVERHEAD, VMM_PIDS_BASE
+from metald.backends.vmm.sandbox import VmmUser
 
 MIB = 1024 * 1024
 
@@ -67,7 +69,8 @@ def test_jailer_argv_v2_is_exact() -> None:
         "--chroot-base-dir", "/srv/jailer",
         "--cgroup-version", "2",
         "--cgroup", "cpu.max=200000 100000",
-        "--cgroup", f"memory.max={512 * MIB + launch.VMM_MEMORY_OVERHEAD}",
+        "--cgroup", f"memory.max={512 * MIB + VMM_MEMORY_OVERHEAD}",
+        "--cgroup", f"pids.max={VMM_PIDS_BASE + 2}",
         "--netns", "/var/run/netns/ns_vm_1",
         "--", "--api-sock", "/fc.sock",
     ]  # fmt: skip
@@ -94,14 +97,16 @@ def test_cgroup_v1_limits() -> None:
     assert cgroups == [
         "cpu.cfs_period_us=100000",
         "cpu.cfs_quota_us=300000",
-        f"memory.limit_in_bytes={512 * MIB + launch.VMM_MEMORY_OVERHEAD}",
+        f"memory.limit_in_bytes={512 * MIB + VMM_MEMORY_OVERHEAD}",
+        f"pids.max={VMM_PIDS_BASE + 3}",
     ]
 
 
 def test_limits_follow_the_config() -> None:
     assert launch.cgroup_limits(2, 4, 1024 * MIB) == [
         "cpu.max=400000 100000",
-        f"memory.max={1024 * MIB + launch.VMM_MEMORY_OVERHEAD}",
+        f"memory.max={1024 * MIB + VMM_MEMORY_OVERHEAD}",
+        f"pids.max={VMM_PIDS_BASE + 4}",
     ]
     with pytest.raises(ValueError):
         launch.cgroup_limits(3, 1, MIB)
@@ -119,16 +124,17 @@ def test_jail_and_cgroup_directories() -> None:
     assert launch.cgroup_dirs(root, 1, "/usr/bin/firecracker", "vm-1") == [
         root / "cpu" / "firecracker" / "vm-1",
         root / "memory" / "firecracker" / "vm-1",
+        root / "pids" / "firecracker" / "vm-1",
     ]
 
 
 def test_direct_argv_wraps_netns_and_credentials() -> None:
     plain = launch.direct_argv(
-        firecracker="firecracker", fc_id="vm-1", api_sock="fc.sock", netns=None, uid=None, gid=None
+        firecracker="firecracker", fc_id="vm-1", api_sock="fc.sock", netns=None, user=None
     )
     assert plain == ["firecracker", "--id", "vm-1", "--api-sock", "fc.sock"]
     wrapped = launch.direct_argv(
-        firecracker="firecracker", fc_id="vm-1", api_sock="fc.sock", netns="ns1", uid=7, gid=8
+        firecracker="firecracker", fc_id="vm-1", api_sock="fc.sock", netns="ns1", user=VmmUser(7, 8)
     )
     assert wrapped[:4] == ["ip", "netns", "exec", "ns1"]
     assert wrapped[4] == "setpriv" and "--reuid=7" in wrapped and "--regid=8" in wrapped

@@ -194,14 +194,51 @@ def test_manifest_decision() -> None:
     assert not builder.outputs_intact(manifest, {**hashes, "data.ext4": None})
 
 
+def _publish(work: Path, assets: Path, inputs: dict[str, str], content: dict[str, bytes]) -> dict[str, Any]:
+    """Publish `content` (output name -> bytes) as a build would; returns the manifest."""
+    work.mkdir()
+    outputs = {}
+    for name, data in content.items():
+        (work / name).write_bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        outputs[name] = {"sha256": sha, "size": len(data), "file": builder.versioned_name(name, sha)}
+    manifest = {"builder_version": builder.BUILDER_VERSION, "inputs": inputs, "outputs": outputs}
+    builder._publish(work, assets, manifest)
+    return manifest
+
+
+def test_versioned_names() -> None:
+    sha = "0123456789abcdef" + "f" * 48
+    assert builder.versioned_name("rootfs.ext4", sha) == "rootfs-0123456789abcdef.ext4"
+    assert builder.versioned_name("vmlinux", sha) == "vmlinux-0123456789abcdef"
+
+
+def test_publish_adds_versions_and_never_touches_one(tmp_path: Path) -> None:
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    first = _publish(tmp_path / "w1", assets, {}, {name: f"{name} v1".encode() for name in builder.OUTPUTS})
+    v1 = {name: assets / first["outputs"][name]["file"] for name in builder.OUTPUTS}
+    v1_inode = v1["rootfs.ext4"].stat().st_ino
+    assert os.readlink(assets / "rootfs.ext4") == v1["rootfs.ext4"].name  # relative: the dir may move
+    changed = {name: f"{name} v{'2' if name == 'rootfs.ext4' else '1'}".encode() for name in builder.OUTPUTS}
+    second = _publish(tmp_path / "w2", assets, {}, changed)
+    assert (assets / "rootfs.ext4").read_bytes() == b"rootfs.ext4 v2"
+    assert v1["rootfs.ext4"].read_bytes() == b"rootfs.ext4 v1" and v1["rootfs.ext4"].stat().st_ino == v1_inode
+    assert second["outputs"]["vmlinux"]["file"] == first["outputs"]["vmlinux"]["file"]  # same content
+    assert json.loads((assets / builder.MANIFEST).read_text()) == second
+    # A version whose content is not what its name says is never overwritten, and never current.
+    v1["initrd"].write_bytes(b"tampered")
+    with pytest.raises(GuestBuildError, match="other content"):
+        _publish(tmp_path / "w3", assets, {}, changed)
+    assert v1["initrd"].read_bytes() == b"tampered"
+    assert json.loads((assets / builder.MANIFEST).read_text()) == second
+
+
 async def test_build_is_skipped_only_when_current(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assets, cache = tmp_path / "assets", tmp_path / "cache"
     assets.mkdir()
-    for name in builder.OUTPUTS:
-        (assets / name).write_bytes(name.encode())
-    hashes = {name: hashlib.sha256(name.encode()).hexdigest() for name in builder.OUTPUTS}
     inputs = builder.build_inputs(PACKAGES, builder.guest_files())
-    (assets / builder.MANIFEST).write_text(json.dumps(_manifest(inputs, hashes)))
+    _publish(tmp_path / "work", assets, inputs, {name: name.encode() for name in builder.OUTPUTS})
     builds: list[Path] = []
 
     async def resolve(_: Path) -> GuestPackages:
@@ -217,9 +254,13 @@ async def test_build_is_skipped_only_when_current(monkeypatch: pytest.MonkeyPatc
     assert (image.rebuilt, builds) == (False, [])
     assert image.vmlinux == assets / "vmlinux" and image.kernel_version == PACKAGES.kernel_version
     assert (await builder.build_guest_image(assets, cache, force=True)).rebuilt
-    (assets / "initrd").write_bytes(b"tampered")
+    (assets / "initrd").resolve().write_bytes(b"tampered")
     assert (await builder.build_guest_image(assets, cache)).rebuilt
-    assert builds == [assets, assets]
+    # The layout before versions (plain files under the plain names) is rebuilt, not trusted.
+    (assets / "initrd").unlink()
+    (assets / "initrd").write_bytes(b"initrd")
+    assert (await builder.build_guest_image(assets, cache)).rebuilt
+    assert builds == [assets, assets, assets]
 
 
 # --- kernel ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""LaunchSpec -> QEMU argv: disks, kernel arguments, consoles, NICs, accelerators, CPU templates."""
+"""LaunchSpec -> QEMU argv: disks, kernel arguments, consoles, NICs, accelerators, CPU templates,
+and the wrappers that sandbox it."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import pytest
 
 from metald.backends.qemu.cmdline import (
     CPU_TEMPLATES,
+    DiskFds,
     HostOptions,
+    VmmFds,
     cpu_model,
     kernel_args,
     name_matches,
     qemu_argv,
-    wrap_argv,
 )
+from metald.backends.vmm.sandbox import VmmUser, wrap_argv
 from metald.ports import DiskSpec, LaunchSpec, NicSpec
 
 TCG = HostOptions(binary="qemu-system-x86_64", accel="tcg", tsc_khz=2596134)
@@ -43,41 +46,64 @@ def make_spec(**changes: object) -> LaunchSpec:
     return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
 
 
+def fds_for(spec: LaunchSpec) -> VmmFds:
+    """Descriptor numbers as files.py would hand them over: 10+ for disks, in launch order."""
+    disks = sorted(spec.disks, key=lambda d: not d.is_root)
+    return VmmFds(
+        kernel=3,
+        initrd=None if spec.initrd is None else 4,
+        disks=tuple(
+            DiskFds((10 + 3 * i,)) if d.read_only else DiskFds((10 + 3 * i, 11 + 3 * i), 12 + 3 * i)
+            for i, d in enumerate(disks)
+        ),
+        console=5,
+        serial=6 if spec.console_type == "VIRTIO_CONSOLE" else None,
+        qmp=7,
+        agent=8,
+        taps=tuple(range(40, 40 + len(spec.nics))),
+    )
+
+
+def argv_of(spec: LaunchSpec, host: HostOptions) -> list[str]:
+    return qemu_argv(spec, host, fds_for(spec))
+
+
 def values(argv: list[str], flag: str) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
 
 
 def test_machine_memory_smp_kernel_and_fixed_devices() -> None:
-    argv = qemu_argv(make_spec(), TCG)
+    argv = argv_of(make_spec(), TCG)
     assert argv[:3] == ["qemu-system-x86_64", "-name", "vm_1,debug-threads=on"]
     assert values(argv, "-M") == [
         "microvm,acpi=on,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on,pcie=off"
     ]
     assert values(argv, "-m") == ["512"]
     assert values(argv, "-smp") == ["2"]
-    assert values(argv, "-kernel") == ["/assets/vmlinux"]
-    assert values(argv, "-initrd") == ["/assets/initrd"]
+    assert values(argv, "-kernel") == ["/proc/self/fd/3"]
+    assert values(argv, "-initrd") == ["/proc/self/fd/4"]
     assert {"-nodefaults", "-no-user-config"} <= set(argv)
     assert "i8042" in values(argv, "-device")
-    assert values(argv, "-qmp") == ["unix:qmp.sock,server=on,wait=off"]
+    assert "socket,id=qmp,fd=7,server=on,wait=off" in values(argv, "-chardev")
+    assert values(argv, "-mon") == ["chardev=qmp,mode=control"]
     assert values(argv, "-sandbox")[0].startswith("on,obsolete=deny")
     assert "user" not in " ".join(values(argv, "-netdev"))
 
 
 def test_memory_rounds_up_to_whole_mib() -> None:
-    assert values(qemu_argv(make_spec(memory_bytes=128 * 1024 * 1024 + 1), TCG), "-m") == ["129"]
+    assert values(argv_of(make_spec(memory_bytes=128 * 1024 * 1024 + 1), TCG), "-m") == ["129"]
 
 
 def test_initrd_absent() -> None:
-    assert "-initrd" not in qemu_argv(make_spec(initrd=None), TCG)
+    assert "-initrd" not in argv_of(make_spec(initrd=None), TCG)
 
 
 def test_tcg_gets_tsc_rate_and_default_cpu_kvm_gets_host() -> None:
-    tcg = qemu_argv(make_spec(), TCG)
+    tcg = argv_of(make_spec(), TCG)
     assert values(tcg, "-accel") == ["tcg"]
     assert "-cpu" not in tcg
     assert "tsc_early_khz=2596134" in values(tcg, "-append")[0].split()
-    kvm = qemu_argv(make_spec(), KVM)
+    kvm = argv_of(make_spec(), KVM)
     assert values(kvm, "-accel") == ["kvm"]
     assert values(kvm, "-cpu") == ["host"]
     assert "tsc_early_khz" not in values(kvm, "-append")[0]
@@ -86,32 +112,40 @@ def test_tcg_gets_tsc_rate_and_default_cpu_kvm_gets_host() -> None:
 @pytest.mark.parametrize("accel", ["tcg", "kvm"])
 def test_templates_map_to_x86_models(accel: str) -> None:
     host = TCG if accel == "tcg" else KVM
-    assert values(qemu_argv(make_spec(cpu_template="T2A"), host), "-cpu") == ["EPYC-Milan"]
+    assert values(argv_of(make_spec(cpu_template="T2A"), host), "-cpu") == ["EPYC-Milan"]
     assert cpu_model("T2CL", accel) == "Cascadelake-Server-noTSX"
     assert set(CPU_TEMPLATES) == {"T2", "T2S", "T2CL", "T2A"}  # V1N1 is ARM: refused
     with pytest.raises(KeyError):
         cpu_model("V1N1", accel)
 
 
-def test_disks_root_first_read_only_raw_writable_overlay() -> None:
+def test_disks_root_first_read_only_raw_writable_overlay_over_its_base() -> None:
     data = DiskSpec("data", Path("/assets/data.ext4"), read_only=True, is_root=False)
     scratch = DiskSpec("scratch", Path("/assets/scratch.img"), read_only=False, is_root=False)
     root = DiskSpec("root", Path("/assets/rootfs.ext4"), read_only=False, is_root=True)
-    argv = qemu_argv(make_spec(disks=(data, root, scratch)), TCG)
+    argv = argv_of(make_spec(disks=(data, root, scratch)), TCG)
+    overlay = "format=qcow2,discard=unmap,backing.driver=raw,backing.file.filename=/dev/fdset"
     assert values(argv, "-drive") == [
-        f"id=disk0,if=none,file={VM_DIR}/disk0.qcow2,format=qcow2,discard=unmap",
-        "id=disk1,if=none,file=/assets/data.ext4,format=raw,readonly=on",
-        f"id=disk2,if=none,file={VM_DIR}/disk2.qcow2,format=qcow2,discard=unmap",
+        f"id=disk0,if=none,file=/dev/fdset/10,{overlay}/12",
+        "id=disk1,if=none,file=/dev/fdset/13,format=raw,readonly=on",
+        f"id=disk2,if=none,file=/dev/fdset/16,{overlay}/18",
     ]
+    # Each fd set holds what QEMU opens by its path: the overlay read-write and read-only.
+    assert {"fd=10,set=10", "fd=11,set=10", "fd=12,set=12", "fd=13,set=13"} <= set(values(argv, "-add-fd"))
     blk = [d for d in values(argv, "-device") if d.startswith("virtio-blk-device")]
     assert blk == [f"virtio-blk-device,drive=disk{i},id=blk{i}" for i in range(3)]
 
 
-def test_commas_in_paths_are_escaped() -> None:
-    disk = DiskSpec("root", Path("/a,b/root.img"), read_only=True, is_root=True)
-    argv = qemu_argv(make_spec(disks=(disk,), console_path=Path("/x,y/console.log")), TCG)
-    assert "file=/a,,b/root.img" in values(argv, "-drive")[0]
-    assert "path=/x,,y/console.log" in values(argv, "-chardev")[0]
+def test_qemu_opens_no_host_path_itself() -> None:
+    """Every file QEMU uses is a descriptor: no directory it cannot enter stands in its way."""
+    spec = make_spec(console_type="VIRTIO_CONSOLE", vm_dir=Path("/" + "x" * 200))
+    fds = fds_for(spec)
+    argv = qemu_argv(spec, TCG, fds)
+    text = " ".join(argv[1:])
+    assert "/assets/" not in text and str(spec.vm_dir) not in text and ".sock" not in text
+    add_fd = {int(v.split(",")[0].removeprefix("fd=")) for v in values(argv, "-add-fd")}
+    sockets = {int(c.split("fd=")[1].split(",")[0]) for c in values(argv, "-chardev") if "fd=" in c}
+    assert add_fd | sockets | {3, 4} == set(fds.all())
 
 
 def test_root_args_added_only_when_customer_gave_none() -> None:
@@ -131,18 +165,19 @@ def test_kernel_args_customer_first_metald_last() -> None:
 
 
 def test_serial_console_goes_to_console_path() -> None:
-    argv = qemu_argv(make_spec(customer_kernel_args=""), TCG)
-    assert values(argv, "-chardev")[0] == f"file,id=serial,path={VM_DIR}/console.log,append=on"
+    argv = argv_of(make_spec(customer_kernel_args=""), TCG)
+    assert values(argv, "-chardev")[0] == "file,id=serial,path=/dev/fdset/5,append=on"
+    assert "fd=5,set=5" in values(argv, "-add-fd")
     assert values(argv, "-serial") == ["chardev:serial"]
     assert not any(d.startswith("virtconsole") for d in values(argv, "-device"))
     assert "console=ttyS0" in values(argv, "-append")[0].split()
 
 
 def test_virtio_console_goes_to_console_path_and_serial_to_vm_dir() -> None:
-    argv = qemu_argv(make_spec(console_type="VIRTIO_CONSOLE", customer_kernel_args=""), TCG)
+    argv = argv_of(make_spec(console_type="VIRTIO_CONSOLE", customer_kernel_args=""), TCG)
     chardevs = values(argv, "-chardev")
-    assert "file,id=serial,path=serial.log,append=on" in chardevs
-    assert f"file,id=console,path={VM_DIR}/console.log,append=on" in chardevs
+    assert "file,id=serial,path=/dev/fdset/6,append=on" in chardevs
+    assert "file,id=console,path=/dev/fdset/5,append=on" in chardevs
     devices = values(argv, "-device")
     assert devices.count("virtio-serial-device") == 1
     assert "virtconsole,chardev=console" in devices
@@ -150,18 +185,16 @@ def test_virtio_console_goes_to_console_path_and_serial_to_vm_dir() -> None:
     assert values(argv, "-append")[0].split()[:2] == ["console=ttyS0", "console=hvc0"]
 
 
-def test_agent_and_qmp_sockets_are_relative_to_vm_dir() -> None:
-    argv = qemu_argv(make_spec(vm_dir=Path("/" + "x" * 200)), TCG)
-    assert "socket,id=agent,path=agent.sock,server=on,wait=off" in values(argv, "-chardev")
-    assert values(argv, "-qmp") == ["unix:qmp.sock,server=on,wait=off"]
+def test_agent_and_qmp_are_listening_sockets_handed_over() -> None:
+    chardevs = values(argv_of(make_spec(), TCG), "-chardev")
+    assert "socket,id=agent,fd=8,server=on,wait=off" in chardevs
+    assert "socket,id=qmp,fd=7,server=on,wait=off" in chardevs
 
 
 def test_nics_are_virtio_net_on_taps_without_vhost() -> None:
     nics = (NicSpec("eth0", "tap0", "02:00:00:00:00:01"), NicSpec("eth1", "tap1", "02:00:00:00:00:02"))
-    argv = qemu_argv(make_spec(nics=nics, netns="metald-vm_1"), TCG)
-    assert values(argv, "-netdev") == [
-        f"tap,id=net{i},ifname=tap{i},script=no,downscript=no,vhost=off" for i in range(2)
-    ]
+    argv = argv_of(make_spec(nics=nics, netns="metald-vm_1"), TCG)
+    assert values(argv, "-netdev") == [f"tap,id=net{i},fd={40 + i},vhost=off" for i in range(2)]
     net = [d for d in values(argv, "-device") if d.startswith("virtio-net-device")]
     assert net == [
         "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,id=nic0",
@@ -169,19 +202,29 @@ def test_nics_are_virtio_net_on_taps_without_vhost() -> None:
     ]
 
 
-def test_wrap_argv_netns_and_uid() -> None:
+def test_wrap_argv_netns_and_user() -> None:
     argv = ["qemu-system-x86_64", "-name", "vm_1,debug-threads=on"]
-    assert wrap_argv(argv, netns=None, uid=None, gid=None) == argv
-    assert wrap_argv(argv, netns="ns1", uid=None, gid=None) == ["ip", "netns", "exec", "ns1", *argv]
-    assert wrap_argv(argv, netns="ns1", uid=1000, gid=1001, ) == [
+    assert wrap_argv(argv, netns=None, user=None) == argv
+    assert wrap_argv(argv, netns="ns1", user=None) == ["ip", "netns", "exec", "ns1", *argv]
+    assert wrap_argv(argv, netns="ns1", user=VmmUser(1000, 1001)) == [
         "ip", "netns", "exec", "ns1",
-        "setpriv", "--reuid=1000", "--regid=1001", "--clear-groups", "--pdeathsig=KILL", "--",
+        "setpriv", "--reuid=1000", "--regid=1001", "--clear-groups", "--no-new-privs",
+        "--pdeathsig=KILL", "--",
         *argv,
     ]  # fmt: skip
+    kvm = VmmUser(1000, 1001).with_group(108)
+    assert "--groups=108" in wrap_argv(argv, netns=None, user=kvm)
+    assert kvm.with_group(108) == kvm and kvm.with_group(None) == kvm
+    assert wrap_argv(argv, netns=None, user=None, pdeathsig=True) == [
+        "setpriv",
+        "--pdeathsig=KILL",
+        "--",
+        *argv,
+    ]
 
 
 def test_name_matches_only_that_vm() -> None:
-    argv = qemu_argv(make_spec(), TCG)
+    argv = argv_of(make_spec(), TCG)
     assert name_matches(argv, "vm_1")
     assert not name_matches(argv, "vm_10")
     assert not name_matches(["sleep", "100"], "vm_1")

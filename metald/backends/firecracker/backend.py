@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import platform
@@ -20,13 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from metald.backends import procfs
-from metald.backends.firecracker import files, launch, process
+from metald.backends.firecracker import files, launch
 from metald.backends.firecracker.api import ApiCall, FirecrackerApi
 from metald.backends.firecracker.config import START, configure_calls
 from metald.backends.firecracker.layout import API_SOCKET, FRESH_FILES, METRICS, VMM_LOG, Layout
 from metald.backends.firecracker.metrics import MetricsReader
-from metald.backends.qemu.console import ReadyWatch
-from metald.backends.qemu.process import read_log_tail
+from metald.backends.vmm.console import ReadyWatch
+from metald.backends.vmm.process import (
+    CmdlineMatcher,
+    VmmProcess,
+    VmmStartError,
+    exit_reason,
+    read_exit,
+    read_log_tail,
+)
+from metald.backends.vmm.sandbox import VmmUser, kvm_group
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import (
     BackendCapabilities,
@@ -61,7 +70,7 @@ class _Vm:
 
     spec: LaunchSpec
     layout: Layout
-    vmm: process.VmmProcess
+    vmm: VmmProcess
     api: FirecrackerApi
     ready: ReadyWatch
     metrics: MetricsReader
@@ -98,11 +107,18 @@ class FirecrackerBackend:
         self._firecracker = firecracker_binary
         self._jailer = jailer_binary
         self._chroot_base = chroot_base
-        self._uid = vmm_uid
-        self._gid = vmm_gid
-        if jailer_binary:  # the jailer needs both; default to the daemon's own
-            self._uid = os.getuid() if vmm_uid is None else vmm_uid
-            self._gid = os.getgid() if vmm_gid is None else vmm_gid
+        uid, gid = vmm_uid, vmm_gid
+        if jailer_binary or vmm_uid is not None:  # the jailer needs both; default to the daemon's own
+            uid = os.getuid() if vmm_uid is None else vmm_uid
+            gid = os.getgid() if vmm_gid is None else vmm_gid
+        self._uid, self._gid = uid, gid
+        # Jailed, the jailer drops to uid/gid (and gives it the jail's /dev/kvm); unjailed, setpriv
+        # does, with the group that may open /dev/kvm.
+        self._user = (
+            VmmUser(uid, gid).with_group(kvm_group())
+            if uid is not None and gid is not None and not jailer_binary
+            else None
+        )
         launch.cgroup_limits(cgroup_version, 1, 0)  # refuses an unknown version now, not at first boot
         self._cgroup_version = cgroup_version
         self._cgroup_root = cgroup_root
@@ -110,6 +126,7 @@ class FirecrackerBackend:
         self._reboot_timeout = reboot_timeout
         self._listener: ExitListener | None = None
         self._vms: dict[str, _Vm] = {}
+        self._last_exit: dict[str, str] = {}
 
     def set_exit_listener(self, listener: ExitListener) -> None:
         self._listener = listener
@@ -133,8 +150,7 @@ class FirecrackerBackend:
                 fc_id=fc_id,
                 api_sock=layout.api_socket_arg,
                 netns=spec.netns,
-                uid=self._uid,
-                gid=self._gid,
+                user=self._user,
             )
         assert self._uid is not None and self._gid is not None
         return launch.jailer_argv(
@@ -194,10 +210,8 @@ class FirecrackerBackend:
         calls = configure_calls(spec, layout, self.capabilities.cpu_templates)
         await self._lay_out(spec, layout)
         try:
-            vmm = await process.VmmProcess.spawn(
-                spec.vm_dir, self._argv(spec, layout), timeout=self._start_timeout
-            )
-        except process.VmmStartError as exc:
+            vmm = await VmmProcess.spawn(spec.vm_dir, self._argv(spec, layout), timeout=self._start_timeout)
+        except VmmStartError as exc:
             raise MetaldError(
                 ErrorCode.INTERNAL, f"Firecracker did not start: {exc}", reason="VMM_START_FAILED"
             ) from exc
@@ -227,7 +241,7 @@ class FirecrackerBackend:
         return f"; VMM output: {out.strip()}" if out.strip() else ""
 
     def _track(
-        self, spec: LaunchSpec, layout: Layout, vmm: process.VmmProcess, api: FirecrackerApi, *, paused: bool
+        self, spec: LaunchSpec, layout: Layout, vmm: VmmProcess, api: FirecrackerApi, *, paused: bool
     ) -> _Vm:
         vm = _Vm(
             spec=spec,
@@ -246,14 +260,15 @@ class FirecrackerBackend:
     async def _watch(self, vm: _Vm) -> None:
         """Tell the listener of an end nobody asked for (guest poweroff or reboot, crash, kill)."""
         try:
-            returncode = await asyncio.shield(vm.vmm.exited)
+            info = await asyncio.shield(vm.vmm.exited)
         except asyncio.CancelledError:  # detached (daemon shutdown) or forgotten
             return
         if vm.stopping:
             return
         await self._forget(vm)
-        reason = _exit_reason(returncode)
-        log.info("Firecracker of %s ended by itself (rc %s)", vm.spec.vm_id, returncode)
+        reason = exit_reason(info)  # Firecracker exits 0 when the guest reboots or powers off
+        self._last_exit[vm.spec.vm_id] = reason
+        log.info("Firecracker of %s ended by itself (%s)", vm.spec.vm_id, info)
         if self._listener is not None:
             try:
                 await self._listener(vm.spec.vm_id, reason)
@@ -268,7 +283,7 @@ class FirecrackerBackend:
         await vm.api.aclose()
 
     @staticmethod
-    async def _wait_exit(vmm: process.VmmProcess, timeout: float) -> bool:
+    async def _wait_exit(vmm: VmmProcess, timeout: float) -> bool:
         try:
             await asyncio.wait_for(asyncio.shield(vmm.exited), timeout)
         except TimeoutError:
@@ -318,7 +333,7 @@ class FirecrackerBackend:
         if vm is None:
             return "not_running"
         vm.stopping = True
-        reason = "killed" if vm.vmm.running else _exit_reason(vm.vmm.exited.result())
+        reason = "killed" if vm.vmm.running else exit_reason(vm.vmm.exited.result())
         if graceful and vm.vmm.running and self.capabilities.supports_graceful_reboot:
             try:
                 if vm.paused:  # a paused guest cannot take the key press
@@ -342,10 +357,11 @@ class FirecrackerBackend:
         if vm_id in self._vms:
             await self.stop(vm_id, graceful=False, timeout=0)
         else:  # one left running by an earlier daemon and never re-adopted
-            orphan = await process.attach(vm_dir, launch.firecracker_id(vm_id))
+            orphan = await VmmProcess.attach(vm_dir, self._matcher(vm_id))
             if orphan is not None:
                 orphan.kill()
                 await self._wait_exit(orphan, _KILL_WAIT)
+        self._last_exit.pop(vm_id, None)
         await asyncio.to_thread(self._remove_files, vm_id, vm_dir)
 
     def _remove_files(self, vm_id: str, vm_dir: Path) -> None:
@@ -363,8 +379,10 @@ class FirecrackerBackend:
         current = self._vms.get(spec.vm_id)
         if current is not None and current.vmm.running:
             return await self._runtime(current)
-        vmm = await process.attach(spec.vm_dir, launch.firecracker_id(spec.vm_id))
-        if vmm is None:
+        vmm = await VmmProcess.attach(spec.vm_dir, self._matcher(spec.vm_id))
+        if vmm is None:  # ended while no daemon watched: keep why, for last_exit_reason()
+            if (info := await asyncio.to_thread(read_exit, spec.vm_dir)) is not None:
+                self._last_exit[spec.vm_id] = exit_reason(info)
             return None
         layout = self._layout(spec.vm_id, spec.vm_dir)
         api = FirecrackerApi(layout.root, API_SOCKET)
@@ -395,6 +413,14 @@ class FirecrackerBackend:
             paused=vm.paused,
             extra=extra,
         )
+
+    @staticmethod
+    def _matcher(vm_id: str) -> CmdlineMatcher:
+        """Recognises this VM's Firecracker by its `--id` (the jailer execs it in place: same pid)."""
+        return functools.partial(launch.is_firecracker_of, fc_id=launch.firecracker_id(vm_id))
+
+    def last_exit_reason(self, vm_id: str) -> str | None:
+        return self._last_exit.get(vm_id)
 
     async def runtime(self, vm_id: str) -> VmRuntime | None:
         vm = self._vms.get(vm_id)
@@ -438,11 +464,6 @@ class FirecrackerBackend:
             vm.vmm.detach()
             await vm.api.aclose()
         self._vms.clear()
-
-
-def _exit_reason(returncode: int | None) -> str:
-    """Firecracker exits 0 when the guest reboots or powers off; anything else is the VMM's end."""
-    return "guest_poweroff" if returncode == 0 else "vmm_crashed"
 
 
 async def _version(binary: str) -> tuple[bool, str]:

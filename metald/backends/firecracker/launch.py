@@ -15,12 +15,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from metald.backends.qemu.cmdline import wrap_argv
-
-MIB = 1024 * 1024
-CPU_PERIOD_US = 100_000
-# Headroom in the memory cgroup above guest RAM: Firecracker itself, page tables, device buffers.
-VMM_MEMORY_OVERHEAD = 64 * MIB
+from metald.backends.vmm.cgroups import limit_files, vmm_limits
+from metald.backends.vmm.sandbox import VmmUser, wrap_argv
 
 _FC_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 
@@ -46,26 +42,17 @@ def is_firecracker_of(cmdline: Sequence[str], fc_id: str) -> bool:
 
 
 def direct_argv(
-    *, firecracker: str, fc_id: str, api_sock: str, netns: str | None, uid: int | None, gid: int | None
+    *, firecracker: str, fc_id: str, api_sock: str, netns: str | None, user: VmmUser | None
 ) -> list[str]:
-    """Firecracker without the jailer: in the VM's network namespace and as uid/gid if given."""
+    """Firecracker without the jailer: in the VM's network namespace and as `user` if given."""
     argv = [firecracker, "--id", fc_id, "--api-sock", api_sock]
-    return wrap_argv(argv, netns=netns, uid=uid, gid=gid)
+    return wrap_argv(argv, netns=netns, user=user)
 
 
 def cgroup_limits(cgroup_version: int, vcpu_count: int, memory_bytes: int) -> list[str]:
-    """`--cgroup FILE=VALUE` settings: CPU bandwidth of `vcpu_count` cores, guest RAM + VMM overhead."""
-    quota = vcpu_count * CPU_PERIOD_US
-    memory = memory_bytes + VMM_MEMORY_OVERHEAD
-    if cgroup_version == 2:
-        return [f"cpu.max={quota} {CPU_PERIOD_US}", f"memory.max={memory}"]
-    if cgroup_version == 1:
-        return [
-            f"cpu.cfs_period_us={CPU_PERIOD_US}",
-            f"cpu.cfs_quota_us={quota}",
-            f"memory.limit_in_bytes={memory}",
-        ]
-    raise ValueError(f"cgroup version must be 1 or 2, not {cgroup_version}")
+    """`--cgroup FILE=VALUE` settings: the limits every VMM gets (metald.backends.vmm.cgroups)."""
+    limits = vmm_limits(vcpu_count, memory_bytes)
+    return [f"{file}={value}" for file, value in limit_files(cgroup_version, limits)]
 
 
 def jailer_argv(
@@ -115,4 +102,4 @@ def cgroup_dirs(cgroup_root: Path, cgroup_version: int, firecracker: str, fc_id:
     parent = os.path.basename(firecracker)
     if cgroup_version == 2:
         return [cgroup_root / parent / fc_id]
-    return [cgroup_root / controller / parent / fc_id for controller in ("cpu", "memory")]
+    return [cgroup_root / controller / parent / fc_id for controller in ("cpu", "memory", "pids")]

@@ -15,7 +15,7 @@ from pathlib import Path
 from metald.ports import DiskSpec, LaunchSpec
 
 API_SOCKET = "fc.sock"
-VMM_LOG = "firecracker.log"  # Firecracker's own logger (the supervisor's output is qemu.layout.VMM_LOG)
+VMM_LOG = "firecracker.log"  # Firecracker's own logger (the supervisor's output is vmm.layout.VMM_LOG)
 METRICS = "metrics.ndjson"
 JAIL_CONSOLE = "console.log"  # jailed only; spec.console_path then links to it
 KERNEL = "vmlinux"

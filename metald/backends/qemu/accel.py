@@ -17,9 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from metald.backends.qemu import layout
 from metald.backends.qemu.cmdline import HostOptions, qemu_argv
-from metald.backends.qemu.console import ReadyWatch
+from metald.backends.qemu.files import close_fds, open_vmm_files
+from metald.backends.vmm.console import ReadyWatch
+from metald.backends.vmm.layout import VMM_LOG
+from metald.backends.vmm.sandbox import VmmUser, wrap_argv
 from metald.ports import DiskSpec, LaunchSpec
 
 PROBE_TIMEOUT = 8.0
@@ -64,11 +66,20 @@ class AccelSelector:
     """The accelerator for the next VM start, and why."""
 
     def __init__(
-        self, *, mode: str, binary: str, state_dir: Path, assets: ProbeAssets | None, tsc_khz: int
+        self,
+        *,
+        mode: str,
+        binary: str,
+        state_dir: Path,
+        assets: ProbeAssets | None,
+        tsc_khz: int,
+        user: VmmUser | None = None,
     ) -> None:
+        """`user`: who VMs run as under KVM; the probe runs QEMU as that user too."""
         if mode not in ("auto", "kvm", "tcg"):
             raise ValueError(f"accel must be auto, kvm or tcg, not {mode!r}")
         self._binary = binary
+        self._user = user
         self._state_dir = state_dir
         self._assets = assets
         self._tsc_khz = tsc_khz
@@ -113,6 +124,7 @@ class AccelSelector:
                 await qemu_version(self._binary),
                 os.uname().release,
                 str((await asyncio.to_thread(self._assets.kernel.stat)).st_mtime_ns),
+                repr(self._user),
             ]
         )
         cache = self._state_dir / _CACHE_FILE
@@ -146,10 +158,11 @@ class AccelSelector:
             console_type="SERIAL",
             console_path=vm_dir / "console.log",
         )
+        fds = await asyncio.to_thread(open_vmm_files, spec)
+        host = HostOptions(binary=self._binary, accel="kvm", tsc_khz=self._tsc_khz)
         # setpriv: the probe dies with the daemon (no preexec_fn in a multi-threaded daemon).
-        argv = ["setpriv", "--pdeathsig=KILL", "--"]
-        argv += qemu_argv(spec, HostOptions(binary=self._binary, accel="kvm", tsc_khz=self._tsc_khz))
-        log_path = vm_dir / layout.VMM_LOG
+        argv = wrap_argv(qemu_argv(spec, host, fds), netns=None, user=self._user, pdeathsig=True)
+        log_path = vm_dir / VMM_LOG
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         started = time.monotonic()
         try:
@@ -159,9 +172,11 @@ class AccelSelector:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
+                pass_fds=fds.all(),
             )
         finally:
             os.close(log_fd)
+            close_fds(fds)
         watch = ReadyWatch(spec.console_path, PROBE_VM_ID, 0)
         exited = asyncio.create_task(proc.wait())
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
 import shutil
 import time
@@ -16,11 +16,22 @@ from metald.backends import procfs
 from metald.backends.qemu import layout
 from metald.backends.qemu.accel import AccelSelector, ProbeAssets, host_tsc_khz, qemu_version
 from metald.backends.qemu.agent import GuestAgent
-from metald.backends.qemu.cmdline import CPU_TEMPLATES, HostOptions, cpu_model, qemu_argv, wrap_argv
-from metald.backends.qemu.console import ReadyWatch, file_size
+from metald.backends.qemu.cmdline import CPU_TEMPLATES, HostOptions, cpu_model, name_matches, qemu_argv
+from metald.backends.qemu.files import VmmFileError, close_fds, open_vmm_files
 from metald.backends.qemu.overlay import prepare_vm_dir
-from metald.backends.qemu.process import VmmProcess, VmmStartError, read_log_tail, remove_runtime_files
 from metald.backends.qemu.qmp import QmpClient, QmpClosedError, QmpError
+from metald.backends.vmm.cgroups import VMM_MEMORY_OVERHEAD, Cgroups, cgroup_name, vmm_limits
+from metald.backends.vmm.console import ReadyWatch, file_size
+from metald.backends.vmm.jsonfile import read_json, write_json_atomic
+from metald.backends.vmm.process import (
+    VmmProcess,
+    VmmStartError,
+    exit_reason,
+    read_exit,
+    read_log_tail,
+    remove_cgroup,
+)
+from metald.backends.vmm.sandbox import VmmUser, kvm_group, wrap_argv
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import (
     BackendCapabilities,
@@ -68,15 +79,13 @@ class _RunningVm:
 
 def _write_boot_state(vm: _RunningVm) -> None:
     data = {"console_offset": vm.watch.offset, "accel": vm.accel, "cpu_model": vm.cpu_model}
-    (vm.vm_dir / layout.BOOT_STATE).write_text(json.dumps(data))
+    write_json_atomic(vm.vm_dir / layout.BOOT_STATE, data)
 
 
-def _read_boot_state(vm_dir: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((vm_dir / layout.BOOT_STATE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def remove_runtime_files(vm_dir: Path) -> None:
+    for name in layout.RUNTIME_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (vm_dir / name).unlink()
 
 
 def _vmm_failed(vm_id: str, message: str) -> MetaldError:
@@ -86,11 +95,16 @@ def _vmm_failed(vm_id: str, message: str) -> MetaldError:
 
 
 class QemuBackend:
-    """Runs each VM as `qemu-system-x86_64 -M microvm` under a per-VM supervisor (see supervisor.py).
+    """Runs each VM as `qemu-system-x86_64 -M microvm` under a per-VM supervisor (vmm/supervisor.py).
 
     The daemon never is QEMU's parent: VMs survive a daemon restart and are re-adopted with adopt().
-    Exits are seen through pidfds (process.py); an exit that stop() did not cause goes to the exit
-    listener as "guest_poweroff" (the guest powered off) or "vmm_crashed" (anything else).
+    Exits are seen through pidfds (vmm/process.py); an exit that stop() did not cause goes to the
+    exit listener as "guest_poweroff" (the guest powered off), "oom_killed" (QEMU outgrew its
+    cgroup's memory limit) or "vmm_crashed" (anything else).
+
+    Sandbox: QEMU runs as `vmm_user` (None: the daemon's own user) with seccomp (`-sandbox on`), in
+    its own cgroup of `cgroups` (None: no limits) with the limits of vmm/cgroups.py, and opens no
+    host file itself (files.py). `memory_overhead` is the cgroup's memory allowance above guest RAM.
     """
 
     def __init__(
@@ -103,13 +117,17 @@ class QemuBackend:
         probe_kernel: Path | None,
         probe_initrd: Path | None,
         probe_rootfs: Path | None,
-        vmm_uid: int | None = None,
-        vmm_gid: int | None = None,
+        vmm_user: VmmUser | None = None,
+        cgroups: Cgroups | None = None,
+        memory_overhead: int = VMM_MEMORY_OVERHEAD,
     ) -> None:
         self._binary = qemu_binary
         self._img_binary = qemu_img_binary
-        self._uid = vmm_uid
-        self._gid = vmm_gid
+        self._user = vmm_user
+        # Under KVM the VMM also needs /dev/kvm, through the group that may open it.
+        self._kvm_user = vmm_user.with_group(kvm_group()) if vmm_user is not None else None
+        self._cgroups = cgroups
+        self._memory_overhead = memory_overhead
         self._tsc_khz = host_tsc_khz()
         assets = (
             ProbeAssets(probe_kernel, probe_initrd, probe_rootfs)
@@ -117,9 +135,15 @@ class QemuBackend:
             else None
         )
         self._accel = AccelSelector(
-            mode=accel, binary=qemu_binary, state_dir=state_dir, assets=assets, tsc_khz=self._tsc_khz
+            mode=accel,
+            binary=qemu_binary,
+            state_dir=state_dir,
+            assets=assets,
+            tsc_khz=self._tsc_khz,
+            user=self._kvm_user,
         )
         self._vms: dict[str, _RunningVm] = {}
+        self._last_exit: dict[str, str] = {}
         self._listener: ExitListener | None = None
         self.capabilities = BackendCapabilities(
             backend_type="qemu",
@@ -133,14 +157,32 @@ class QemuBackend:
     # ---- files ------------------------------------------------------------------------------
 
     async def prepare(self, spec: LaunchSpec) -> None:
-        await prepare_vm_dir(spec, qemu_img=self._img_binary, uid=self._uid, gid=self._gid)
+        await prepare_vm_dir(spec, qemu_img=self._img_binary)
 
     async def destroy(self, vm_id: str, vm_dir: Path) -> None:
         if vm_id in self._vms:
             await self.stop(vm_id, graceful=False, timeout=0)
-        elif (vmm := await VmmProcess.attach(vm_dir, vm_id)) is not None:
+        elif (
+            vmm := await VmmProcess.attach(vm_dir, functools.partial(name_matches, vm_id=vm_id))
+        ) is not None:
             await self._kill_and_forget(vmm)
+        await self._remove_cgroup(vm_id, vm_dir)
+        self._last_exit.pop(vm_id, None)
         await asyncio.to_thread(shutil.rmtree, vm_dir, True)
+
+    async def _remove_cgroup(self, vm_id: str, vm_dir: Path) -> None:
+        """The VM's cgroup, if a crash left it (its supervisor removes it when QEMU ends)."""
+        if self._cgroups is not None:
+            await remove_cgroup(self._cgroups.dirs(cgroup_name(vm_id, vm_dir)))
+
+    async def _create_cgroup(self, spec: LaunchSpec) -> list[Path]:
+        if self._cgroups is None:
+            return []
+        limits = vmm_limits(spec.vcpu_count, spec.memory_bytes, self._memory_overhead)
+        try:
+            return await asyncio.to_thread(self._cgroups.create, cgroup_name(spec.vm_id, spec.vm_dir), limits)
+        except OSError as e:
+            raise _vmm_failed(spec.vm_id, f"cannot create its cgroup {e.filename}: {e.strerror}") from e
 
     # ---- starting and re-adopting ------------------------------------------------------------
 
@@ -158,13 +200,22 @@ class QemuBackend:
                 metadata={"field": "config.cpu.cpu_template"},
             ) from None
         await self.prepare(spec)
+        self._last_exit.pop(spec.vm_id, None)
         host = HostOptions(binary=self._binary, accel=accel, tsc_khz=self._tsc_khz)
-        argv = wrap_argv(qemu_argv(spec, host), netns=spec.netns, uid=self._uid, gid=self._gid)
+        user = self._kvm_user if accel == "kvm" else self._user
         offset = await asyncio.to_thread(file_size, spec.console_path)
         try:
-            vmm = await VmmProcess.spawn(spec.vm_dir, argv)
+            fds = await asyncio.to_thread(open_vmm_files, spec)
+        except VmmFileError as e:
+            raise _vmm_failed(spec.vm_id, str(e)) from e
+        try:
+            cgroup = await self._create_cgroup(spec)
+            argv = wrap_argv(qemu_argv(spec, host, fds), netns=spec.netns, user=user)
+            vmm = await VmmProcess.spawn(spec.vm_dir, argv, pass_fds=fds.all(), cgroup=cgroup)
         except VmmStartError as e:
             raise _vmm_failed(spec.vm_id, str(e)) from e
+        finally:
+            close_fds(fds)
         watch = ReadyWatch(spec.console_path, spec.vm_id, offset)
         try:
             vm = await self._attach_qmp(spec, vmm, watch, accel, model)
@@ -182,11 +233,14 @@ class QemuBackend:
     async def adopt(self, spec: LaunchSpec) -> VmRuntime | None:
         if (vm := self._vms.get(spec.vm_id)) is not None:
             return await self._runtime(vm)
-        vmm = await VmmProcess.attach(spec.vm_dir, spec.vm_id)
-        if vmm is None:
+        vmm = await VmmProcess.attach(spec.vm_dir, functools.partial(name_matches, vm_id=spec.vm_id))
+        if vmm is None:  # ended while no daemon watched: keep why, for last_exit_reason()
+            if (info := await asyncio.to_thread(read_exit, spec.vm_dir)) is not None:
+                self._last_exit[spec.vm_id] = exit_reason(info)
             await asyncio.to_thread(remove_runtime_files, spec.vm_dir)
+            await self._remove_cgroup(spec.vm_id, spec.vm_dir)
             return None
-        boot = await asyncio.to_thread(_read_boot_state, spec.vm_dir)
+        boot = await asyncio.to_thread(read_json, spec.vm_dir / layout.BOOT_STATE) or {}
         watch = ReadyWatch(spec.console_path, spec.vm_id, int(boot.get("console_offset", 0)))
         accel = str(boot.get("accel", "tcg"))
         model = str(boot.get("cpu_model", "unknown"))
@@ -226,7 +280,7 @@ class QemuBackend:
     async def _monitor(self, vm: _RunningVm) -> None:
         """Runs until the VMM ends: cleans up, and tells the listener if nobody asked for it."""
         try:
-            returncode = await vm.vmm.exited
+            info = await vm.vmm.exited
         except asyncio.CancelledError:
             return  # detached (daemon shutdown): the VM runs on
         await vm.qmp.close()
@@ -235,9 +289,9 @@ class QemuBackend:
             del self._vms[vm.vm_id]
         if vm.stopping:
             return
-        guest = vm.shutdown.guest if vm.shutdown.guest is not None else returncode == 0
-        reason = "guest_poweroff" if guest and returncode == 0 else "vmm_crashed"
-        log.info("vm %s: qemu exited (rc=%s) without a stop request: %s", vm.vm_id, returncode, reason)
+        reason = exit_reason(info, guest_poweroff=vm.shutdown.guest)
+        self._last_exit[vm.vm_id] = reason
+        log.info("vm %s: qemu exited (%s) without a stop request: %s", vm.vm_id, info, reason)
         if self._listener is not None:
             try:
                 await self._listener(vm.vm_id, reason)
@@ -360,6 +414,9 @@ class QemuBackend:
     async def runtime(self, vm_id: str) -> VmRuntime | None:
         vm = self._vms.get(vm_id)
         return None if vm is None else await self._runtime(vm)
+
+    def last_exit_reason(self, vm_id: str) -> str | None:
+        return self._last_exit.get(vm_id)
 
     async def metrics(self, vm_id: str) -> VmMetrics:
         vm = self._vms.get(vm_id)

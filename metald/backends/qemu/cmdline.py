@@ -1,5 +1,9 @@
 """LaunchSpec -> QEMU microvm argv. Pure functions: no I/O, everything the host decides is an argument.
 
+QEMU is given no host path it would open itself but /proc/self/fd/N: every file, socket and TAP is
+a descriptor the daemon opened (files.py, VmmFds here), disks and logs through `-add-fd` fd sets
+(`/dev/fdset/N`, N = the set's first descriptor), sockets and TAPs as descriptors (`fd=N`).
+
 CPU templates. The reference API takes Firecracker's templates; each maps to the closest documented
 QEMU x86 model:
 
@@ -49,6 +53,34 @@ class HostOptions:
     sandbox: bool = True
 
 
+@dataclass(frozen=True)
+class DiskFds:
+    """One disk: a read-only image, or a writable overlay (read-write and read-only descriptors:
+    QEMU probes the format read-only) with the base image it was made over."""
+
+    image: tuple[int, ...]
+    base: int | None = None
+
+
+@dataclass(frozen=True)
+class VmmFds:
+    """The descriptors QEMU inherits for one VM (numbers as QEMU sees them)."""
+
+    kernel: int
+    initrd: int | None
+    disks: tuple[DiskFds, ...]  # in launch order (ordered_disks)
+    console: int
+    serial: int | None  # serial.log, when the console is the virtio console
+    qmp: int  # listening sockets
+    agent: int
+    taps: tuple[int, ...] = ()  # one per NIC, in order
+
+    def all(self) -> list[int]:
+        disks = [fd for d in self.disks for fd in (*d.image, d.base) if fd is not None]
+        optional = [fd for fd in (self.initrd, self.serial) if fd is not None]
+        return [self.kernel, *disks, self.console, *optional, self.qmp, self.agent, *self.taps]
+
+
 def cpu_model(template: str, accel: str) -> str:
     """The QEMU -cpu model for a template ("" = none); KeyError for a template not offered."""
     if template:
@@ -83,19 +115,25 @@ def kernel_args(spec: LaunchSpec, host: HostOptions) -> str:
     return " ".join([*customer, *ours, *spec.guest_kernel_args.split()])
 
 
-def _opt(value: object) -> str:
-    """Escape a value inside a QEMU option string (a comma is written as two)."""
-    return str(value).replace(",", ",,")
+def _fdset(fds: Sequence[int]) -> tuple[list[str], str]:
+    """`-add-fd` arguments putting `fds` in one fd set, and the path QEMU opens that set by."""
+    add = [arg for fd in fds for arg in ("-add-fd", f"fd={fd},set={fds[0]}")]
+    return add, f"/dev/fdset/{fds[0]}"
 
 
-def _disk_args(spec: LaunchSpec) -> list[str]:
+def _disk_args(spec: LaunchSpec, fds: VmmFds) -> list[str]:
     args: list[str] = []
-    for i, disk in enumerate(ordered_disks(spec.disks)):
+    for i, (disk, files) in enumerate(zip(ordered_disks(spec.disks), fds.disks, strict=True)):
+        add, image = _fdset(files.image)
         if disk.read_only:
-            drive = f"file={_opt(disk.host_path)},format=raw,readonly=on"
+            drive = f"file={image},format=raw,readonly=on"
         else:
-            drive = f"file={_opt(layout.overlay_path(spec.vm_dir, i))},format=qcow2,discard=unmap"
+            assert files.base is not None, "a writable disk is an overlay over a base"
+            add_base, base = _fdset((files.base,))
+            add += add_base
+            drive = f"file={image},format=qcow2,discard=unmap,backing.driver=raw,backing.file.filename={base}"
         args += [
+            *add,
             "-drive",
             f"id=disk{i},if=none,{drive}",
             "-device",
@@ -104,29 +142,35 @@ def _disk_args(spec: LaunchSpec) -> list[str]:
     return args
 
 
-def _nic_args(spec: LaunchSpec) -> list[str]:
+def _nic_args(spec: LaunchSpec, fds: VmmFds) -> list[str]:
     args: list[str] = []
-    for i, nic in enumerate(spec.nics):
+    for i, (nic, tap) in enumerate(zip(spec.nics, fds.taps, strict=True)):
         args += [
             "-netdev",
-            f"tap,id=net{i},ifname={_opt(nic.tap_device)},script=no,downscript=no,vhost=off",
+            f"tap,id=net{i},fd={tap},vhost=off",
             "-device",
             f"virtio-net-device,netdev=net{i},mac={nic.mac},id=nic{i}",
         ]
     return args
 
 
-def _file_chardev(chardev_id: str, path: object) -> list[str]:
-    return ["-chardev", f"file,id={chardev_id},path={_opt(path)},append=on"]
+def _file_chardev(chardev_id: str, fd: int) -> list[str]:
+    add, path = _fdset((fd,))
+    return [*add, "-chardev", f"file,id={chardev_id},path={path},append=on"]
 
 
-def _console_args(spec: LaunchSpec) -> list[str]:
+def _socket_chardev(chardev_id: str, fd: int) -> list[str]:
+    return ["-chardev", f"socket,id={chardev_id},fd={fd},server=on,wait=off"]
+
+
+def _console_args(spec: LaunchSpec, fds: VmmFds) -> list[str]:
     """Serial console, plus one virtio-serial device carrying the virtio console and the agent port."""
     if spec.console_type == "VIRTIO_CONSOLE":
-        serial = _file_chardev("serial", layout.SERIAL_LOG)
-        virtconsole = [*_file_chardev("console", spec.console_path), "-device", "virtconsole,chardev=console"]
+        assert fds.serial is not None
+        serial = _file_chardev("serial", fds.serial)
+        virtconsole = [*_file_chardev("console", fds.console), "-device", "virtconsole,chardev=console"]
     else:
-        serial = _file_chardev("serial", spec.console_path)
+        serial = _file_chardev("serial", fds.console)
         virtconsole = []
     return [
         *serial,
@@ -135,15 +179,14 @@ def _console_args(spec: LaunchSpec) -> list[str]:
         "-device",
         "virtio-serial-device",
         *virtconsole,
-        "-chardev",
-        f"socket,id=agent,path={layout.AGENT_SOCKET},server=on,wait=off",
+        *_socket_chardev("agent", fds.agent),
         "-device",
         f"virtserialport,chardev=agent,name={layout.AGENT_PORT}",
     ]
 
 
-def qemu_argv(spec: LaunchSpec, host: HostOptions) -> list[str]:
-    """The QEMU command for one VM; socket and log paths are relative to vm_dir (QEMU's cwd)."""
+def qemu_argv(spec: LaunchSpec, host: HostOptions, fds: VmmFds) -> list[str]:
+    """The QEMU command for one VM, whose files are the descriptors `fds`."""
     model = cpu_model(spec.cpu_template, host.accel)
     argv = [
         host.binary,
@@ -170,34 +213,16 @@ def qemu_argv(spec: LaunchSpec, host: HostOptions) -> list[str]:
         "-smp",
         str(spec.vcpu_count),
         "-kernel",
-        str(spec.kernel),
+        f"/proc/self/fd/{fds.kernel}",
     ]
-    if spec.initrd is not None:
-        argv += ["-initrd", str(spec.initrd)]
+    if fds.initrd is not None:
+        argv += ["-initrd", f"/proc/self/fd/{fds.initrd}"]
     argv += ["-append", kernel_args(spec, host)]
-    argv += _disk_args(spec)
-    argv += _nic_args(spec)
-    argv += _console_args(spec)
-    argv += ["-device", "i8042", "-qmp", f"unix:{layout.QMP_SOCKET},server=on,wait=off"]
+    argv += _disk_args(spec, fds)
+    argv += _nic_args(spec, fds)
+    argv += _console_args(spec, fds)
+    argv += ["-device", "i8042", *_socket_chardev("qmp", fds.qmp), "-mon", "chardev=qmp,mode=control"]
     return argv
-
-
-def wrap_argv(argv: Sequence[str], *, netns: str | None, uid: int | None, gid: int | None) -> list[str]:
-    """Run `argv` inside network namespace `netns` and/or as uid/gid; each wrapper execs, keeping the pid.
-
-    setpriv re-arms the parent-death signal because changing credentials clears it.
-    """
-    out: list[str] = []
-    if netns:
-        out += ["ip", "netns", "exec", netns]
-    if uid is not None or gid is not None:
-        out.append("setpriv")
-        if uid is not None:
-            out.append(f"--reuid={uid}")
-        if gid is not None:
-            out += [f"--regid={gid}", "--clear-groups"]
-        out += ["--pdeathsig=KILL", "--"]
-    return out + list(argv)
 
 
 def name_matches(cmdline: Sequence[str], vm_id: str) -> bool:

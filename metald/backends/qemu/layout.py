@@ -1,24 +1,25 @@
-"""Names of the files a QEMU VM keeps in its own directory (vm_dir).
+"""Names of the files a QEMU VM keeps in its own directory (vm_dir), besides the supervisor's
+(metald.backends.vmm.layout).
 
-Sockets are given to QEMU relative to vm_dir (its working directory) and reached by the daemon through
-/proc/self/fd/N of an O_PATH handle on vm_dir, so a long vm_dir never hits the 108-byte limit of
-AF_UNIX paths.
+vm_dir belongs to root and the VMM cannot enter it: every file QEMU uses is opened by the daemon
+and handed over as a descriptor (files.py). The daemon reaches the sockets through /proc/self/fd/N
+of an O_PATH handle on vm_dir, so a long vm_dir never hits the 108-byte limit of AF_UNIX paths.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from metald.backends.vmm.layout import STATE_FILES
+
 QMP_SOCKET = "qmp.sock"
 AGENT_SOCKET = "agent.sock"
 AGENT_PORT = "org.metald.agent"
 SERIAL_LOG = "serial.log"  # ttyS0 when the customer's console is the virtio console
-VMM_LOG = "vmm.log"  # stdout/stderr of the supervisor and QEMU
-VMM_STATE = "vmm.json"  # written by the supervisor: pids and start times
-EXIT_STATE = "exit.json"  # written by the supervisor when QEMU has been reaped
 BOOT_STATE = "boot.json"  # written by the daemon: console offset of the current boot, accel, cpu
+DISKS_STATE = "disks.json"  # written by the daemon: overlay file name -> the base image it was made over
 
-RUNTIME_FILES = (QMP_SOCKET, AGENT_SOCKET, VMM_STATE, EXIT_STATE)
+RUNTIME_FILES = (QMP_SOCKET, AGENT_SOCKET, *STATE_FILES)
 
 
 def overlay_path(vm_dir: Path, index: int) -> Path:

@@ -1,4 +1,10 @@
-"""A VM's directory and its per-VM qcow2 overlays over the shared base images (idempotent)."""
+"""A VM's directory and its per-VM qcow2 overlays over the shared base images (idempotent).
+
+The base of each overlay is recorded in disks.json when the overlay is made, and that record, not
+the overlay's own header (which the VMM can write), says what QEMU is given as the base at every
+start. The record names the base's canonical path: the guest image builder never changes a file
+once published (it publishes a new version beside it), so an overlay keeps its base for life.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,14 @@ from pathlib import Path
 
 from metald.backends.qemu import layout
 from metald.backends.qemu.cmdline import ordered_disks
+from metald.backends.vmm.jsonfile import read_json, write_json_atomic
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import LaunchSpec
 
 
-async def create_overlay(qemu_img: str, base: Path, overlay: Path) -> None:
-    """qcow2 overlay backed by the raw `base`; made under a temporary name, so it exists whole or not."""
-    if await asyncio.to_thread(overlay.exists):
-        return
+async def create_overlay(qemu_img: str, base: Path, overlay: Path) -> Path:
+    """qcow2 overlay backed by the raw `base`, made under a temporary name (it exists whole or not);
+    returns the base's canonical path."""
     tmp = overlay.with_name(overlay.name + ".tmp")
     backing = await asyncio.to_thread(base.resolve)
     proc = await asyncio.create_subprocess_exec(
@@ -41,6 +47,13 @@ async def create_overlay(qemu_img: str, base: Path, overlay: Path) -> None:
             reason="OVERLAY_FAILED",
         )
     await asyncio.to_thread(os.replace, tmp, overlay)
+    return backing
+
+
+def recorded_bases(vm_dir: Path) -> dict[str, str]:
+    """Overlay file name -> canonical path of the base it was made over."""
+    data = read_json(vm_dir / layout.DISKS_STATE) or {}
+    return {str(k): str(v) for k, v in data.items()}
 
 
 def _make_dirs(spec: LaunchSpec) -> None:
@@ -49,17 +62,23 @@ def _make_dirs(spec: LaunchSpec) -> None:
     spec.console_path.touch(exist_ok=True)
 
 
-def _hand_over(spec: LaunchSpec, uid: int | None, gid: int | None) -> None:
-    """Let an unprivileged VMM user write its directory, overlays and console."""
-    paths = [spec.vm_dir, spec.console_path, *spec.vm_dir.iterdir()]
-    for path in paths:
-        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
-
-
-async def prepare_vm_dir(spec: LaunchSpec, *, qemu_img: str, uid: int | None, gid: int | None) -> None:
+async def prepare_vm_dir(spec: LaunchSpec, *, qemu_img: str) -> None:
     await asyncio.to_thread(_make_dirs, spec)
+    bases = await asyncio.to_thread(recorded_bases, spec.vm_dir)
     for i, disk in enumerate(ordered_disks(spec.disks)):
-        if not disk.read_only:
-            await create_overlay(qemu_img, disk.host_path, layout.overlay_path(spec.vm_dir, i))
-    if uid is not None or gid is not None:
-        await asyncio.to_thread(_hand_over, spec, uid, gid)
+        if disk.read_only:
+            continue
+        overlay = layout.overlay_path(spec.vm_dir, i)
+        exists = await asyncio.to_thread(overlay.exists)
+        if exists and overlay.name in bases:
+            continue
+        if exists:
+            raise MetaldError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"VM {spec.vm_id}: {overlay.name} has no recorded base image (made by an older metald); "
+                "recreate the VM",
+                reason="OVERLAY_BASE_UNKNOWN",
+                metadata={"vm_id": spec.vm_id},
+            )
+        bases[overlay.name] = str(await create_overlay(qemu_img, disk.host_path, overlay))
+        await asyncio.to_thread(write_json_atomic, spec.vm_dir / layout.DISKS_STATE, bases)

@@ -1,0 +1,155 @@
+"""The host files of one QEMU VM, opened by the daemon and handed to QEMU as descriptors.
+
+QEMU runs as an unprivileged user that owns nothing on the host and may not even enter vm_dir, so
+it neither needs any directory on the way to its files to be open to it nor can it replace a file
+the daemon later reads as root (a console log turned into a link to /etc/shadow, say):
+- kernel and initrd: /proc/self/fd/N, because QEMU's loaders take a path (reopening through
+  /proc checks only the file's own mode: images must be readable by the VMM user, as built ones are);
+- disks: the read-only image, or the writable overlay (read-write and read-only) and the base
+  recorded when it was made (overlay.py);
+- console and serial log: write-only, appending;
+- QMP and agent: sockets bound and listening in vm_dir, for QEMU to accept on;
+- NICs: the TAPs in the VM's network namespace, attached to by the daemon. QEMU needs neither
+  /dev/net/tun (root-only on some hosts) nor a TAP of its own: root keeps owning every TAP, so the
+  VMM user cannot attach to another VM's by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import socket
+import struct
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from metald.backends.qemu import layout
+from metald.backends.qemu.cmdline import DiskFds, VmmFds, ordered_disks
+from metald.backends.qemu.overlay import recorded_bases
+from metald.ports import LaunchSpec
+
+_READ = os.O_RDONLY | os.O_CLOEXEC
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+NETNS_DIR = Path("/run/netns")  # where `ip netns add` mounts named namespaces
+_CLONE_NEWNET = 0x40000000
+_TUNSETIFF = 0x400454CA
+_TAP_FLAGS = 0x0002 | 0x1000 | 0x4000  # IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, as QEMU asks itself
+
+
+class VmmFileError(Exception):
+    """A file of the VM cannot be opened; nothing was left open."""
+
+
+class _Opener:
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def file(self, path: Path | str, flags: int) -> int:
+        try:
+            fd = os.open(path, flags, 0o640)
+        except OSError as e:
+            raise VmmFileError(f"cannot open {path}: {e.strerror}") from e
+        self.fds.append(fd)
+        return fd
+
+    def listener(self, vm_dir: Path, name: str) -> int:
+        """A listening socket at vm_dir/name (a stale one is replaced); bound through a directory
+        handle, as AF_UNIX paths are limited to 108 bytes."""
+        try:
+            dir_fd = os.open(vm_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dir_fd)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.bind(f"/proc/self/fd/{dir_fd}/{name}")
+                    sock.listen(8)
+                    fd = sock.detach()
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            raise VmmFileError(f"cannot listen on {vm_dir / name}: {e.strerror}") from e
+        self.fds.append(fd)
+        return fd
+
+    def taps(self, netns: str | None, names: Sequence[str]) -> tuple[int, ...]:
+        """Attach to the TAPs `names` of network namespace `netns`, from a thread of their own that
+        enters it (a thread's network namespace is its own: no other thread of the daemon moves)."""
+        fds: list[int] = []
+        failure: list[OSError] = []
+
+        def attach() -> None:
+            try:
+                if netns:
+                    _enter_netns(netns)
+                for name in names:
+                    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+                    fds.append(fd)
+                    fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _TAP_FLAGS))
+            except OSError as e:
+                failure.append(e)
+
+        thread = threading.Thread(target=attach, name=f"taps-{netns}")
+        thread.start()
+        thread.join()
+        self.fds += fds
+        if failure:
+            raise VmmFileError(f"cannot attach to TAPs {', '.join(names)} in {netns}: {failure[0]}")
+        return tuple(fds)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+def _enter_netns(netns: str) -> None:
+    fd = os.open(NETNS_DIR / netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+    finally:
+        os.close(fd)
+
+
+def open_vmm_files(spec: LaunchSpec) -> VmmFds:
+    """Open everything QEMU needs for `spec` (blocking: run in a thread). Close with close_fds()."""
+    opener = _Opener()
+    try:
+        bases = recorded_bases(spec.vm_dir)
+        disks = []
+        for i, disk in enumerate(ordered_disks(spec.disks)):
+            if disk.read_only:
+                disks.append(DiskFds((opener.file(disk.host_path, _READ),)))
+                continue
+            overlay = layout.overlay_path(spec.vm_dir, i)
+            if overlay.name not in bases:
+                raise VmmFileError(f"{overlay.name} has no recorded base image")
+            rw = opener.file(overlay, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            ro = opener.file(overlay, _READ | os.O_NOFOLLOW)
+            disks.append(DiskFds((rw, ro), opener.file(bases[overlay.name], _READ)))
+        return VmmFds(
+            kernel=opener.file(spec.kernel, _READ),
+            initrd=None if spec.initrd is None else opener.file(spec.initrd, _READ),
+            disks=tuple(disks),
+            console=opener.file(spec.console_path, _APPEND),
+            serial=(
+                opener.file(spec.vm_dir / layout.SERIAL_LOG, _APPEND)
+                if spec.console_type == "VIRTIO_CONSOLE"
+                else None
+            ),
+            qmp=opener.listener(spec.vm_dir, layout.QMP_SOCKET),
+            agent=opener.listener(spec.vm_dir, layout.AGENT_SOCKET),
+            taps=opener.taps(spec.netns, [nic.tap_device for nic in spec.nics]) if spec.nics else (),
+        )
+    except BaseException:
+        opener.close()
+        raise
+
+
+def close_fds(fds: VmmFds) -> None:
+    for fd in fds.all():
+        os.close(fd)
