@@ -68,13 +68,12 @@ def test_grpcio_lifecycle_and_error_details(daemon: Daemon, rpc: Rpc, customer: 
     assert (detail.reason, detail.domain) == ("VM_NOT_OWNED", "metald.unkey.com")
     assert dict(detail.metadata) == {"vm_id": created.vm_id, "customer_id": "x" + customer}
 
-    with pytest.raises(grpc.RpcError) as caught:
-        with grpc.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
-            channel.unary_unary(
-                f"/{SERVICE}/ListVms",
-                request_serializer=lambda m: m.to_binary(),
-                response_deserializer=pb.ListVmsResponse.from_binary,
-            )(pb.ListVmsRequest(), timeout=30)
+    with pytest.raises(grpc.RpcError) as caught, grpc.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
+        channel.unary_unary(
+            f"/{SERVICE}/ListVms",
+            request_serializer=lambda m: m.to_binary(),
+            response_deserializer=pb.ListVmsResponse.from_binary,
+        )(pb.ListVmsRequest(), timeout=30)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 

@@ -73,7 +73,7 @@ def test_state_filter(rpc: Rpc) -> None:
     )
     page = rpc.ok("ListVms", {"state_filter": ["VM_STATE_CREATED"]})
     assert {v["vm_id"] for v in page["vms"]} == set(ids)
-    status, body = rpc.error("ListVms", {"state_filter": ["VM_STATE_UNSPECIFIED"]})
+    status, _ = rpc.error("ListVms", {"state_filter": ["VM_STATE_UNSPECIFIED"]})
     assert status == 400
 
 

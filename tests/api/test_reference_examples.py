@@ -54,14 +54,24 @@ REFERENCE_CREATE = {
 def curl(daemon: Daemon, method: str, body: dict[str, Any], customer: str) -> tuple[int, dict[str, Any]]:
     out = subprocess.run(
         [
-            "curl", "-sS", "-X", "POST",
+            "curl",
+            "-sS",
+            "-X",
+            "POST",
             f"{daemon.url}/vmprovisioner.v1.VmService/{method}",
-            "-H", "Content-Type: application/json",
-            "-H", f"Authorization: Bearer dev_customer_{customer}",
-            "-d", json.dumps(body),
-            "-w", "\n%{http_code}",
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            f"Authorization: Bearer dev_customer_{customer}",
+            "-d",
+            json.dumps(body),
+            "-w",
+            "\n%{http_code}",
         ],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     ).stdout
     text, _, status = out.rpartition("\n")
     return int(status), json.loads(text)
@@ -81,7 +91,10 @@ def test_reference_lifecycle_with_curl(daemon: Daemon) -> None:
         assert status == 200
         assert set(info) >= {"vm_id", "config", "state", "metrics", "backend_info", "network_info"}
         assert info["config"]["memory"]["size_bytes"] == 1073741824  # a JSON number, as in the reference
-        assert info["config"]["network"][0]["rate_limit"] == REFERENCE_CREATE["config"]["network"][0]["rate_limit"]
+        assert (
+            info["config"]["network"][0]["rate_limit"]
+            == REFERENCE_CREATE["config"]["network"][0]["rate_limit"]
+        )
         assert info["config"]["metadata"] == {"name": "my-vm", "project": "test"}
         assert set(info["backend_info"]) >= {"backend_type", "process_id", "socket_path"}
         iface = info["network_info"]["interfaces"][0]
@@ -99,17 +112,28 @@ def test_reference_lifecycle_with_curl(daemon: Daemon) -> None:
         assert listed["vms"][0]["vm_id"] == vm_id and listed["vms"][0]["state"] == "VM_STATE_RUNNING"
         assert listed["vms"][0]["created_at"].endswith("Z")
 
-        assert curl(daemon, "PauseVm", {"vm_id": vm_id}, customer) == (200, {"success": True, "state": "VM_STATE_PAUSED"})
-        assert curl(daemon, "ResumeVm", {"vm_id": vm_id}, customer) == (200, {"success": True, "state": "VM_STATE_RUNNING"})
+        assert curl(daemon, "PauseVm", {"vm_id": vm_id}, customer) == (
+            200,
+            {"success": True, "state": "VM_STATE_PAUSED"},
+        )
+        assert curl(daemon, "ResumeVm", {"vm_id": vm_id}, customer) == (
+            200,
+            {"success": True, "state": "VM_STATE_RUNNING"},
+        )
         assert curl(daemon, "RebootVm", {"vm_id": vm_id, "force": False}, customer) == (
             200,
             {"success": True, "state": "VM_STATE_RUNNING"},
         )
-        assert curl(daemon, "ShutdownVm", {"vm_id": vm_id, "force": False, "timeout_seconds": 30}, customer) == (
+        assert curl(
+            daemon, "ShutdownVm", {"vm_id": vm_id, "force": False, "timeout_seconds": 30}, customer
+        ) == (
             200,
             {"success": True, "state": "VM_STATE_SHUTDOWN"},
         )
-        assert curl(daemon, "DeleteVm", {"vm_id": vm_id, "force": False}, customer) == (200, {"success": True})
+        assert curl(daemon, "DeleteVm", {"vm_id": vm_id, "force": False}, customer) == (
+            200,
+            {"success": True},
+        )
     finally:
         curl(daemon, "DeleteVm", {"vm_id": vm_id, "force": True}, customer)
 

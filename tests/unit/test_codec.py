@@ -17,7 +17,9 @@ def test_int64_are_numbers_at_every_depth() -> None:
                 vm_id="v",
                 config=pb.VmConfig(
                     memory=pb.MemoryConfig(size_bytes=1073741824),
-                    network=[pb.NetworkInterface(rate_limit=pb.RateLimit(bandwidth_bytes_per_second=104857600))],
+                    network=[
+                        pb.NetworkInterface(rate_limit=pb.RateLimit(bandwidth_bytes_per_second=104857600))
+                    ],
                 ),
             )
         ],

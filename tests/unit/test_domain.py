@@ -114,7 +114,9 @@ def test_validation_accepts_the_reference_example() -> None:
 def test_config_round_trips_through_its_json_form() -> None:
     config = VmConfig(
         cpu=CpuConfig(2, "T2"),
-        network=(NetworkInterface("eth0", rate_limit=RateLimit(1, 2, 3), guest_ipv6=IpConfig("fd00::2", 64)),),
+        network=(
+            NetworkInterface("eth0", rate_limit=RateLimit(1, 2, 3), guest_ipv6=IpConfig("fd00::2", 64)),
+        ),
         metadata={"a": "b"},
     )
     data = to_dict(config)
@@ -159,7 +161,10 @@ def test_quotas_at_the_exact_boundary() -> None:
 
 def test_guest_kernel_args() -> None:
     nic = NicAddress("eth0", "aa:fc:00:00:00:01", "10.0.0.2/24", "10.0.0.1", "", "")
-    assert guest_kernel_args("vm1", (nic,)) == "metald.vm_id=vm1 metald.nic=aa:fc:00:00:00:01,10.0.0.2/24,10.0.0.1,,"
+    assert (
+        guest_kernel_args("vm1", (nic,))
+        == "metald.vm_id=vm1 metald.nic=aa:fc:00:00:00:01,10.0.0.2/24,10.0.0.1,,"
+    )
     assert guest_kernel_args("vm1", ()) == "metald.vm_id=vm1"
 
 
