@@ -1,25 +1,87 @@
-"""Protobuf <-> domain, through the one JSON form both share (proto field names)."""
+"""Protobuf <-> domain. The domain dataclasses carry the proto field names, so conversion is a
+walk over the dataclass fields; only the message class of each nested field is named here."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from datetime import datetime
+from typing import Any
 
+from protobuf import Message
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
-from metald.domain.model import VmConfig, from_dict, to_dict
+from metald.domain import model
 from metald.domain.states import VmState
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 
+# (domain class, field) -> proto message class of that field
+_NESTED: dict[tuple[type[Any], str], tuple[type[Any], type[Message]]] = {
+    (model.VmConfig, "cpu"): (model.CpuConfig, pb.CpuConfig),
+    (model.VmConfig, "memory"): (model.MemoryConfig, pb.MemoryConfig),
+    (model.VmConfig, "boot"): (model.BootConfig, pb.BootConfig),
+    (model.VmConfig, "storage"): (model.StorageDevice, pb.StorageDevice),
+    (model.VmConfig, "network"): (model.NetworkInterface, pb.NetworkInterface),
+    (model.VmConfig, "console"): (model.ConsoleConfig, pb.ConsoleConfig),
+    (model.NetworkInterface, "rate_limit"): (model.RateLimit, pb.RateLimit),
+    (model.NetworkInterface, "host_ipv4"): (model.IpConfig, pb.IPv4Config),
+    (model.NetworkInterface, "guest_ipv4"): (model.IpConfig, pb.IPv4Config),
+    (model.NetworkInterface, "host_ipv6"): (model.IpConfig, pb.IPv6Config),
+    (model.NetworkInterface, "guest_ipv6"): (model.IpConfig, pb.IPv6Config),
+}
+_DOMAIN_CLASSES: list[type[Any]] = [model.VmConfig, *{domain for domain, _ in _NESTED.values()}]
+_FIELDS = {cls: [f.name for f in dataclasses.fields(cls)] for cls in _DOMAIN_CLASSES}
 
-def config_from_proto(message: pb.VmConfig | None) -> VmConfig:
+
+def _to_proto(obj: Any, message_class: type[Message]) -> Message:
+    kwargs: dict[str, Any] = {}
+    cls = type(obj)
+    for name in _FIELDS[cls]:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        nested = _NESTED.get((cls, name))
+        if nested is not None:
+            if isinstance(value, tuple):
+                value = [_to_proto(v, nested[1]) for v in value]
+            else:
+                value = _to_proto(value, nested[1])
+        elif isinstance(value, tuple):
+            value = list(value)
+        kwargs[name] = value
+    return message_class(**kwargs)
+
+
+def _from_proto(message: Any, cls: type[Any]) -> Any:
+    kwargs: dict[str, Any] = {}
+    for name in _FIELDS[cls]:
+        value = getattr(message, name)
+        if value is None:
+            continue
+        nested = _NESTED.get((cls, name))
+        if nested is not None:
+            if isinstance(value, list):
+                value = tuple(_from_proto(v, nested[0]) for v in value)
+            else:
+                value = _from_proto(value, nested[0])
+        elif isinstance(value, list):
+            value = tuple(value)
+        elif isinstance(value, dict):
+            value = dict(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_proto(message: pb.VmConfig | None) -> model.VmConfig:
     if message is None:
-        return VmConfig()
-    return from_dict(VmConfig, json.loads(message.to_json(use_proto_field_name=True)))
+        return model.VmConfig()
+    config: model.VmConfig = _from_proto(message, model.VmConfig)
+    return config
 
 
-def config_to_proto(config: VmConfig) -> pb.VmConfig:
-    return pb.VmConfig.from_json(json.dumps(to_dict(config)))
+def config_to_proto(config: model.VmConfig) -> pb.VmConfig:
+    message = _to_proto(config, pb.VmConfig)
+    assert isinstance(message, pb.VmConfig)
+    return message
 
 
 def state_to_proto(state: VmState) -> pb.VmState:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -151,27 +152,43 @@ def to_dict(obj: Any) -> Any:
 
 def from_dict(cls: type[T], data: Any) -> T:
     """JSON dict (proto field names; int64 may be strings) -> dataclass tree; unknown keys ignored."""
+    decoded: T = _decoder(cls)(data)
+    return decoded
+
+
+_DECODERS: dict[Any, Callable[[Any], Any]] = {}
+
+
+def _decoder(cls: Any) -> Callable[[Any], Any]:
+    """A decoder per dataclass, built once: type hints are costly to resolve on every call."""
+    decoder = _DECODERS.get(cls)
+    if decoder is None:
+        decoder = _DECODERS[cls] = _build_decoder(cls)
+    return decoder
+
+
+def _build_decoder(cls: Any) -> Callable[[Any], Any]:
     hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in data:
-            kwargs[f.name] = _convert(hints[f.name], data[f.name])
-    return cls(**kwargs)
+    fields = [(f.name, _converter(hints[f.name])) for f in dataclasses.fields(cls)]
+
+    def decode(data: Any) -> Any:
+        return cls(**{name: convert(data[name]) for name, convert in fields if name in data})
+
+    return decode
 
 
-def _convert(tp: Any, value: Any) -> Any:
+def _converter(tp: Any) -> Callable[[Any], Any]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        inner = next(a for a in typing.get_args(tp) if a is not type(None))
-        return None if value is None else _convert(inner, value)
+        inner = _converter(next(a for a in typing.get_args(tp) if a is not type(None)))
+        return lambda value: None if value is None else inner(value)
     if origin is tuple:
-        return tuple(_convert(typing.get_args(tp)[0], v) for v in value)
+        item = _converter(typing.get_args(tp)[0])
+        return lambda value: tuple(item(v) for v in value)
     if origin is dict:
-        return {str(k): str(v) for k, v in value.items()}
+        return lambda value: {str(k): str(v) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value)  # type: ignore[arg-type]
-    if tp is int:
-        return int(value)
-    if tp is bool:
-        return bool(value)
-    return value
+        return lambda value: _decoder(tp)(value)
+    if tp is int or tp is bool:
+        return tp
+    return lambda value: value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -56,6 +57,7 @@ class SqliteStore:
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._db = conn
+        self._configs = _ConfigCache()
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -109,7 +111,7 @@ class SqliteStore:
     async def get(self, vm_id: str) -> Vm | None:
         async with self._db.execute(f"SELECT {_COLUMNS} FROM vms WHERE vm_id = ?", (vm_id,)) as cur:
             row = await cur.fetchone()
-        return _row_to_vm(row) if row else None
+        return self._configs.vm(row) if row else None
 
     async def save(self, vm: Vm) -> None:
         await self._write(
@@ -134,7 +136,7 @@ class SqliteStore:
         sql = f"SELECT {_COLUMNS} FROM vms WHERE {where} AND seq > ? ORDER BY seq LIMIT ?"
         async with self._db.execute(sql, (*params, after_seq, limit)) as cur:
             rows = await cur.fetchall()
-        return [_row_to_vm(r) for r in rows]
+        return [self._configs.vm(r) for r in rows]
 
     async def count(self, customer_id: str, states: Sequence[VmState]) -> int:
         where, params = _filter(customer_id, states)
@@ -145,7 +147,7 @@ class SqliteStore:
     async def all_vms(self) -> list[Vm]:
         async with self._db.execute(f"SELECT {_COLUMNS} FROM vms ORDER BY seq") as cur:
             rows = await cur.fetchall()
-        return [_row_to_vm(r) for r in rows]
+        return [self._configs.vm(r) for r in rows]
 
     async def state_counts(self) -> dict[tuple[str, VmState], int]:
         sql = "SELECT customer_id, state, COUNT(*) FROM vms GROUP BY customer_id, state"
@@ -216,17 +218,33 @@ def _nics_json(nics: Sequence[NicAddress]) -> str:
     return json.dumps([to_dict(n) for n in nics])
 
 
-def _row_to_vm(row: Any) -> Vm:
-    seq, vm_id, customer_id, state, config, nics, reason, pending, created, updated = row
-    return Vm(
-        vm_id=vm_id,
-        customer_id=customer_id,
-        config=from_dict(VmConfig, json.loads(config)),
-        state=VmState(state),
-        created_at=datetime.fromisoformat(created),
-        updated_at=datetime.fromisoformat(updated),
-        nics=tuple(from_dict(NicAddress, n) for n in json.loads(nics)),
-        shutdown_reason=reason,
-        pending=pending,
-        seq=seq,
-    )
+class _ConfigCache:
+    """Parsed configs by row seq. A VM's config never changes after CreateVm and a seq is never
+    reused (AUTOINCREMENT), so entries need no invalidation; the size bound caps memory."""
+
+    def __init__(self, size: int = 20_000) -> None:
+        self._size = size
+        self._configs: OrderedDict[int, VmConfig] = OrderedDict()
+
+    def config(self, seq: int, text: str) -> VmConfig:
+        config = self._configs.get(seq)
+        if config is None:
+            config = self._configs[seq] = from_dict(VmConfig, json.loads(text))
+            if len(self._configs) > self._size:
+                self._configs.popitem(last=False)
+        return config
+
+    def vm(self, row: Any) -> Vm:
+        seq, vm_id, customer_id, state, config, nics, reason, pending, created, updated = row
+        return Vm(
+            vm_id=vm_id,
+            customer_id=customer_id,
+            config=self.config(seq, config),
+            state=VmState(state),
+            created_at=datetime.fromisoformat(created),
+            updated_at=datetime.fromisoformat(updated),
+            nics=tuple(from_dict(NicAddress, n) for n in json.loads(nics)) if nics != "[]" else (),
+            shutdown_reason=reason,
+            pending=pending,
+            seq=seq,
+        )

@@ -41,3 +41,32 @@ def test_decode_accepts_both_spellings_and_number_forms() -> None:
     b = codec.decode(b'{"config": {"memory": {"sizeBytes": "268435456"}}}', pb.CreateVmRequest)
     assert a == b and a.config.memory.size_bytes == 268435456
     assert codec.decode(b"", pb.ListVmsRequest) == pb.ListVmsRequest()
+
+
+def test_config_proto_round_trip_matches_the_json_form() -> None:
+    from metald.api.convert import config_from_proto, config_to_proto
+    from metald.domain import model
+
+    config = model.VmConfig(
+        cpu=model.CpuConfig(2, "T2"),
+        memory=model.MemoryConfig(1 << 30),
+        boot=model.BootConfig("/assets/vmlinux", "console=ttyS0", "/assets/initrd"),
+        storage=(model.StorageDevice("root", "/assets/rootfs.ext4", False, True),),
+        network=(
+            model.NetworkInterface(
+                "eth0",
+                "TAP",
+                "auto",
+                model.RateLimit(1, 2, 3),
+                host_ipv4=model.IpConfig("10.0.0.1", 24, "10.0.0.254"),
+                guest_ipv6=model.IpConfig("fd00::2", 64),
+            ),
+        ),
+        console=model.ConsoleConfig("SERIAL", "c.log"),
+        metadata={"k": "v"},
+    )
+    message = config_to_proto(config)
+    assert model.from_dict(model.VmConfig, json.loads(message.to_json(use_proto_field_name=True))) == config
+    assert message.network[0].host_ipv4.gateway == "10.0.0.254"
+    assert config_from_proto(message) == config
+    assert config_from_proto(None) == model.VmConfig()
