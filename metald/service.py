@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -44,6 +45,7 @@ log = logging.getLogger("metald.service")
 T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
+UNDO_RETRY_SECONDS = 1.0
 MAX_PAGE_SIZE = 1000
 
 
@@ -96,6 +98,7 @@ class VmService:
         self._create_lock = asyncio.Lock()
         self._boot_lock = asyncio.Lock()
         self._booting: dict[str, Vm] = {}
+        self._background: set[asyncio.Task[None]] = set()
         backend.set_exit_listener(self._on_vmm_exit)
 
     @property
@@ -114,7 +117,7 @@ class VmService:
         if not ids.VM_ID_PATTERN.fullmatch(vm_id):
             raise invalid("vm_id", "must match [A-Za-z0-9_-]{1,64}")
         vm = await self._store.get(vm_id)
-        if vm is None:
+        if vm is None or vm.pending == "creating":  # half-created: not there yet (or ever)
             raise not_found(vm_id)
         if vm.customer_id != customer_id:
             raise not_owned(vm_id, customer_id)
@@ -137,15 +140,21 @@ class VmService:
         except MetaldError:
             self._events.backend_error(self.backend_type, operation)
             raise
+        except OSError as exc:
+            self._events.backend_error(self.backend_type, operation)
+            if exc.errno != errno.ENOSPC:
+                log.exception("backend %s failed", operation)
+                raise _backend_failure(operation, exc) from exc
+            raise MetaldError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"no space left on the host for {operation}: {exc}",
+                reason="DISK_FULL",
+                metadata={"operation": operation},
+            ) from exc
         except Exception as exc:
             self._events.backend_error(self.backend_type, operation)
             log.exception("backend %s failed", operation)
-            raise MetaldError(
-                ErrorCode.INTERNAL,
-                f"backend failure during {operation}: {exc}",
-                reason="BACKEND_FAILURE",
-                metadata={"operation": operation},
-            ) from exc
+            raise _backend_failure(operation, exc) from exc
         self._events.backend_operation(self.backend_type, operation, time.monotonic() - started)
         return result
 
@@ -255,6 +264,7 @@ class VmService:
         self._check_capabilities(config)
         now = datetime.now(UTC)
         vm = Vm(vm_id, customer_id, config, VmState.CREATED, now, now, pending="creating")
+        spec = await self._launch_spec(vm, None)  # resolves and checks every host path first
         async with self._create_lock:
             if await self._store.get(vm_id) is not None:
                 raise MetaldError(
@@ -266,7 +276,6 @@ class VmService:
             customer_vms, _, _ = await self._store.usage(customer_id)
             host_vms, _, _ = await self._store.usage(None)
             check_create(self._opts.quotas, customer_vms, host_vms)
-            spec = await self._launch_spec(vm, None)  # resolves and checks every host path first
             try:
                 vm = await self._store.insert(vm)
             except KeyError:
@@ -287,13 +296,24 @@ class VmService:
                 raise
 
     async def _undo_create(self, vm: Vm) -> None:
-        with contextlib.suppress(Exception):
-            await self._backend.destroy(vm.vm_id, self._vm_dir(vm.vm_id))
-        if self._network is not None:
-            with contextlib.suppress(Exception):
-                await self._network.release(vm)
-        with contextlib.suppress(Exception):
-            await self._store.delete(vm.vm_id)
+        """Remove a half-created VM; if that fails too (disk full), keep retrying in the background.
+        Meanwhile the VM stays hidden (pending "creating" is neither listed nor found)."""
+        try:
+            await self._finish_delete(vm)
+        except Exception:
+            log.warning("could not undo the create of %s yet; retrying", vm.vm_id, extra={"vm_id": vm.vm_id})
+            task = asyncio.create_task(self._retry_undo_create(vm))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _retry_undo_create(self, vm: Vm) -> None:
+        while True:
+            await asyncio.sleep(UNDO_RETRY_SECONDS)
+            async with self._vm_lock(vm.vm_id):
+                with contextlib.suppress(Exception):
+                    await self._finish_delete(vm)
+                    log.info("undid the create of %s", vm.vm_id, extra={"vm_id": vm.vm_id})
+                    return
 
     async def boot(self, customer_id: str, vm_id: str, *, wait_for_ready: bool, wait_timeout: float) -> Vm:
         await self._owned(customer_id, vm_id)
@@ -301,6 +321,7 @@ class VmService:
             vm = await self._owned(customer_id, vm_id)
             require_allowed(Operation.BOOT, vm_id, vm.state)
             started = time.monotonic()
+            previous = vm.state
             async with self._boot_lock:
                 await self._capacity_check(vm)
                 self._booting[vm_id] = vm
@@ -309,13 +330,14 @@ class VmService:
                 attachment = await self._attach(vm)
                 spec = await self._launch_spec(vm, attachment)
                 await self._backend_call("start", lambda: self._backend.start(spec))
+                vm = await self._save(vm, state=VmState.RUNNING, pending="", shutdown_reason="")
             except BaseException:
                 await self._stop_quietly(vm)
-                await self._save(vm, pending="")
+                with contextlib.suppress(Exception):  # the original error is the one to report
+                    await self._save(vm, state=previous, pending="")
                 raise
             finally:
                 self._booting.pop(vm_id, None)
-            vm = await self._save(vm, state=VmState.RUNNING, pending="", shutdown_reason="")
             self._events.boot_finished(self.backend_type, time.monotonic() - started)
         if wait_for_ready:
             timeout = wait_timeout or self._opts.boot_wait_timeout
@@ -502,4 +524,13 @@ def _store_full(exc: StoreFullError) -> MetaldError:
         ErrorCode.RESOURCE_EXHAUSTED,
         f"the state store cannot write ({exc}); nothing was changed",
         reason="STORE_FULL",
+    )
+
+
+def _backend_failure(operation: str, exc: Exception) -> MetaldError:
+    return MetaldError(
+        ErrorCode.INTERNAL,
+        f"backend failure during {operation}: {exc}",
+        reason="BACKEND_FAILURE",
+        metadata={"operation": operation},
     )

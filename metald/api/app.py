@@ -63,6 +63,11 @@ class RootApp:
         if path == "/openapi.json" and method in ("GET", "HEAD"):
             await send_bytes(send, 200, self._openapi, "application/json")
             return
+        scope = _utf8_headers(scope)
+        if _grpc_over_http1(scope):
+            message = "gRPC needs HTTP/2 (use h2c prior knowledge or TLS with ALPN h2)"
+            await send_json(send, 415, {"code": "invalid_argument", "message": message})
+            return
         for route in self._routes:
             if path.startswith(route.prefix):
                 await route.app(scope, receive, send)
@@ -78,3 +83,28 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+def _utf8_headers(scope: Scope) -> Scope:
+    """Header values that are not UTF-8 are read as Latin-1 (what HTTP allows) and re-encoded, so
+    the RPC layer, which decodes strictly, sees an ordinary (and simply wrong) value."""
+    headers = scope.get("headers", [])
+    fixed = []
+    changed = False
+    for name, value in headers:
+        try:
+            value.decode()
+        except UnicodeDecodeError:
+            value = value.decode("latin-1").encode()
+            changed = True
+        fixed.append((name, value))
+    return {**scope, "headers": fixed} if changed else scope
+
+
+def _grpc_over_http1(scope: Scope) -> bool:
+    if scope.get("http_version") == "2":
+        return False
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"content-type":
+            return value.startswith(b"application/grpc") and not value.startswith(b"application/grpc-web")
+    return False

@@ -84,4 +84,24 @@ class SnakeCaseJsonCodec:
         return json.dumps(data, separators=(",", ":")).encode()
 
     def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
-        return message_class.from_json(bytes(data).decode() or "{}")
+        text = bytes(data).decode() or "{}"
+        # Python's parser refuses deep nesting with RecursionError; the native protobuf parser
+        # would overflow the C stack instead, so nothing reaches it unchecked.
+        check_depth(json.loads(text))
+        return message_class.from_json(text)
+
+
+MAX_JSON_DEPTH = 32
+
+
+def check_depth(value: Any) -> None:
+    """ValueError if JSON nests deeper than any request message can (our schema is ~6 deep)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)

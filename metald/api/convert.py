@@ -11,6 +11,7 @@ from protobuf import Message
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from metald.domain import model
+from metald.domain.errors import invalid
 from metald.domain.states import VmState
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 
@@ -89,7 +90,10 @@ def state_to_proto(state: VmState) -> pb.VmState:
 
 
 def state_from_proto(state: pb.VmState | int) -> VmState:
-    return VmState(int(state))
+    try:
+        return VmState(int(state))
+    except ValueError:
+        raise invalid("state_filter", f"unknown VM state {int(state)}") from None
 
 
 def timestamp(value: datetime) -> Timestamp:

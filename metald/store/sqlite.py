@@ -208,10 +208,12 @@ class SqliteStore:
 
 
 def _filter(customer_id: str, states: Sequence[VmState]) -> tuple[str, tuple[Any, ...]]:
+    """Listing filter; VMs still being created are not listed (a failed create leaves none)."""
+    where = "customer_id = ? AND pending != 'creating'"
     if not states:
-        return "customer_id = ?", (customer_id,)
+        return where, (customer_id,)
     marks = ",".join("?" * len(states))
-    return f"customer_id = ? AND state IN ({marks})", (customer_id, *(int(s) for s in states))
+    return f"{where} AND state IN ({marks})", (customer_id, *(int(s) for s in states))
 
 
 def _nics_json(nics: Sequence[NicAddress]) -> str:

@@ -75,24 +75,8 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def data_dir_pids(data_dir: Path) -> set[int]:
-    """Live processes working in data_dir (VMMs and supervisors run in their VM's directory) or
-    naming it on their command line (tests.support.daemon.vmm_pids); not the daemon itself."""
-    root = os.path.realpath(data_dir)
-    pids = set(vmm_pids(data_dir))
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            continue
-        if (
-            (cwd == root or cwd.startswith(root + "/"))
-            and (f := _stat_fields(int(entry.name)))
-            and f[0] != "Z"
-        ):
-            pids.add(int(entry.name))
-    return {p for p in pids if "metald.cli.daemon" not in _cmdline(p)}
+    """Live processes of data_dir (VMMs and supervisors), not the daemon itself."""
+    return set(vmm_pids(data_dir))
 
 
 def qemu_pids(data_dir: Path) -> set[int]:

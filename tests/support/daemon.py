@@ -93,8 +93,10 @@ class Daemon:
 
 
 def vmm_pids(data_dir: Path) -> list[int]:
-    """PIDs of live (non-zombie) processes whose command line mentions data_dir (VMMs, supervisors)."""
+    """Live (non-zombie) processes of a data dir other than the daemon: naming it on their command
+    line (supervisors) or working inside it (VMMs run in their VM's directory)."""
     needle = str(data_dir).encode()
+    root = os.path.realpath(data_dir)
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -102,9 +104,11 @@ def vmm_pids(data_dir: Path) -> list[int]:
         try:
             cmdline = (entry / "cmdline").read_bytes()
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cwd = os.readlink(entry / "cwd")
         except OSError:
             continue
-        if needle in cmdline and state != "Z" and b"metald.cli.daemon" not in cmdline:
+        inside = needle in cmdline or cwd == root or cwd.startswith(root + "/")
+        if inside and state != "Z" and b"metald.cli.daemon" not in cmdline:
             pids.append(int(entry.name))
     return pids
 

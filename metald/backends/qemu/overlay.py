@@ -41,10 +41,13 @@ async def create_overlay(qemu_img: str, base: Path, overlay: Path) -> Path:
     )
     out, _ = await proc.communicate()
     if proc.returncode != 0:
+        text = out.decode(errors="replace").strip()
+        if "No space left" in text:
+            raise MetaldError(
+                ErrorCode.RESOURCE_EXHAUSTED, f"no space left for the VM's disk: {text}", reason="DISK_FULL"
+            )
         raise MetaldError(
-            ErrorCode.INTERNAL,
-            f"cannot create overlay over {base}: {out.decode(errors='replace').strip()}",
-            reason="OVERLAY_FAILED",
+            ErrorCode.INTERNAL, f"cannot create overlay over {base}: {text}", reason="OVERLAY_FAILED"
         )
     await asyncio.to_thread(os.replace, tmp, overlay)
     return backing
