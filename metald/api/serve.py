@@ -20,6 +20,9 @@ log = logging.getLogger("metald")
 ALPN_PROTOCOLS = ["h2", "http/1.1"]
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # forward secret AEAD only (RFC 9113 9.2.2)
 DRAIN_TIMEOUT = 5.0
+# How much of a refused body is read and discarded so that the client sees the answer rather than
+# a reset stream: well above what gRPC clients send by default (4 MiB), bounded by DRAIN_TIMEOUT.
+MIN_DRAIN_BYTES = 64 * 1024 * 1024
 
 
 class PeerRecordingSSLObject(ssl.SSLObject):
@@ -74,8 +77,9 @@ class DrainRequestBody:
     hypercorn 0.18 drops the whole HTTP/2 connection (an unhandled KeyError, pgjones/hypercorn#329)
     when request DATA arrives for a stream whose response is already complete: exactly what happens
     when a call is refused before its body is read, as every UNAUTHENTICATED call is. Other calls
-    multiplexed on that connection would die with it. At most `max_bytes` are drained, for at most
-    DRAIN_TIMEOUT seconds; past that the response is sent anyway.
+    multiplexed on that connection would die with it. It also lets a client that is still sending an
+    oversized message read the RESOURCE_EXHAUSTED answer instead of a reset stream. At most
+    `max_bytes` are drained, for at most DRAIN_TIMEOUT seconds; past that the response is sent anyway.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -146,7 +150,7 @@ async def serve_api(app: ASGIApp, settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("metald listening on %s (%s)", settings.listen, "TLS" if context else "cleartext")
     await serve(
-        DrainRequestBody(app, settings.max_request_bytes),  # type: ignore[arg-type]
+        DrainRequestBody(app, max(MIN_DRAIN_BYTES, 8 * settings.max_request_bytes)),  # type: ignore[arg-type]
         config,
         shutdown_trigger=stop.wait,
     )

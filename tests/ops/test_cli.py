@@ -172,17 +172,19 @@ def test_boot_console_follow_and_the_rest(daemon: Daemon, rpc: Rpc, customer: st
     finally:
         follower.terminate()
         follower.wait(10)
-    console = run("console", "cli-boot")
-    assert console.returncode == 0 and "METALD_READY vm_id=cli-boot" in console.stdout
-    tail = run("console", "cli-boot", "--tail", "200").stdout  # the last 200 bytes (\r\n read as \n)
-    assert console.stdout.endswith(tail) and 150 < len(tail) <= 200 and "METALD_READY" in tail
-
     assert run("pause", "cli-boot").stdout.startswith("cli-boot  PAUSED  paused in")
     assert run("resume", "cli-boot").stdout.startswith("cli-boot  RUNNING  resumed in")
     down = run("shutdown", "cli-boot", "-o", "json")  # graceful: the guest is up
     assert json.loads(down.stdout) == {"vm_id": "cli-boot", "success": True, "state": "VM_STATE_SHUTDOWN"}
     waited = run("wait", "cli-boot", "--state", "shutdown", "-o", "json")
     assert json.loads(waited.stdout) == {"vm_id": "cli-boot", "state": "VM_STATE_SHUTDOWN"}
+
+    # the console of a stopped VM no longer grows: the whole and its tail must agree
+    console = run("console", "cli-boot")
+    assert console.returncode == 0 and "METALD_READY vm_id=cli-boot" in console.stdout
+    assert "METALD_POWEROFF" in console.stdout
+    tail = run("console", "cli-boot", "--tail", "200").stdout  # the last 200 bytes (\r\n read as \n)
+    assert console.stdout.endswith(tail) and 150 < len(tail) <= 200
     assert run("delete", "cli-boot").returncode == 0
     assert run("get", "cli-boot").returncode == 5
 

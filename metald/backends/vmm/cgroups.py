@@ -134,7 +134,18 @@ class Cgroups:
             (self.mounts[file.split(".")[0]] / self.parent / name / file).write_text(content)
         if (path := self.mounts["memory"] / self.parent / name / swap).exists():
             path.write_text(value)
+        self._weigh_parent()
         return self.dirs(name)
+
+    def _weigh_parent(self) -> None:
+        """Give the parent the CPU weight of as many processes as it holds VMs: at the default
+        weight, all VMs together would get no more CPU under contention than one host process."""
+        parent = self.mounts["cpu"] / self.parent
+        vms = max(1, sum(1 for child in parent.iterdir() if child.is_dir()))
+        if self.version == 2:
+            (parent / "cpu.weight").write_text(str(min(100 * vms, 10_000)))
+        else:
+            (parent / "cpu.shares").write_text(str(min(1024 * vms, 262_144)))
 
     def _enable_controllers(self) -> None:
         """v2: a cgroup offers its children the controllers enabled in its cgroup.subtree_control."""
