@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS vms (
 );
 CREATE INDEX IF NOT EXISTS vms_by_customer ON vms (customer_id, seq);
 CREATE INDEX IF NOT EXISTS vms_by_customer_state ON vms (customer_id, state, seq);
+CREATE INDEX IF NOT EXISTS vms_by_customer_pending ON vms (customer_id, pending);
 CREATE TABLE IF NOT EXISTS addresses (
     pool TEXT NOT NULL,
     address TEXT NOT NULL,
