@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 UNDO_RETRY_SECONDS = 1.0
+MIN_FREE_DISK_BYTES = 8 * 1024 * 1024
 MAX_PAGE_SIZE = 1000
 
 
@@ -137,26 +139,39 @@ class VmService:
         started = time.monotonic()
         try:
             result = await call()
-        except MetaldError:
+        except MetaldError as exc:
             self._events.backend_error(self.backend_type, operation)
+            if exc.code is ErrorCode.INTERNAL and await self._disk_nearly_full():
+                raise _disk_full(operation, exc.message) from exc
             raise
         except OSError as exc:
             self._events.backend_error(self.backend_type, operation)
-            if exc.errno != errno.ENOSPC:
-                log.exception("backend %s failed", operation)
-                raise _backend_failure(operation, exc) from exc
-            raise MetaldError(
-                ErrorCode.RESOURCE_EXHAUSTED,
-                f"no space left on the host for {operation}: {exc}",
-                reason="DISK_FULL",
-                metadata={"operation": operation},
-            ) from exc
+            if exc.errno == errno.ENOSPC or await self._disk_nearly_full():
+                raise _disk_full(operation, str(exc)) from exc
+            log.exception("backend %s failed", operation)
+            raise _backend_failure(operation, exc) from exc
         except Exception as exc:
             self._events.backend_error(self.backend_type, operation)
             log.exception("backend %s failed", operation)
             raise _backend_failure(operation, exc) from exc
         self._events.backend_operation(self.backend_type, operation, time.monotonic() - started)
         return result
+
+    async def _require_disk_room(self) -> None:
+        """Refuse a state change before any side effect when its record might not fit on disk
+        (DeleteVm is never refused: it frees space)."""
+        if await self._disk_nearly_full():
+            raise MetaldError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                "the disk of the state store is (nearly) full; nothing was changed (delete VMs or free space)",
+                reason="STORE_FULL",
+            )
+
+    async def _disk_nearly_full(self) -> bool:
+        """Whether a backend failure is best explained by the host's disk (VMs need room for logs,
+        overlays and sockets)."""
+        usage = await asyncio.to_thread(shutil.disk_usage, self._opts.vms_dir)
+        return usage.free < MIN_FREE_DISK_BYTES
 
     def _vm_dir(self, vm_id: str) -> Path:
         return self._opts.vms_dir / vm_id
@@ -260,6 +275,7 @@ class VmService:
         else:
             vm_id = ids.new_vm_id()
         validate_config(config, self._opts.limits)
+        await self._require_disk_room()
         config = with_defaults(config, self._opts.defaults)
         self._check_capabilities(config)
         now = datetime.now(UTC)
@@ -320,8 +336,9 @@ class VmService:
         async with self._vm_lock(vm_id):
             vm = await self._owned(customer_id, vm_id)
             require_allowed(Operation.BOOT, vm_id, vm.state)
+            await self._require_disk_room()
             started = time.monotonic()
-            previous = vm.state
+            previous, previous_reason = vm.state, vm.shutdown_reason
             async with self._boot_lock:
                 await self._capacity_check(vm)
                 self._booting[vm_id] = vm
@@ -334,7 +351,7 @@ class VmService:
             except BaseException:
                 await self._stop_quietly(vm)
                 with contextlib.suppress(Exception):  # the original error is the one to report
-                    await self._save(vm, state=previous, pending="")
+                    await self._save(vm, state=previous, pending="", shutdown_reason=previous_reason)
                 raise
             finally:
                 self._booting.pop(vm_id, None)
@@ -370,6 +387,7 @@ class VmService:
         async with self._vm_lock(vm_id):
             vm = await self._owned(customer_id, vm_id)
             require_allowed(op, vm_id, vm.state)
+            await self._require_disk_room()
             await self._backend_call(op.value, action)
             return await self._save(vm, state=TARGET[op])
 
@@ -394,6 +412,7 @@ class VmService:
         async with self._vm_lock(vm_id):
             vm = await self._owned(customer_id, vm_id)
             require_allowed(Operation.SHUTDOWN, vm_id, vm.state)
+            await self._require_disk_room()
             return await self._stop(vm, force=force, timeout=timeout_seconds or self._opts.shutdown_timeout)
 
     async def _stop(self, vm: Vm, *, force: bool, timeout: float) -> Vm:
@@ -532,5 +551,14 @@ def _backend_failure(operation: str, exc: Exception) -> MetaldError:
         ErrorCode.INTERNAL,
         f"backend failure during {operation}: {exc}",
         reason="BACKEND_FAILURE",
+        metadata={"operation": operation},
+    )
+
+
+def _disk_full(operation: str, detail: str) -> MetaldError:
+    return MetaldError(
+        ErrorCode.RESOURCE_EXHAUSTED,
+        f"the host's disk is (nearly) full during {operation}: {detail}",
+        reason="DISK_FULL",
         metadata={"operation": operation},
     )
