@@ -170,8 +170,7 @@ class VmService:
     async def _disk_nearly_full(self) -> bool:
         """Whether a backend failure is best explained by the host's disk (VMs need room for logs,
         overlays and sockets)."""
-        usage = await asyncio.to_thread(shutil.disk_usage, self._opts.vms_dir)
-        return usage.free < MIN_FREE_DISK_BYTES
+        return await asyncio.to_thread(_free_bytes, self._opts.vms_dir) < MIN_FREE_DISK_BYTES
 
     def _vm_dir(self, vm_id: str) -> Path:
         return self._opts.vms_dir / vm_id
@@ -562,3 +561,10 @@ def _disk_full(operation: str, detail: str) -> MetaldError:
         reason="DISK_FULL",
         metadata={"operation": operation},
     )
+
+
+def _free_bytes(path: Path) -> int:
+    """Free space of the filesystem that holds (or will hold) `path`."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free

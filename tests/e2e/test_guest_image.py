@@ -278,7 +278,12 @@ async def test_boot_ready_and_agent_exec(boot: Boot, tmp_path: Path, guest: Gues
     assert ready["vm_id"] == "vm-exec"
     assert ready["boot_id"] and float(ready["uptime"]) > 0
     assert vm.serial.read_text().count("METALD_READY") == 1
-    assert f"METALD_READY vm_id=vm-exec boot_id={ready['boot_id']} " in (tmp_path / "hvc0.log").read_text()
+    expected = f"METALD_READY vm_id=vm-exec boot_id={ready['boot_id']} "
+    for _ in range(100):  # the guest writes hvc0 just after ttyS0
+        if expected in (tmp_path / "hvc0.log").read_text():
+            break
+        await asyncio.sleep(0.1)
+    assert expected in (tmp_path / "hvc0.log").read_text()
     agent = await vm.agent()
     assert await agent.exec("echo hi") == (["hi"], 0)
     assert await agent.exec("echo out; echo err >&2; exit 3") == (["out", "err"], 3)
