@@ -19,7 +19,7 @@ from metald.api.interceptor import AuthInterceptor, ErrorInterceptor
 from metald.api.metrics import Metrics
 from metald.api.openapi import render as render_openapi
 from metald.api.reflection import reflection_apps
-from metald.api.rest import ConsoleReader, RestApi
+from metald.api.rest import RestApi
 from metald.api.serve import serve_api
 from metald.api.status import ReferenceStatusMiddleware
 from metald.assets import AssetResolver
@@ -120,7 +120,7 @@ async def run(settings: Settings) -> None:
         rest = RestApi(
             rpc_app=vm_app,
             authenticator=authenticator,
-            console=ConsoleReader(service),
+            usecases=service,
             max_request_bytes=settings.max_request_bytes,
         )
         app = RootApp(

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -38,9 +39,9 @@ from metald.ports import (
     ServiceEvents,
     StoreFullError,
     VmMetrics,
-    VmRuntime,
     VmStore,
 )
+from metald.usecases import ConsoleChunk, Page, VmDetails
 
 log = logging.getLogger("metald.service")
 T = TypeVar("T")
@@ -49,22 +50,6 @@ DEFAULT_PAGE_SIZE = 50
 UNDO_RETRY_SECONDS = 1.0
 MIN_FREE_DISK_BYTES = 8 * 1024 * 1024
 MAX_PAGE_SIZE = 1000
-
-
-@dataclass(frozen=True)
-class VmDetails:
-    vm: Vm
-    backend_type: str
-    runtime: VmRuntime | None
-    metrics: VmMetrics
-    network: NetworkAttachment | None
-
-
-@dataclass(frozen=True)
-class Page:
-    vms: list[Vm]
-    next_page_token: str
-    total_count: int
 
 
 @dataclass(frozen=True)
@@ -210,9 +195,9 @@ class VmService:
         console = vm.config.console
         return self._vm_dir(vm.vm_id) / ((console.output_file if console else "") or "console.log")
 
-    async def console_path(self, customer_id: str, vm_id: str) -> Path:
-        """The owner's view of a VM's console log (the file may not exist yet)."""
-        return self._console_path(await self._owned(customer_id, vm_id))
+    async def read_console(self, customer_id: str, vm_id: str, offset: int, limit: int) -> ConsoleChunk:
+        path = self._console_path(await self._owned(customer_id, vm_id))
+        return await asyncio.to_thread(_read_chunk, path, offset, limit)
 
     def _check_capabilities(self, config: VmConfig) -> None:
         caps = self._backend.capabilities
@@ -568,3 +553,18 @@ def _free_bytes(path: Path) -> int:
     while not path.exists() and path != path.parent:
         path = path.parent
     return shutil.disk_usage(path).free
+
+
+def _read_chunk(path: Path, offset: int, limit: int) -> ConsoleChunk:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP):  # not written yet, or not a plain file
+            return ConsoleChunk(b"", offset, 0)
+        raise
+    try:
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, limit, offset) if offset < size else b""
+    finally:
+        os.close(fd)
+    return ConsoleChunk(data, offset + len(data), size)

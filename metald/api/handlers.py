@@ -10,13 +10,13 @@ from metald.api.convert import config_from_proto, config_to_proto, state_from_pr
 from metald.api.interceptor import current_customer
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmService as VmServiceProtocol
-from metald.service import VmDetails, VmService
+from metald.usecases import VmDetails, VmUseCases
 
 Ctx = RequestContext[Any, Any]
 
 
 class VmServiceHandler(VmServiceProtocol):
-    def __init__(self, service: VmService) -> None:
+    def __init__(self, service: VmUseCases) -> None:
         self._svc = service
 
     async def create_vm(self, request: pb.CreateVmRequest, ctx: Ctx, /) -> pb.CreateVmResponse:

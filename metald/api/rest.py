@@ -7,13 +7,9 @@ not an RPC: a VM's console log, owner-checked, read from an offset.
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import json
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -36,7 +32,7 @@ from metald.api.auth import Authenticator, current_peer
 from metald.api.errors import to_connect_error
 from metald.domain.errors import MetaldError, invalid
 from metald.gen.vmprovisioner.v1.vm_connect import VmService as VmServiceDesc
-from metald.service import VmService
+from metald.usecases import VmUseCases
 
 SERVICE = VmServiceDesc.desc()
 CONSOLE_MAX_CHUNK = 4 << 20
@@ -161,39 +157,6 @@ async def send_error(
     await send_bytes(send, wire.to_http_status().code, wire.to_json_bytes(), "application/json", headers)
 
 
-@dataclass(frozen=True)
-class ConsoleChunk:
-    data: bytes
-    next_offset: int
-    size: int
-
-
-class ConsoleReader:
-    """A VM's console log, for its owner only (the service resolves and checks the path)."""
-
-    def __init__(self, service: VmService) -> None:
-        self._service = service
-
-    async def read(self, customer_id: str, vm_id: str, offset: int, limit: int) -> ConsoleChunk:
-        path = await self._service.console_path(customer_id, vm_id)
-        return await asyncio.to_thread(_read_chunk, path, offset, limit)
-
-
-def _read_chunk(path: Path, offset: int, limit: int) -> ConsoleChunk:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ELOOP):  # not written yet, or not a plain file
-            return ConsoleChunk(b"", offset, 0)
-        raise
-    try:
-        size = os.fstat(fd).st_size
-        data = os.pread(fd, limit, offset) if offset < size else b""
-    finally:
-        os.close(fd)
-    return ConsoleChunk(data, offset + len(data), size)
-
-
 def _int_param(query: dict[str, list[str]], name: str, default: int, low: int, high: int) -> int:
     raw = query.get(name, [str(default)])[-1]
     if not re.fullmatch(r"[0-9]{1,19}", raw) or not low <= int(raw) <= high:
@@ -207,12 +170,12 @@ class RestApi:
         *,
         rpc_app: ASGIApp,
         authenticator: Authenticator,
-        console: ConsoleReader,
+        usecases: VmUseCases,
         max_request_bytes: int,
     ) -> None:
         self._rpc_app = rpc_app
         self._auth = authenticator
-        self._console = console
+        self._usecases = usecases
         self._max_body = max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -278,7 +241,7 @@ class RestApi:
             params = parse_qs(query, keep_blank_values=True)
             offset = _int_param(params, "offset", 0, 0, 1 << 62)
             limit = _int_param(params, "limit", 1 << 20, 1, CONSOLE_MAX_CHUNK)
-            chunk = await self._console.read(customer, vm_id, offset, limit)
+            chunk = await self._usecases.read_console(customer, vm_id, offset, limit)
         except MetaldError as exc:
             await send_error(send, to_connect_error(exc))
             return
