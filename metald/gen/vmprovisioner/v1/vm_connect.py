@@ -19,10 +19,10 @@ from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DE
 from protobuf import DescService
 
 from . import vm_pb
-from .vm_pb import BootVmRequest, BootVmResponse, CreateVmRequest, CreateVmResponse, DeleteVmRequest, DeleteVmResponse, GetVmInfoRequest, GetVmInfoResponse, ListVmsRequest, ListVmsResponse, PauseVmRequest, PauseVmResponse, RebootVmRequest, RebootVmResponse, ResumeVmRequest, ResumeVmResponse, ShutdownVmRequest, ShutdownVmResponse
+from .vm_pb import BootVmRequest, BootVmResponse, CreateVmRequest, CreateVmResponse, DeleteSnapshotRequest, DeleteSnapshotResponse, DeleteVmRequest, DeleteVmResponse, ExecVmRequest, ExecVmResponse, GetVmInfoRequest, GetVmInfoResponse, ListSnapshotsRequest, ListSnapshotsResponse, ListVmsRequest, ListVmsResponse, PauseVmRequest, PauseVmResponse, ReadFileRequest, ReadFileResponse, RebootVmRequest, RebootVmResponse, ResumeVmRequest, ResumeVmResponse, ShutdownVmRequest, ShutdownVmResponse, SnapshotVmRequest, SnapshotVmResponse, VmEvent, WatchVmsRequest, WriteFileRequest, WriteFileResponse
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Iterable, Mapping
+    from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 
     from connectrpc.codec import Codec
     from connectrpc.compression import Compression
@@ -82,6 +82,49 @@ class VmService(Protocol):
     async def list_vms(self, request: ListVmsRequest, ctx: RequestContext[ListVmsRequest, ListVmsResponse], /) -> ListVmsResponse:
         """
         Lists the caller's VMs, newest last, with keyset pagination.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def snapshot_vm(self, request: SnapshotVmRequest, ctx: RequestContext[SnapshotVmRequest, SnapshotVmResponse], /) -> SnapshotVmResponse:
+        """
+        Captures a RUNNING or PAUSED VM (RAM, device state, disks at one stop); the VM ends in the
+        state it was in. CreateVm with snapshot_id makes clones of it.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_snapshots(self, request: ListSnapshotsRequest, ctx: RequestContext[ListSnapshotsRequest, ListSnapshotsResponse], /) -> ListSnapshotsResponse:
+        """
+        Lists the caller's snapshots, oldest first, with keyset pagination.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def delete_snapshot(self, request: DeleteSnapshotRequest, ctx: RequestContext[DeleteSnapshotRequest, DeleteSnapshotResponse], /) -> DeleteSnapshotResponse:
+        """
+        Removes a snapshot at once; its files stay until its last clone is deleted.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def exec_vm(self, request: ExecVmRequest, ctx: RequestContext[ExecVmRequest, ExecVmResponse], /) -> ExecVmResponse:
+        """
+        Runs a command in a RUNNING guest through the guest agent and returns its output.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def write_file(self, request: WriteFileRequest, ctx: RequestContext[WriteFileRequest, WriteFileResponse], /) -> WriteFileResponse:
+        """
+        Writes a file in a RUNNING guest.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def read_file(self, request: ReadFileRequest, ctx: RequestContext[ReadFileRequest, ReadFileResponse], /) -> ReadFileResponse:
+        """
+        Reads a file from a RUNNING guest.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def watch_vms(self, request: WatchVmsRequest, ctx: RequestContext[WatchVmsRequest, VmEvent], /) -> AsyncIterator[VmEvent]:
+        """
+        Streams the caller's VM events: from after_cursor (kept events first), then live.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -201,6 +244,83 @@ class VmServiceASGIApplication(ConnectASGIApplication[VmService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.list_vms,
+                ),
+                "/vmprovisioner.v1.VmService/SnapshotVm": Endpoint.unary(
+                    method=MethodInfo(
+                        name="SnapshotVm",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=SnapshotVmRequest,
+                        output=SnapshotVmResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.snapshot_vm,
+                ),
+                "/vmprovisioner.v1.VmService/ListSnapshots": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListSnapshots",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=ListSnapshotsRequest,
+                        output=ListSnapshotsResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_snapshots,
+                ),
+                "/vmprovisioner.v1.VmService/DeleteSnapshot": Endpoint.unary(
+                    method=MethodInfo(
+                        name="DeleteSnapshot",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=DeleteSnapshotRequest,
+                        output=DeleteSnapshotResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.delete_snapshot,
+                ),
+                "/vmprovisioner.v1.VmService/ExecVm": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ExecVm",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=ExecVmRequest,
+                        output=ExecVmResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.exec_vm,
+                ),
+                "/vmprovisioner.v1.VmService/WriteFile": Endpoint.unary(
+                    method=MethodInfo(
+                        name="WriteFile",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=WriteFileRequest,
+                        output=WriteFileResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.write_file,
+                ),
+                "/vmprovisioner.v1.VmService/ReadFile": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ReadFile",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=ReadFileRequest,
+                        output=ReadFileResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.read_file,
+                ),
+                "/vmprovisioner.v1.VmService/WatchVms": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="WatchVms",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=WatchVmsRequest,
+                        output=VmEvent,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=svc.watch_vms,
                 ),
             },
             interceptors=interceptors,
@@ -427,6 +547,170 @@ class VmServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
             use_get=use_get,
         )
+    async def snapshot_vm(
+        self,
+        request: SnapshotVmRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SnapshotVmResponse:
+        """
+        Captures a RUNNING or PAUSED VM (RAM, device state, disks at one stop); the VM ends in the
+        state it was in. CreateVm with snapshot_id makes clones of it.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SnapshotVm",
+                service_name="vmprovisioner.v1.VmService",
+                input=SnapshotVmRequest,
+                output=SnapshotVmResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_snapshots(
+        self,
+        request: ListSnapshotsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> ListSnapshotsResponse:
+        """
+        Lists the caller's snapshots, oldest first, with keyset pagination.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListSnapshots",
+                service_name="vmprovisioner.v1.VmService",
+                input=ListSnapshotsRequest,
+                output=ListSnapshotsResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+    async def delete_snapshot(
+        self,
+        request: DeleteSnapshotRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> DeleteSnapshotResponse:
+        """
+        Removes a snapshot at once; its files stay until its last clone is deleted.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="DeleteSnapshot",
+                service_name="vmprovisioner.v1.VmService",
+                input=DeleteSnapshotRequest,
+                output=DeleteSnapshotResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def exec_vm(
+        self,
+        request: ExecVmRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ExecVmResponse:
+        """
+        Runs a command in a RUNNING guest through the guest agent and returns its output.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ExecVm",
+                service_name="vmprovisioner.v1.VmService",
+                input=ExecVmRequest,
+                output=ExecVmResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def write_file(
+        self,
+        request: WriteFileRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> WriteFileResponse:
+        """
+        Writes a file in a RUNNING guest.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="WriteFile",
+                service_name="vmprovisioner.v1.VmService",
+                input=WriteFileRequest,
+                output=WriteFileResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def read_file(
+        self,
+        request: ReadFileRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ReadFileResponse:
+        """
+        Reads a file from a RUNNING guest.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ReadFile",
+                service_name="vmprovisioner.v1.VmService",
+                input=ReadFileRequest,
+                output=ReadFileResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def watch_vms(
+        self,
+        request: WatchVmsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[VmEvent]:
+        """
+        Streams the caller's VM events: from after_cursor (kept events first), then live.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="WatchVms",
+                service_name="vmprovisioner.v1.VmService",
+                input=WatchVmsRequest,
+                output=VmEvent,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class VmServiceSync(Protocol):
     def create_vm(self, request: CreateVmRequest, ctx: RequestContext[CreateVmRequest, CreateVmResponse], /) -> CreateVmResponse:
@@ -480,6 +764,49 @@ class VmServiceSync(Protocol):
     def list_vms(self, request: ListVmsRequest, ctx: RequestContext[ListVmsRequest, ListVmsResponse], /) -> ListVmsResponse:
         """
         Lists the caller's VMs, newest last, with keyset pagination.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def snapshot_vm(self, request: SnapshotVmRequest, ctx: RequestContext[SnapshotVmRequest, SnapshotVmResponse], /) -> SnapshotVmResponse:
+        """
+        Captures a RUNNING or PAUSED VM (RAM, device state, disks at one stop); the VM ends in the
+        state it was in. CreateVm with snapshot_id makes clones of it.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_snapshots(self, request: ListSnapshotsRequest, ctx: RequestContext[ListSnapshotsRequest, ListSnapshotsResponse], /) -> ListSnapshotsResponse:
+        """
+        Lists the caller's snapshots, oldest first, with keyset pagination.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def delete_snapshot(self, request: DeleteSnapshotRequest, ctx: RequestContext[DeleteSnapshotRequest, DeleteSnapshotResponse], /) -> DeleteSnapshotResponse:
+        """
+        Removes a snapshot at once; its files stay until its last clone is deleted.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def exec_vm(self, request: ExecVmRequest, ctx: RequestContext[ExecVmRequest, ExecVmResponse], /) -> ExecVmResponse:
+        """
+        Runs a command in a RUNNING guest through the guest agent and returns its output.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def write_file(self, request: WriteFileRequest, ctx: RequestContext[WriteFileRequest, WriteFileResponse], /) -> WriteFileResponse:
+        """
+        Writes a file in a RUNNING guest.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def read_file(self, request: ReadFileRequest, ctx: RequestContext[ReadFileRequest, ReadFileResponse], /) -> ReadFileResponse:
+        """
+        Reads a file from a RUNNING guest.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def watch_vms(self, request: WatchVmsRequest, ctx: RequestContext[WatchVmsRequest, VmEvent], /) -> Iterator[VmEvent]:
+        """
+        Streams the caller's VM events: from after_cursor (kept events first), then live.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -597,6 +924,83 @@ class VmServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.list_vms,
+                ),
+                "/vmprovisioner.v1.VmService/SnapshotVm": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="SnapshotVm",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=SnapshotVmRequest,
+                        output=SnapshotVmResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.snapshot_vm,
+                ),
+                "/vmprovisioner.v1.VmService/ListSnapshots": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListSnapshots",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=ListSnapshotsRequest,
+                        output=ListSnapshotsResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_snapshots,
+                ),
+                "/vmprovisioner.v1.VmService/DeleteSnapshot": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="DeleteSnapshot",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=DeleteSnapshotRequest,
+                        output=DeleteSnapshotResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.delete_snapshot,
+                ),
+                "/vmprovisioner.v1.VmService/ExecVm": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ExecVm",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=ExecVmRequest,
+                        output=ExecVmResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.exec_vm,
+                ),
+                "/vmprovisioner.v1.VmService/WriteFile": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="WriteFile",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=WriteFileRequest,
+                        output=WriteFileResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.write_file,
+                ),
+                "/vmprovisioner.v1.VmService/ReadFile": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ReadFile",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=ReadFileRequest,
+                        output=ReadFileResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.read_file,
+                ),
+                "/vmprovisioner.v1.VmService/WatchVms": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="WatchVms",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=WatchVmsRequest,
+                        output=VmEvent,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=service.watch_vms,
                 ),
             },
             interceptors=interceptors,
@@ -822,4 +1226,168 @@ class VmServiceClientSync(ConnectClientSync):
             headers=headers,
             timeout_ms=timeout_ms,
             use_get=use_get,
+        )
+    def snapshot_vm(
+        self,
+        request: SnapshotVmRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SnapshotVmResponse:
+        """
+        Captures a RUNNING or PAUSED VM (RAM, device state, disks at one stop); the VM ends in the
+        state it was in. CreateVm with snapshot_id makes clones of it.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SnapshotVm",
+                service_name="vmprovisioner.v1.VmService",
+                input=SnapshotVmRequest,
+                output=SnapshotVmResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_snapshots(
+        self,
+        request: ListSnapshotsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> ListSnapshotsResponse:
+        """
+        Lists the caller's snapshots, oldest first, with keyset pagination.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListSnapshots",
+                service_name="vmprovisioner.v1.VmService",
+                input=ListSnapshotsRequest,
+                output=ListSnapshotsResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+    def delete_snapshot(
+        self,
+        request: DeleteSnapshotRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> DeleteSnapshotResponse:
+        """
+        Removes a snapshot at once; its files stay until its last clone is deleted.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="DeleteSnapshot",
+                service_name="vmprovisioner.v1.VmService",
+                input=DeleteSnapshotRequest,
+                output=DeleteSnapshotResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def exec_vm(
+        self,
+        request: ExecVmRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ExecVmResponse:
+        """
+        Runs a command in a RUNNING guest through the guest agent and returns its output.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ExecVm",
+                service_name="vmprovisioner.v1.VmService",
+                input=ExecVmRequest,
+                output=ExecVmResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def write_file(
+        self,
+        request: WriteFileRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> WriteFileResponse:
+        """
+        Writes a file in a RUNNING guest.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="WriteFile",
+                service_name="vmprovisioner.v1.VmService",
+                input=WriteFileRequest,
+                output=WriteFileResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def read_file(
+        self,
+        request: ReadFileRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ReadFileResponse:
+        """
+        Reads a file from a RUNNING guest.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ReadFile",
+                service_name="vmprovisioner.v1.VmService",
+                input=ReadFileRequest,
+                output=ReadFileResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def watch_vms(
+        self,
+        request: WatchVmsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> Iterator[VmEvent]:
+        """
+        Streams the caller's VM events: from after_cursor (kept events first), then live.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="WatchVms",
+                service_name="vmprovisioner.v1.VmService",
+                input=WatchVmsRequest,
+                output=VmEvent,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
         )

@@ -234,7 +234,7 @@ class StorageDevice(Message[_StorageDeviceFields]):
         is_read_only: bool
         is_root_device: bool
 
-_NetworkInterfaceFields: TypeAlias = Literal["interface_id", "type", "guest_mac", "rate_limit", "host_ipv4", "guest_ipv4", "host_ipv6", "guest_ipv6"]
+_NetworkInterfaceFields: TypeAlias = Literal["interface_id", "type", "guest_mac", "rate_limit", "host_ipv4", "guest_ipv4", "host_ipv6", "guest_ipv6", "egress"]
 
 class NetworkInterface(Message[_NetworkInterfaceFields]):
     """
@@ -279,9 +279,15 @@ class NetworkInterface(Message[_NetworkInterfaceFields]):
             ```proto
             optional vmprovisioner.v1.IPv6Config guest_ipv6 = 8;
             ```
+        egress:
+            Destinations the guest may reach beyond its customer network; default: none.
+
+            ```proto
+            optional vmprovisioner.v1.EgressPolicy egress = 9;
+            ```
     """
 
-    __slots__ = ("interface_id", "type", "guest_mac", "rate_limit", "host_ipv4", "guest_ipv4", "host_ipv6", "guest_ipv6")
+    __slots__ = ("interface_id", "type", "guest_mac", "rate_limit", "host_ipv4", "guest_ipv4", "host_ipv6", "guest_ipv6", "egress")
 
     if TYPE_CHECKING:
 
@@ -296,6 +302,7 @@ class NetworkInterface(Message[_NetworkInterfaceFields]):
             guest_ipv4: IPv4Config | None = None,
             host_ipv6: IPv6Config | None = None,
             guest_ipv6: IPv6Config | None = None,
+            egress: EgressPolicy | None = None,
         ) -> None:
             pass
 
@@ -307,6 +314,81 @@ class NetworkInterface(Message[_NetworkInterfaceFields]):
         guest_ipv4: IPv4Config | None
         host_ipv6: IPv6Config | None
         guest_ipv6: IPv6Config | None
+        egress: EgressPolicy | None
+
+_EgressPolicyFields: TypeAlias = Literal["allow"]
+
+class EgressPolicy(Message[_EgressPolicyFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.EgressPolicy
+    ```
+
+    Attributes:
+        allow:
+            ```proto
+            repeated vmprovisioner.v1.EgressRule allow = 1;
+            ```
+    """
+
+    __slots__ = ("allow",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            allow: list[EgressRule] | None = None,
+        ) -> None:
+            pass
+
+        allow: list[EgressRule]
+
+_EgressRuleFields: TypeAlias = Literal["cidr", "ports", "protocol"]
+
+class EgressRule(Message[_EgressRuleFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.EgressRule
+    ```
+
+    Attributes:
+        cidr:
+            A destination network, "203.0.113.0/24" or "2001:db8::/32".
+
+            ```proto
+            string cidr = 1;
+            ```
+        ports:
+            Destination ports; empty: every port.
+
+            ```proto
+            repeated uint32 ports = 2 [packed = true];
+            ```
+        protocol:
+            "tcp", "udp", "icmp" or "" (any).
+
+            ```proto
+            string protocol = 3;
+            ```
+    """
+
+    __slots__ = ("cidr", "ports", "protocol")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            cidr: str = "",
+            ports: list[int] | None = None,
+            protocol: str = "",
+        ) -> None:
+            pass
+
+        cidr: str
+        ports: list[int]
+        protocol: str
 
 _RateLimitFields: TypeAlias = Literal["bandwidth_bytes_per_second", "burst_bytes", "refill_time_millis"]
 
@@ -464,7 +546,7 @@ class ConsoleConfig(Message[_ConsoleConfigFields]):
         type: str
         output_file: str
 
-_CreateVmRequestFields: TypeAlias = Literal["vm_id", "config", "customer_id"]
+_CreateVmRequestFields: TypeAlias = Literal["vm_id", "config", "customer_id", "snapshot_id"]
 
 class CreateVmRequest(Message[_CreateVmRequestFields]):
     """
@@ -485,9 +567,15 @@ class CreateVmRequest(Message[_CreateVmRequestFields]):
             ```proto
             string customer_id = 3;
             ```
+        snapshot_id:
+            Makes the VM a clone of this snapshot: CPU, memory, boot and storage come from it.
+
+            ```proto
+            string snapshot_id = 4;
+            ```
     """
 
-    __slots__ = ("vm_id", "config", "customer_id")
+    __slots__ = ("vm_id", "config", "customer_id", "snapshot_id")
 
     if TYPE_CHECKING:
 
@@ -497,12 +585,14 @@ class CreateVmRequest(Message[_CreateVmRequestFields]):
             vm_id: str = "",
             config: VmConfig | None = None,
             customer_id: str = "",
+            snapshot_id: str = "",
         ) -> None:
             pass
 
         vm_id: str
         config: VmConfig | None
         customer_id: str
+        snapshot_id: str
 
 _CreateVmResponseFields: TypeAlias = Literal["vm_id", "state"]
 
@@ -1318,6 +1408,670 @@ class ListVmsResponse(Message[_ListVmsResponseFields]):
         next_page_token: str
         total_count: int
 
+_SnapshotVmRequestFields: TypeAlias = Literal["vm_id", "snapshot_id", "metadata", "warm_pool_size"]
+
+class SnapshotVmRequest(Message[_SnapshotVmRequestFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.SnapshotVmRequest
+    ```
+
+    Attributes:
+        vm_id:
+            ```proto
+            string vm_id = 1;
+            ```
+        snapshot_id:
+            Optional: generated as snap_... otherwise (same rules as vm ids).
+
+            ```proto
+            string snapshot_id = 2;
+            ```
+        metadata:
+            ```proto
+            map<string, string> metadata = 3;
+            ```
+        warm_pool_size:
+            VMM processes kept ready to take a clone of this snapshot.
+
+            ```proto
+            uint32 warm_pool_size = 4;
+            ```
+    """
+
+    __slots__ = ("vm_id", "snapshot_id", "metadata", "warm_pool_size")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            vm_id: str = "",
+            snapshot_id: str = "",
+            metadata: dict[str, str] | None = None,
+            warm_pool_size: int = 0,
+        ) -> None:
+            pass
+
+        vm_id: str
+        snapshot_id: str
+        metadata: dict[str, str]
+        warm_pool_size: int
+
+_SnapshotVmResponseFields: TypeAlias = Literal["snapshot_id", "size_bytes", "state"]
+
+class SnapshotVmResponse(Message[_SnapshotVmResponseFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.SnapshotVmResponse
+    ```
+
+    Attributes:
+        snapshot_id:
+            ```proto
+            string snapshot_id = 1;
+            ```
+        size_bytes:
+            ```proto
+            int64 size_bytes = 2;
+            ```
+        state:
+            The source VM's state after the snapshot (the state it was in).
+
+            ```proto
+            vmprovisioner.v1.VmState state = 3;
+            ```
+    """
+
+    __slots__ = ("snapshot_id", "size_bytes", "state")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            snapshot_id: str = "",
+            size_bytes: int = 0,
+            state: VmState | None = None,
+        ) -> None:
+            pass
+
+        snapshot_id: str
+        size_bytes: int
+        state: VmState
+
+_SnapshotFields: TypeAlias = Literal["snapshot_id", "source_vm_id", "config", "created_at", "size_bytes", "metadata", "warm_pool_size"]
+
+class Snapshot(Message[_SnapshotFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.Snapshot
+    ```
+
+    Attributes:
+        snapshot_id:
+            ```proto
+            string snapshot_id = 1;
+            ```
+        source_vm_id:
+            ```proto
+            string source_vm_id = 2;
+            ```
+        config:
+            ```proto
+            optional vmprovisioner.v1.VmConfig config = 3;
+            ```
+        created_at:
+            ```proto
+            optional google.protobuf.Timestamp created_at = 4;
+            ```
+        size_bytes:
+            ```proto
+            int64 size_bytes = 5;
+            ```
+        metadata:
+            ```proto
+            map<string, string> metadata = 6;
+            ```
+        warm_pool_size:
+            ```proto
+            uint32 warm_pool_size = 7;
+            ```
+    """
+
+    __slots__ = ("snapshot_id", "source_vm_id", "config", "created_at", "size_bytes", "metadata", "warm_pool_size")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            snapshot_id: str = "",
+            source_vm_id: str = "",
+            config: VmConfig | None = None,
+            created_at: Timestamp | None = None,
+            size_bytes: int = 0,
+            metadata: dict[str, str] | None = None,
+            warm_pool_size: int = 0,
+        ) -> None:
+            pass
+
+        snapshot_id: str
+        source_vm_id: str
+        config: VmConfig | None
+        created_at: Timestamp | None
+        size_bytes: int
+        metadata: dict[str, str]
+        warm_pool_size: int
+
+_ListSnapshotsRequestFields: TypeAlias = Literal["page_size", "page_token"]
+
+class ListSnapshotsRequest(Message[_ListSnapshotsRequestFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.ListSnapshotsRequest
+    ```
+
+    Attributes:
+        page_size:
+            ```proto
+            int32 page_size = 1;
+            ```
+        page_token:
+            ```proto
+            string page_token = 2;
+            ```
+    """
+
+    __slots__ = ("page_size", "page_token")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            page_size: int = 0,
+            page_token: str = "",
+        ) -> None:
+            pass
+
+        page_size: int
+        page_token: str
+
+_ListSnapshotsResponseFields: TypeAlias = Literal["snapshots", "next_page_token", "total_count"]
+
+class ListSnapshotsResponse(Message[_ListSnapshotsResponseFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.ListSnapshotsResponse
+    ```
+
+    Attributes:
+        snapshots:
+            ```proto
+            repeated vmprovisioner.v1.Snapshot snapshots = 1;
+            ```
+        next_page_token:
+            ```proto
+            string next_page_token = 2;
+            ```
+        total_count:
+            ```proto
+            int32 total_count = 3;
+            ```
+    """
+
+    __slots__ = ("snapshots", "next_page_token", "total_count")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            snapshots: list[Snapshot] | None = None,
+            next_page_token: str = "",
+            total_count: int = 0,
+        ) -> None:
+            pass
+
+        snapshots: list[Snapshot]
+        next_page_token: str
+        total_count: int
+
+_DeleteSnapshotRequestFields: TypeAlias = Literal["snapshot_id"]
+
+class DeleteSnapshotRequest(Message[_DeleteSnapshotRequestFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.DeleteSnapshotRequest
+    ```
+
+    Attributes:
+        snapshot_id:
+            ```proto
+            string snapshot_id = 1;
+            ```
+    """
+
+    __slots__ = ("snapshot_id",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            snapshot_id: str = "",
+        ) -> None:
+            pass
+
+        snapshot_id: str
+
+_DeleteSnapshotResponseFields: TypeAlias = Literal["success"]
+
+class DeleteSnapshotResponse(Message[_DeleteSnapshotResponseFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.DeleteSnapshotResponse
+    ```
+
+    Attributes:
+        success:
+            ```proto
+            bool success = 1;
+            ```
+    """
+
+    __slots__ = ("success",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            success: bool = False,
+        ) -> None:
+            pass
+
+        success: bool
+
+_ExecVmRequestFields: TypeAlias = Literal["vm_id", "command", "env", "stdin", "working_dir", "timeout_seconds"]
+
+class ExecVmRequest(Message[_ExecVmRequestFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.ExecVmRequest
+    ```
+
+    Attributes:
+        vm_id:
+            ```proto
+            string vm_id = 1;
+            ```
+        command:
+            argv; command[0] is looked up in the guest's PATH.
+
+            ```proto
+            repeated string command = 2;
+            ```
+        env:
+            ```proto
+            map<string, string> env = 3;
+            ```
+        stdin:
+            ```proto
+            bytes stdin = 4;
+            ```
+        working_dir:
+            ```proto
+            string working_dir = 5;
+            ```
+        timeout_seconds:
+            0: the host's default; the command is killed in the guest when it runs longer.
+
+            ```proto
+            uint32 timeout_seconds = 6;
+            ```
+    """
+
+    __slots__ = ("vm_id", "command", "env", "stdin", "working_dir", "timeout_seconds")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            vm_id: str = "",
+            command: list[str] | None = None,
+            env: dict[str, str] | None = None,
+            stdin: bytes = b"",
+            working_dir: str = "",
+            timeout_seconds: int = 0,
+        ) -> None:
+            pass
+
+        vm_id: str
+        command: list[str]
+        env: dict[str, str]
+        stdin: bytes
+        working_dir: str
+        timeout_seconds: int
+
+_ExecVmResponseFields: TypeAlias = Literal["exit_code", "stdout", "stderr", "timed_out", "truncated"]
+
+class ExecVmResponse(Message[_ExecVmResponseFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.ExecVmResponse
+    ```
+
+    Attributes:
+        exit_code:
+            ```proto
+            int32 exit_code = 1;
+            ```
+        stdout:
+            ```proto
+            bytes stdout = 2;
+            ```
+        stderr:
+            ```proto
+            bytes stderr = 3;
+            ```
+        timed_out:
+            ```proto
+            bool timed_out = 4;
+            ```
+        truncated:
+            An output stream was cut at the limit.
+
+            ```proto
+            bool truncated = 5;
+            ```
+    """
+
+    __slots__ = ("exit_code", "stdout", "stderr", "timed_out", "truncated")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            exit_code: int = 0,
+            stdout: bytes = b"",
+            stderr: bytes = b"",
+            timed_out: bool = False,
+            truncated: bool = False,
+        ) -> None:
+            pass
+
+        exit_code: int
+        stdout: bytes
+        stderr: bytes
+        timed_out: bool
+        truncated: bool
+
+_WriteFileRequestFields: TypeAlias = Literal["vm_id", "path", "content", "mode"]
+
+class WriteFileRequest(Message[_WriteFileRequestFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.WriteFileRequest
+    ```
+
+    Attributes:
+        vm_id:
+            ```proto
+            string vm_id = 1;
+            ```
+        path:
+            ```proto
+            string path = 2;
+            ```
+        content:
+            ```proto
+            bytes content = 3;
+            ```
+        mode:
+            Permission bits; 0: 0644.
+
+            ```proto
+            uint32 mode = 4;
+            ```
+    """
+
+    __slots__ = ("vm_id", "path", "content", "mode")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            vm_id: str = "",
+            path: str = "",
+            content: bytes = b"",
+            mode: int = 0,
+        ) -> None:
+            pass
+
+        vm_id: str
+        path: str
+        content: bytes
+        mode: int
+
+_WriteFileResponseFields: TypeAlias = Literal["success"]
+
+class WriteFileResponse(Message[_WriteFileResponseFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.WriteFileResponse
+    ```
+
+    Attributes:
+        success:
+            ```proto
+            bool success = 1;
+            ```
+    """
+
+    __slots__ = ("success",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            success: bool = False,
+        ) -> None:
+            pass
+
+        success: bool
+
+_ReadFileRequestFields: TypeAlias = Literal["vm_id", "path"]
+
+class ReadFileRequest(Message[_ReadFileRequestFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.ReadFileRequest
+    ```
+
+    Attributes:
+        vm_id:
+            ```proto
+            string vm_id = 1;
+            ```
+        path:
+            ```proto
+            string path = 2;
+            ```
+    """
+
+    __slots__ = ("vm_id", "path")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            vm_id: str = "",
+            path: str = "",
+        ) -> None:
+            pass
+
+        vm_id: str
+        path: str
+
+_ReadFileResponseFields: TypeAlias = Literal["content", "mode", "size_bytes"]
+
+class ReadFileResponse(Message[_ReadFileResponseFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.ReadFileResponse
+    ```
+
+    Attributes:
+        content:
+            ```proto
+            bytes content = 1;
+            ```
+        mode:
+            ```proto
+            uint32 mode = 2;
+            ```
+        size_bytes:
+            ```proto
+            int64 size_bytes = 3;
+            ```
+    """
+
+    __slots__ = ("content", "mode", "size_bytes")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            content: bytes = b"",
+            mode: int = 0,
+            size_bytes: int = 0,
+        ) -> None:
+            pass
+
+        content: bytes
+        mode: int
+        size_bytes: int
+
+_WatchVmsRequestFields: TypeAlias = Literal["state_filter", "vm_ids", "after_cursor"]
+
+class WatchVmsRequest(Message[_WatchVmsRequestFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.WatchVmsRequest
+    ```
+
+    Attributes:
+        state_filter:
+            Only VMs in these states (of the event's new state); empty: all.
+
+            ```proto
+            repeated vmprovisioner.v1.VmState state_filter = 1 [packed = true];
+            ```
+        vm_ids:
+            Only these VMs; empty: all of the caller's.
+
+            ```proto
+            repeated string vm_ids = 2;
+            ```
+        after_cursor:
+            Resume after this event (the cursor of the last event seen); empty: live events only.
+
+            ```proto
+            string after_cursor = 3;
+            ```
+    """
+
+    __slots__ = ("state_filter", "vm_ids", "after_cursor")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            state_filter: list[VmState] | None = None,
+            vm_ids: list[str] | None = None,
+            after_cursor: str = "",
+        ) -> None:
+            pass
+
+        state_filter: list[VmState]
+        vm_ids: list[str]
+        after_cursor: str
+
+_VmEventFields: TypeAlias = Literal["cursor", "vm_id", "type", "state", "previous_state", "reason", "at"]
+
+class VmEvent(Message[_VmEventFields]):
+    """
+    ```proto
+    message vmprovisioner.v1.VmEvent
+    ```
+
+    Attributes:
+        cursor:
+            Opaque, ordered; pass it back as after_cursor to resume.
+
+            ```proto
+            string cursor = 1;
+            ```
+        vm_id:
+            ```proto
+            string vm_id = 2;
+            ```
+        type:
+            ```proto
+            vmprovisioner.v1.VmEventType type = 3;
+            ```
+        state:
+            ```proto
+            vmprovisioner.v1.VmState state = 4;
+            ```
+        previous_state:
+            ```proto
+            vmprovisioner.v1.VmState previous_state = 5;
+            ```
+        reason:
+            ```proto
+            string reason = 6;
+            ```
+        at:
+            ```proto
+            optional google.protobuf.Timestamp at = 7;
+            ```
+    """
+
+    __slots__ = ("cursor", "vm_id", "type", "state", "previous_state", "reason", "at")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            cursor: str = "",
+            vm_id: str = "",
+            type: VmEventType | None = None,
+            state: VmState | None = None,
+            previous_state: VmState | None = None,
+            reason: str = "",
+            at: Timestamp | None = None,
+        ) -> None:
+            pass
+
+        cursor: str
+        vm_id: str
+        type: VmEventType
+        state: VmState
+        previous_state: VmState
+        reason: str
+        at: Timestamp | None
+
 class VmState(Enum):
     """
     ```proto
@@ -1353,9 +2107,49 @@ class VmState(Enum):
     PAUSED = 3
     SHUTDOWN = 4
 
+class VmEventType(Enum):
+    """
+    ```proto
+    enum vmprovisioner.v1.VmEventType
+    ```
+
+    Attributes:
+        UNSPECIFIED:
+            ```proto
+            VM_EVENT_TYPE_UNSPECIFIED = 0
+            ```
+        CREATED:
+            ```proto
+            VM_EVENT_TYPE_CREATED = 1
+            ```
+        STATE_CHANGED:
+            ```proto
+            VM_EVENT_TYPE_STATE_CHANGED = 2
+            ```
+        GUEST_READY:
+            ```proto
+            VM_EVENT_TYPE_GUEST_READY = 3
+            ```
+        EXITED:
+            ```proto
+            VM_EVENT_TYPE_EXITED = 4
+            ```
+        DELETED:
+            ```proto
+            VM_EVENT_TYPE_DELETED = 5
+            ```
+    """
+
+    UNSPECIFIED = 0
+    CREATED = 1
+    STATE_CHANGED = 2
+    GUEST_READY = 3
+    EXITED = 4
+    DELETED = 5
+
 
 _DESC = file_desc(
-    b'\n\x19vmprovisioner/v1/vm.proto\x12\x10vmprovisioner.v1\x1a\x1fgoogle/protobuf/timestamp.proto"\xda\x03\n\x08VmConfig\x12-\n\x03cpu\x18\x01 \x01(\x0b2\x1b.vmprovisioner.v1.CpuConfigR\x03cpu\x126\n\x06memory\x18\x02 \x01(\x0b2\x1e.vmprovisioner.v1.MemoryConfigR\x06memory\x120\n\x04boot\x18\x03 \x01(\x0b2\x1c.vmprovisioner.v1.BootConfigR\x04boot\x129\n\x07storage\x18\x04 \x03(\x0b2\x1f.vmprovisioner.v1.StorageDeviceR\x07storage\x12<\n\x07network\x18\x05 \x03(\x0b2".vmprovisioner.v1.NetworkInterfaceR\x07network\x129\n\x07console\x18\x06 \x01(\x0b2\x1f.vmprovisioner.v1.ConsoleConfigR\x07console\x12D\n\x08metadata\x18\x07 \x03(\x0b2(.vmprovisioner.v1.VmConfig.MetadataEntryR\x08metadata\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"M\n\tCpuConfig\x12\x1d\n\nvcpu_count\x18\x01 \x01(\x05R\tvcpuCount\x12!\n\x0ccpu_template\x18\x02 \x01(\tR\x0bcpuTemplate"-\n\x0cMemoryConfig\x12\x1d\n\nsize_bytes\x18\x01 \x01(\x03R\tsizeBytes"o\n\nBootConfig\x12\x1f\n\x0bkernel_path\x18\x01 \x01(\tR\nkernelPath\x12\x1f\n\x0bkernel_args\x18\x02 \x01(\tR\nkernelArgs\x12\x1f\n\x0binitrd_path\x18\x03 \x01(\tR\ninitrdPath"\x96\x01\n\rStorageDevice\x12\x1b\n\tdevice_id\x18\x01 \x01(\tR\x08deviceId\x12 \n\x0cpath_on_host\x18\x02 \x01(\tR\npathOnHost\x12 \n\x0cis_read_only\x18\x03 \x01(\x08R\nisReadOnly\x12$\n\x0eis_root_device\x18\x04 \x01(\x08R\x0cisRootDevice"\x92\x03\n\x10NetworkInterface\x12!\n\x0cinterface_id\x18\x01 \x01(\tR\x0binterfaceId\x12\x12\n\x04type\x18\x02 \x01(\tR\x04type\x12\x1b\n\tguest_mac\x18\x03 \x01(\tR\x08guestMac\x12:\n\nrate_limit\x18\x04 \x01(\x0b2\x1b.vmprovisioner.v1.RateLimitR\trateLimit\x129\n\thost_ipv4\x18\x05 \x01(\x0b2\x1c.vmprovisioner.v1.IPv4ConfigR\x08hostIpv4\x12;\n\nguest_ipv4\x18\x06 \x01(\x0b2\x1c.vmprovisioner.v1.IPv4ConfigR\tguestIpv4\x129\n\thost_ipv6\x18\x07 \x01(\x0b2\x1c.vmprovisioner.v1.IPv6ConfigR\x08hostIpv6\x12;\n\nguest_ipv6\x18\x08 \x01(\x0b2\x1c.vmprovisioner.v1.IPv6ConfigR\tguestIpv6"\x97\x01\n\tRateLimit\x12;\n\x1abandwidth_bytes_per_second\x18\x01 \x01(\x03R\x17bandwidthBytesPerSecond\x12\x1f\n\x0bburst_bytes\x18\x02 \x01(\x03R\nburstBytes\x12,\n\x12refill_time_millis\x18\x03 \x01(\x03R\x10refillTimeMillis"e\n\nIPv4Config\x12\x18\n\x07address\x18\x01 \x01(\tR\x07address\x12#\n\rprefix_length\x18\x02 \x01(\x05R\x0cprefixLength\x12\x18\n\x07gateway\x18\x03 \x01(\tR\x07gateway"e\n\nIPv6Config\x12\x18\n\x07address\x18\x01 \x01(\tR\x07address\x12#\n\rprefix_length\x18\x02 \x01(\x05R\x0cprefixLength\x12\x18\n\x07gateway\x18\x03 \x01(\tR\x07gateway"D\n\rConsoleConfig\x12\x12\n\x04type\x18\x01 \x01(\tR\x04type\x12\x1f\n\x0boutput_file\x18\x02 \x01(\tR\noutputFile"{\n\x0fCreateVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x122\n\x06config\x18\x02 \x01(\x0b2\x1a.vmprovisioner.v1.VmConfigR\x06config\x12\x1f\n\x0bcustomer_id\x18\x03 \x01(\tR\ncustomerId"X\n\x10CreateVmResponse\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12/\n\x05state\x18\x02 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state"<\n\x0fDeleteVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n\x05force\x18\x02 \x01(\x08R\x05force",\n\x10DeleteVmResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success"|\n\rBootVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12$\n\x0ewait_for_ready\x18\x02 \x01(\x08R\x0cwaitForReady\x120\n\x14wait_timeout_seconds\x18\x03 \x01(\x05R\x12waitTimeoutSeconds"[\n\x0eBootVmResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success\x12/\n\x05state\x18\x02 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state"g\n\x11ShutdownVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n\x05force\x18\x02 \x01(\x08R\x05force\x12\'\n\x0ftimeout_seconds\x18\x03 \x01(\x05R\x0etimeoutSeconds"_\n\x12ShutdownVmResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success\x12/\n\x05state\x18\x02 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state"%\n\x0ePauseVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId"\\\n\x0fPauseVmResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success\x12/\n\x05state\x18\x02 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state"&\n\x0fResumeVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId"]\n\x10ResumeVmResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success\x12/\n\x05state\x18\x02 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state"<\n\x0fRebootVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n\x05force\x18\x02 \x01(\x08R\x05force"]\n\x10RebootVmResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success\x12/\n\x05state\x18\x02 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state"\'\n\x10GetVmInfoRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId"\x85\x02\n\tVmMetrics\x12$\n\x0ecpu_time_nanos\x18\x01 \x01(\x03R\x0ccpuTimeNanos\x12,\n\x12memory_usage_bytes\x18\x02 \x01(\x03R\x10memoryUsageBytes\x12&\n\x0fdisk_read_bytes\x18\x03 \x01(\x03R\rdiskReadBytes\x12(\n\x10disk_write_bytes\x18\x04 \x01(\x03R\x0ediskWriteBytes\x12(\n\x10network_rx_bytes\x18\x05 \x01(\x03R\x0enetworkRxBytes\x12(\n\x10network_tx_bytes\x18\x06 \x01(\x03R\x0enetworkTxBytes"\xdd\x01\n\x14NetworkInterfaceInfo\x12!\n\x0cinterface_id\x18\x01 \x01(\tR\x0binterfaceId\x12\x1d\n\ntap_device\x18\x02 \x01(\tR\ttapDevice\x12\x1b\n\tguest_mac\x18\x03 \x01(\tR\x08guestMac\x12(\n\x10host_device_name\x18\x04 \x01(\tR\x0ehostDeviceName\x12\x1d\n\nguest_ipv4\x18\x05 \x01(\tR\tguestIpv4\x12\x1d\n\nguest_ipv6\x18\x06 \x01(\tR\tguestIpv6"u\n\rVmNetworkInfo\x12F\n\ninterfaces\x18\x01 \x03(\x0b2&.vmprovisioner.v1.NetworkInterfaceInfoR\ninterfaces\x12\x1c\n\tnamespace\x18\x02 \x01(\tR\tnamespace"\xdc\x03\n\x11GetVmInfoResponse\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x122\n\x06config\x18\x02 \x01(\x0b2\x1a.vmprovisioner.v1.VmConfigR\x06config\x12/\n\x05state\x18\x03 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state\x125\n\x07metrics\x18\x04 \x01(\x0b2\x1b.vmprovisioner.v1.VmMetricsR\x07metrics\x12W\n\x0cbackend_info\x18\x05 \x03(\x0b24.vmprovisioner.v1.GetVmInfoResponse.BackendInfoEntryR\x0bbackendInfo\x12B\n\x0cnetwork_info\x18\x06 \x01(\x0b2\x1f.vmprovisioner.v1.VmNetworkInfoR\x0bnetworkInfo\x129\n\ncreated_at\x18\x07 \x01(\x0b2\x1a.google.protobuf.TimestampR\tcreatedAt\x1a>\n\x10BackendInfoEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\x8a\x01\n\x0eListVmsRequest\x12<\n\x0cstate_filter\x18\x01 \x03(\x0e2\x19.vmprovisioner.v1.VmStateR\x0bstateFilter\x12\x1b\n\tpage_size\x18\x02 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken"\xbd\x01\n\x06VmInfo\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x122\n\x06config\x18\x02 \x01(\x0b2\x1a.vmprovisioner.v1.VmConfigR\x06config\x12/\n\x05state\x18\x03 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state\x129\n\ncreated_at\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\tcreatedAt"\x86\x01\n\x0fListVmsResponse\x12*\n\x03vms\x18\x01 \x03(\x0b2\x18.vmprovisioner.v1.VmInfoR\x03vms\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1f\n\x0btotal_count\x18\x03 \x01(\x05R\ntotalCount*{\n\x07VmState\x12\x18\n\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10VM_STATE_CREATED\x10\x01\x12\x14\n\x10VM_STATE_RUNNING\x10\x02\x12\x13\n\x0fVM_STATE_PAUSED\x10\x03\x12\x15\n\x11VM_STATE_SHUTDOWN\x10\x042\xfd\x05\n\tVmService\x12Q\n\x08CreateVm\x12!.vmprovisioner.v1.CreateVmRequest\x1a".vmprovisioner.v1.CreateVmResponse\x12Q\n\x08DeleteVm\x12!.vmprovisioner.v1.DeleteVmRequest\x1a".vmprovisioner.v1.DeleteVmResponse\x12K\n\x06BootVm\x12\x1f.vmprovisioner.v1.BootVmRequest\x1a .vmprovisioner.v1.BootVmResponse\x12W\n\nShutdownVm\x12#.vmprovisioner.v1.ShutdownVmRequest\x1a$.vmprovisioner.v1.ShutdownVmResponse\x12N\n\x07PauseVm\x12 .vmprovisioner.v1.PauseVmRequest\x1a!.vmprovisioner.v1.PauseVmResponse\x12Q\n\x08ResumeVm\x12!.vmprovisioner.v1.ResumeVmRequest\x1a".vmprovisioner.v1.ResumeVmResponse\x12Q\n\x08RebootVm\x12!.vmprovisioner.v1.RebootVmRequest\x1a".vmprovisioner.v1.RebootVmResponse\x12Y\n\tGetVmInfo\x12".vmprovisioner.v1.GetVmInfoRequest\x1a#.vmprovisioner.v1.GetVmInfoResponse"\x03\x90\x02\x01\x12S\n\x07ListVms\x12 .vmprovisioner.v1.ListVmsRequest\x1a!.vmprovisioner.v1.ListVmsResponse"\x03\x90\x02\x01b\x06proto3',
+    b'\n\x19vmprovisioner/v1/vm.proto\x12\x10vmprovisioner.v1\x1a\x1fgoogle/protobuf/timestamp.proto"\xda\x03\n\x08VmConfig\x12-\n\x03cpu\x18\x01 \x01(\x0b2\x1b.vmprovisioner.v1.CpuConfigR\x03cpu\x126\n\x06memory\x18\x02 \x01(\x0b2\x1e.vmprovisioner.v1.MemoryConfigR\x06memory\x120\n\x04boot\x18\x03 \x01(\x0b2\x1c.vmprovisioner.v1.BootConfigR\x04boot\x129\n\x07storage\x18\x04 \x03(\x0b2\x1f.vmprovisioner.v1.StorageDeviceR\x07storage\x12<\n\x07network\x18\x05 \x03(\x0b2".vmprovisioner.v1.NetworkInterfaceR\x07network\x129\n\x07console\x18\x06 \x01(\x0b2\x1f.vmprovisioner.v1.ConsoleConfigR\x07console\x12D\n\x08metadata\x18\x07 \x03(\x0b2(.vmprovisioner.v1.VmConfig.MetadataEntryR\x08metadata\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"M\n\tCpuConfig\x12\x1d\n\nvcpu_count\x18\x01 \x01(\x05R\tvcpuCount\x12!\n\x0ccpu_template\x18\x02 \x01(\tR\x0bcpuTemplate"-\n\x0cMemoryConfig\x12\x1d\n\nsize_bytes\x18\x01 \x01(\x03R\tsizeBytes"o\n\nBootConfig\x12\x1f\n\x0bkernel_path\x18\x01 \x01(\tR\nkernelPath\x12\x1f\n\x0bkernel_args\x18\x02 \x01(\tR\nkernelArgs\x12\x1f\n\x0binitrd_path\x18\x03 \x01(\tR\ninitrdPath"\x96\x01\n\rStorageDevice\x12\x1b\n\tdevice_id\x18\x01 \x01(\tR\x08deviceId\x12 \n\x0cpath_on_host\x18\x02 \x01(\tR\npathOnHost\x12 \n\x0cis_read_only\x18\x03 \x01(\x08R\nisReadOnly\x12$\n\x0eis_root_device\x18\x04 \x01(\x08R\x0cisRootDevice"\xca\x03\n\x10NetworkInterface\x12!\n\x0cinterface_id\x18\x01 \x01(\tR\x0binterfaceId\x12\x12\n\x04type\x18\x02 \x01(\tR\x04type\x12\x1b\n\tguest_mac\x18\x03 \x01(\tR\x08guestMac\x12:\n\nrate_limit\x18\x04 \x01(\x0b2\x1b.vmprovisioner.v1.RateLimitR\trateLimit\x129\n\thost_ipv4\x18\x05 \x01(\x0b2\x1c.vmprovisioner.v1.IPv4ConfigR\x08hostIpv4\x12;\n\nguest_ipv4\x18\x06 \x01(\x0b2\x1c.vmprovisioner.v1.IPv4ConfigR\tguestIpv4\x129\n\thost_ipv6\x18\x07 \x01(\x0b2\x1c.vmprovisioner.v1.IPv6ConfigR\x08hostIpv6\x12;\n\nguest_ipv6\x18\x08 \x01(\x0b2\x1c.vmprovisioner.v1.IPv6ConfigR\tguestIpv6\x126\n\x06egress\x18\t \x01(\x0b2\x1e.vmprovisioner.v1.EgressPolicyR\x06egress"B\n\x0cEgressPolicy\x122\n\x05allow\x18\x01 \x03(\x0b2\x1c.vmprovisioner.v1.EgressRuleR\x05allow"R\n\nEgressRule\x12\x12\n\x04cidr\x18\x01 \x01(\tR\x04cidr\x12\x14\n\x05ports\x18\x02 \x03(\rR\x05ports\x12\x1a\n\x08protocol\x18\x03 \x01(\tR\x08protocol"\x97\x01\n\tRateLimit\x12;\n\x1abandwidth_bytes_per_second\x18\x01 \x01(\x03R\x17bandwidthBytesPerSecond\x12\x1f\n\x0bburst_bytes\x18\x02 \x01(\x03R\nburstBytes\x12,\n\x12refill_time_millis\x18\x03 \x01(\x03R\x10refillTimeMillis"e\n\nIPv4Config\x12\x18\n\x07address\x18\x01 \x01(\tR\x07address\x12#\n\rprefix_length\x18\x02 \x01(\x05R\x0cprefixLength\x12\x18\n\x07gateway\x18\x03 \x01(\tR\x07gateway"e\n\nIPv6Config\x12\x18\n\x07address\x18\x01 \x01(\tR\x07address\x12#\n\rprefix_length\x18\x02 \x01(\x05R\x0cprefixLength\x12\x18\n\x07gateway\x18\x03 \x01(\tR\x07gateway"D\n\rConsoleConfig\x12\x12\n\x04type\x18\x01 \x01(\tR\x04type\x12\x1f\n\x0boutput_file\x18\x02 \x01(\tR\noutputFile"\x9c\x01\n\x0fCreateVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x122\n\x06config\x18\x02 \x01(\x0b2\x1a.vmprovisioner.v1.VmConfigR\x06config\x12\x1f\n\x0bcustomer_id\x18\x03 \x01(\tR\ncustomerId\x12\x1f\n\x0bsnapshot_id\x18\x04 \x01(\tR\nsnapshotId"X\n\x10CreateVmResponse\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12/\n\x05state\x18\x02 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state"<\n\x0fDeleteVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n\x05force\x18\x02 \x01(\x08R\x05force",\n\x10DeleteVmResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success"|\n\rBootVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12$\n\x0ewait_for_ready\x18\x02 \x01(\x08R\x0cwaitForReady\x120\n\x14wait_timeout_seconds\x18\x03 \x01(\x05R\x12waitTimeoutSeconds"[\n\x0eBootVmResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success\x12/\n\x05state\x18\x02 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state"g\n\x11ShutdownVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n\x05force\x18\x02 \x01(\x08R\x05force\x12\'\n\x0ftimeout_seconds\x18\x03 \x01(\x05R\x0etimeoutSeconds"_\n\x12ShutdownVmResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success\x12/\n\x05state\x18\x02 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state"%\n\x0ePauseVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId"\\\n\x0fPauseVmResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success\x12/\n\x05state\x18\x02 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state"&\n\x0fResumeVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId"]\n\x10ResumeVmResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success\x12/\n\x05state\x18\x02 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state"<\n\x0fRebootVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n\x05force\x18\x02 \x01(\x08R\x05force"]\n\x10RebootVmResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success\x12/\n\x05state\x18\x02 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state"\'\n\x10GetVmInfoRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId"\x85\x02\n\tVmMetrics\x12$\n\x0ecpu_time_nanos\x18\x01 \x01(\x03R\x0ccpuTimeNanos\x12,\n\x12memory_usage_bytes\x18\x02 \x01(\x03R\x10memoryUsageBytes\x12&\n\x0fdisk_read_bytes\x18\x03 \x01(\x03R\rdiskReadBytes\x12(\n\x10disk_write_bytes\x18\x04 \x01(\x03R\x0ediskWriteBytes\x12(\n\x10network_rx_bytes\x18\x05 \x01(\x03R\x0enetworkRxBytes\x12(\n\x10network_tx_bytes\x18\x06 \x01(\x03R\x0enetworkTxBytes"\xdd\x01\n\x14NetworkInterfaceInfo\x12!\n\x0cinterface_id\x18\x01 \x01(\tR\x0binterfaceId\x12\x1d\n\ntap_device\x18\x02 \x01(\tR\ttapDevice\x12\x1b\n\tguest_mac\x18\x03 \x01(\tR\x08guestMac\x12(\n\x10host_device_name\x18\x04 \x01(\tR\x0ehostDeviceName\x12\x1d\n\nguest_ipv4\x18\x05 \x01(\tR\tguestIpv4\x12\x1d\n\nguest_ipv6\x18\x06 \x01(\tR\tguestIpv6"u\n\rVmNetworkInfo\x12F\n\ninterfaces\x18\x01 \x03(\x0b2&.vmprovisioner.v1.NetworkInterfaceInfoR\ninterfaces\x12\x1c\n\tnamespace\x18\x02 \x01(\tR\tnamespace"\xdc\x03\n\x11GetVmInfoResponse\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x122\n\x06config\x18\x02 \x01(\x0b2\x1a.vmprovisioner.v1.VmConfigR\x06config\x12/\n\x05state\x18\x03 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state\x125\n\x07metrics\x18\x04 \x01(\x0b2\x1b.vmprovisioner.v1.VmMetricsR\x07metrics\x12W\n\x0cbackend_info\x18\x05 \x03(\x0b24.vmprovisioner.v1.GetVmInfoResponse.BackendInfoEntryR\x0bbackendInfo\x12B\n\x0cnetwork_info\x18\x06 \x01(\x0b2\x1f.vmprovisioner.v1.VmNetworkInfoR\x0bnetworkInfo\x129\n\ncreated_at\x18\x07 \x01(\x0b2\x1a.google.protobuf.TimestampR\tcreatedAt\x1a>\n\x10BackendInfoEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\x8a\x01\n\x0eListVmsRequest\x12<\n\x0cstate_filter\x18\x01 \x03(\x0e2\x19.vmprovisioner.v1.VmStateR\x0bstateFilter\x12\x1b\n\tpage_size\x18\x02 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken"\xbd\x01\n\x06VmInfo\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x122\n\x06config\x18\x02 \x01(\x0b2\x1a.vmprovisioner.v1.VmConfigR\x06config\x12/\n\x05state\x18\x03 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state\x129\n\ncreated_at\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\tcreatedAt"\x86\x01\n\x0fListVmsResponse\x12*\n\x03vms\x18\x01 \x03(\x0b2\x18.vmprovisioner.v1.VmInfoR\x03vms\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1f\n\x0btotal_count\x18\x03 \x01(\x05R\ntotalCount"\xfb\x01\n\x11SnapshotVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x1f\n\x0bsnapshot_id\x18\x02 \x01(\tR\nsnapshotId\x12M\n\x08metadata\x18\x03 \x03(\x0b21.vmprovisioner.v1.SnapshotVmRequest.MetadataEntryR\x08metadata\x12$\n\x0ewarm_pool_size\x18\x04 \x01(\rR\x0cwarmPoolSize\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\x85\x01\n\x12SnapshotVmResponse\x12\x1f\n\x0bsnapshot_id\x18\x01 \x01(\tR\nsnapshotId\x12\x1d\n\nsize_bytes\x18\x02 \x01(\x03R\tsizeBytes\x12/\n\x05state\x18\x03 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state"\x84\x03\n\x08Snapshot\x12\x1f\n\x0bsnapshot_id\x18\x01 \x01(\tR\nsnapshotId\x12 \n\x0csource_vm_id\x18\x02 \x01(\tR\nsourceVmId\x122\n\x06config\x18\x03 \x01(\x0b2\x1a.vmprovisioner.v1.VmConfigR\x06config\x129\n\ncreated_at\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1d\n\nsize_bytes\x18\x05 \x01(\x03R\tsizeBytes\x12D\n\x08metadata\x18\x06 \x03(\x0b2(.vmprovisioner.v1.Snapshot.MetadataEntryR\x08metadata\x12$\n\x0ewarm_pool_size\x18\x07 \x01(\rR\x0cwarmPoolSize\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"R\n\x14ListSnapshotsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken"\x9a\x01\n\x15ListSnapshotsResponse\x128\n\tsnapshots\x18\x01 \x03(\x0b2\x1a.vmprovisioner.v1.SnapshotR\tsnapshots\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1f\n\x0btotal_count\x18\x03 \x01(\x05R\ntotalCount"8\n\x15DeleteSnapshotRequest\x12\x1f\n\x0bsnapshot_id\x18\x01 \x01(\tR\nsnapshotId"2\n\x16DeleteSnapshotResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success"\x92\x02\n\rExecVmRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x18\n\x07command\x18\x02 \x03(\tR\x07command\x12:\n\x03env\x18\x03 \x03(\x0b2(.vmprovisioner.v1.ExecVmRequest.EnvEntryR\x03env\x12\x14\n\x05stdin\x18\x04 \x01(\x0cR\x05stdin\x12\x1f\n\x0bworking_dir\x18\x05 \x01(\tR\nworkingDir\x12\'\n\x0ftimeout_seconds\x18\x06 \x01(\rR\x0etimeoutSeconds\x1a6\n\x08EnvEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\x98\x01\n\x0eExecVmResponse\x12\x1b\n\texit_code\x18\x01 \x01(\x05R\x08exitCode\x12\x16\n\x06stdout\x18\x02 \x01(\x0cR\x06stdout\x12\x16\n\x06stderr\x18\x03 \x01(\x0cR\x06stderr\x12\x1b\n\ttimed_out\x18\x04 \x01(\x08R\x08timedOut\x12\x1c\n\ttruncated\x18\x05 \x01(\x08R\ttruncated"i\n\x10WriteFileRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x18\n\x07content\x18\x03 \x01(\x0cR\x07content\x12\x12\n\x04mode\x18\x04 \x01(\rR\x04mode"-\n\x11WriteFileResponse\x12\x18\n\x07success\x18\x01 \x01(\x08R\x07success":\n\x0fReadFileRequest\x12\x13\n\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path"_\n\x10ReadFileResponse\x12\x18\n\x07content\x18\x01 \x01(\x0cR\x07content\x12\x12\n\x04mode\x18\x02 \x01(\rR\x04mode\x12\x1d\n\nsize_bytes\x18\x03 \x01(\x03R\tsizeBytes"\x89\x01\n\x0fWatchVmsRequest\x12<\n\x0cstate_filter\x18\x01 \x03(\x0e2\x19.vmprovisioner.v1.VmStateR\x0bstateFilter\x12\x15\n\x06vm_ids\x18\x02 \x03(\tR\x05vmIds\x12!\n\x0cafter_cursor\x18\x03 \x01(\tR\x0bafterCursor"\xa0\x02\n\x07VmEvent\x12\x16\n\x06cursor\x18\x01 \x01(\tR\x06cursor\x12\x13\n\x05vm_id\x18\x02 \x01(\tR\x04vmId\x121\n\x04type\x18\x03 \x01(\x0e2\x1d.vmprovisioner.v1.VmEventTypeR\x04type\x12/\n\x05state\x18\x04 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state\x12@\n\x0eprevious_state\x18\x05 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\rpreviousState\x12\x16\n\x06reason\x18\x06 \x01(\tR\x06reason\x12*\n\x02at\x18\x07 \x01(\x0b2\x1a.google.protobuf.TimestampR\x02at*{\n\x07VmState\x12\x18\n\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10VM_STATE_CREATED\x10\x01\x12\x14\n\x10VM_STATE_RUNNING\x10\x02\x12\x13\n\x0fVM_STATE_PAUSED\x10\x03\x12\x15\n\x11VM_STATE_SHUTDOWN\x10\x04*\xbc\x01\n\x0bVmEventType\x12\x1d\n\x19VM_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15VM_EVENT_TYPE_CREATED\x10\x01\x12\x1f\n\x1bVM_EVENT_TYPE_STATE_CHANGED\x10\x02\x12\x1d\n\x19VM_EVENT_TYPE_GUEST_READY\x10\x03\x12\x18\n\x14VM_EVENT_TYPE_EXITED\x10\x04\x12\x19\n\x15VM_EVENT_TYPE_DELETED\x10\x052\xe4\n\n\tVmService\x12Q\n\x08CreateVm\x12!.vmprovisioner.v1.CreateVmRequest\x1a".vmprovisioner.v1.CreateVmResponse\x12Q\n\x08DeleteVm\x12!.vmprovisioner.v1.DeleteVmRequest\x1a".vmprovisioner.v1.DeleteVmResponse\x12K\n\x06BootVm\x12\x1f.vmprovisioner.v1.BootVmRequest\x1a .vmprovisioner.v1.BootVmResponse\x12W\n\nShutdownVm\x12#.vmprovisioner.v1.ShutdownVmRequest\x1a$.vmprovisioner.v1.ShutdownVmResponse\x12N\n\x07PauseVm\x12 .vmprovisioner.v1.PauseVmRequest\x1a!.vmprovisioner.v1.PauseVmResponse\x12Q\n\x08ResumeVm\x12!.vmprovisioner.v1.ResumeVmRequest\x1a".vmprovisioner.v1.ResumeVmResponse\x12Q\n\x08RebootVm\x12!.vmprovisioner.v1.RebootVmRequest\x1a".vmprovisioner.v1.RebootVmResponse\x12Y\n\tGetVmInfo\x12".vmprovisioner.v1.GetVmInfoRequest\x1a#.vmprovisioner.v1.GetVmInfoResponse"\x03\x90\x02\x01\x12S\n\x07ListVms\x12 .vmprovisioner.v1.ListVmsRequest\x1a!.vmprovisioner.v1.ListVmsResponse"\x03\x90\x02\x01\x12W\n\nSnapshotVm\x12#.vmprovisioner.v1.SnapshotVmRequest\x1a$.vmprovisioner.v1.SnapshotVmResponse\x12e\n\rListSnapshots\x12&.vmprovisioner.v1.ListSnapshotsRequest\x1a\'.vmprovisioner.v1.ListSnapshotsResponse"\x03\x90\x02\x01\x12c\n\x0eDeleteSnapshot\x12\'.vmprovisioner.v1.DeleteSnapshotRequest\x1a(.vmprovisioner.v1.DeleteSnapshotResponse\x12K\n\x06ExecVm\x12\x1f.vmprovisioner.v1.ExecVmRequest\x1a .vmprovisioner.v1.ExecVmResponse\x12T\n\tWriteFile\x12".vmprovisioner.v1.WriteFileRequest\x1a#.vmprovisioner.v1.WriteFileResponse\x12Q\n\x08ReadFile\x12!.vmprovisioner.v1.ReadFileRequest\x1a".vmprovisioner.v1.ReadFileResponse\x12J\n\x08WatchVms\x12!.vmprovisioner.v1.WatchVmsRequest\x1a\x19.vmprovisioner.v1.VmEvent0\x01b\x06proto3',
     [
         timestamp_pb.desc(),
     ],
@@ -1366,6 +2160,8 @@ _DESC = file_desc(
         "BootConfig": BootConfig,
         "StorageDevice": StorageDevice,
         "NetworkInterface": NetworkInterface,
+        "EgressPolicy": EgressPolicy,
+        "EgressRule": EgressRule,
         "RateLimit": RateLimit,
         "IPv4Config": IPv4Config,
         "IPv6Config": IPv6Config,
@@ -1392,7 +2188,23 @@ _DESC = file_desc(
         "ListVmsRequest": ListVmsRequest,
         "VmInfo": VmInfo,
         "ListVmsResponse": ListVmsResponse,
+        "SnapshotVmRequest": SnapshotVmRequest,
+        "SnapshotVmResponse": SnapshotVmResponse,
+        "Snapshot": Snapshot,
+        "ListSnapshotsRequest": ListSnapshotsRequest,
+        "ListSnapshotsResponse": ListSnapshotsResponse,
+        "DeleteSnapshotRequest": DeleteSnapshotRequest,
+        "DeleteSnapshotResponse": DeleteSnapshotResponse,
+        "ExecVmRequest": ExecVmRequest,
+        "ExecVmResponse": ExecVmResponse,
+        "WriteFileRequest": WriteFileRequest,
+        "WriteFileResponse": WriteFileResponse,
+        "ReadFileRequest": ReadFileRequest,
+        "ReadFileResponse": ReadFileResponse,
+        "WatchVmsRequest": WatchVmsRequest,
+        "VmEvent": VmEvent,
         "VmState": VmState,
+        "VmEventType": VmEventType,
     },
 )
 
