@@ -41,7 +41,7 @@ from metald.ports import (
     VmMetrics,
     VmStore,
 )
-from metald.usecases import ConsoleChunk, Page, VmDetails
+from metald.usecases import ConsoleChunk, ExecCommand, ExecResult, GuestFile, Page, VmDetails, WatchItem
 
 log = logging.getLogger("metald.service")
 T = TypeVar("T")
@@ -458,6 +458,23 @@ class VmService:
         total = await self._store.count(customer_id, wanted)
         return Page(rows, token, total)
 
+    # ---- not built yet (issue 15): answered UNIMPLEMENTED until they are -----------------------
+
+    async def watch(
+        self, customer_id: str, states: Sequence[VmState], vm_ids: Sequence[str], after_cursor: str
+    ) -> AsyncIterator[WatchItem]:
+        raise _unimplemented("WatchVms")
+        yield  # pragma: no cover
+
+    async def exec(self, customer_id: str, vm_id: str, command: ExecCommand) -> ExecResult:
+        raise _unimplemented("ExecVm")
+
+    async def write_file(self, customer_id: str, vm_id: str, path: str, content: bytes, mode: int) -> None:
+        raise _unimplemented("WriteFile")
+
+    async def read_file(self, customer_id: str, vm_id: str, path: str) -> GuestFile:
+        raise _unimplemented("ReadFile")
+
     # ---- events and recovery -------------------------------------------------------------------
 
     async def _on_vmm_exit(self, vm_id: str, reason: str) -> None:
@@ -520,6 +537,12 @@ class VmService:
             else:
                 await self._save(vm, pending="")
             return False
+
+
+def _unimplemented(rpc: str) -> MetaldError:
+    return MetaldError(
+        ErrorCode.UNIMPLEMENTED, f"{rpc} is not available on this host yet", reason="UNIMPLEMENTED"
+    )
 
 
 def _store_full(exc: StoreFullError) -> MetaldError:

@@ -6,10 +6,11 @@ it, and so can anything that forwards to one (a fleet gateway).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from metald.domain.events import VmEvent
 from metald.domain.model import Vm, VmConfig
 from metald.domain.states import VmState
 from metald.ports import NetworkAttachment, VmMetrics, VmRuntime
@@ -36,6 +37,39 @@ class ConsoleChunk:
     data: bytes
     next_offset: int
     size: int
+
+
+@dataclass(frozen=True)
+class WatchItem:
+    """One event of a watch and the opaque cursor to resume after it."""
+
+    cursor: str
+    event: VmEvent
+
+
+@dataclass(frozen=True)
+class ExecCommand:
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    stdin: bytes = b""
+    working_dir: str = ""
+    timeout_seconds: float = 0.0  # 0: the host's default
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class GuestFile:
+    content: bytes
+    mode: int
+    size_bytes: int
 
 
 class VmUseCases(Protocol):
@@ -66,3 +100,18 @@ class VmUseCases(Protocol):
     async def read_console(self, customer_id: str, vm_id: str, offset: int, limit: int) -> ConsoleChunk:
         """Up to `limit` bytes of the VM's console log from `offset` (owner only)."""
         ...
+
+    def watch(
+        self, customer_id: str, states: Sequence[VmState], vm_ids: Sequence[str], after_cursor: str
+    ) -> AsyncIterator[WatchItem]:
+        """The caller's VM events after `after_cursor` (kept ones first), then live ones, until the
+        caller stops iterating. A cursor older than the retention raises OUT_OF_RANGE."""
+        ...
+
+    async def exec(self, customer_id: str, vm_id: str, command: ExecCommand) -> ExecResult: ...
+
+    async def write_file(
+        self, customer_id: str, vm_id: str, path: str, content: bytes, mode: int
+    ) -> None: ...
+
+    async def read_file(self, customer_id: str, vm_id: str, path: str) -> GuestFile: ...

@@ -19,6 +19,8 @@ _CODES: dict[ErrorCode, Code] = {
     ErrorCode.UNAVAILABLE: Code.UNAVAILABLE,
     ErrorCode.INTERNAL: Code.INTERNAL,
     ErrorCode.UNAUTHENTICATED: Code.UNAUTHENTICATED,
+    ErrorCode.OUT_OF_RANGE: Code.OUT_OF_RANGE,
+    ErrorCode.UNIMPLEMENTED: Code.UNIMPLEMENTED,
 }
 
 

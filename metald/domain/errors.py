@@ -19,6 +19,8 @@ class ErrorCode(enum.Enum):
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
     UNAUTHENTICATED = "unauthenticated"
+    OUT_OF_RANGE = "out_of_range"
+    UNIMPLEMENTED = "unimplemented"
 
 
 class MetaldError(Exception):
