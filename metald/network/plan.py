@@ -72,10 +72,10 @@ async def plan_vm(ipam: Ipam, vm: Vm) -> tuple[NicAddress, ...]:
             metadata={"vm_id": vm.vm_id},
         )
     try:
-        net = await ipam.customer_network(vm.customer_id)
+        net = await ipam.customer_network(vm.customer_id, vm.vm_id)
         return tuple([await _plan_nic(ipam, net, vm, i, nic) for i, nic in enumerate(nics)])
     except BaseException:
-        await ipam.release(vm.vm_id)
+        await ipam.release(vm.vm_id, vm.customer_id)
         raise
 
 
