@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from metald.domain.events import VmEvent
 from metald.domain.model import Vm
+from metald.domain.snapshots import PENDING_CREATING, Snapshot
 from metald.domain.states import VmState
 from metald.ports import CheckResult, EventRetention
 
@@ -138,9 +139,72 @@ class MemoryVmRecords:
         ]
         return len(vms), sum(vm.config.vcpu_count for vm in vms), sum(vm.config.memory_bytes for vm in vms)
 
+    def clones_of(self, snapshot_id: str) -> int:
+        return sum(vm.snapshot_id == snapshot_id for vm in self._vms.values())
+
 
 def _seq(vm: Vm) -> int:
     return vm.seq
+
+
+class MemorySnapshotRecords:
+    def __init__(self, vms: MemoryVmRecords) -> None:
+        self._vms = vms
+        self._snapshots: dict[str, Snapshot] = {}  # insertion order is seq order
+        self._seqs = itertools.count(1)
+
+    async def insert(self, snapshot: Snapshot) -> Snapshot:
+        if snapshot.snapshot_id in self._snapshots:
+            raise KeyError(snapshot.snapshot_id)
+        snapshot.seq = next(self._seqs)
+        self._snapshots[snapshot.snapshot_id] = copy.deepcopy(snapshot)
+        return snapshot
+
+    async def get(self, snapshot_id: str) -> Snapshot | None:
+        snapshot = self._snapshots.get(snapshot_id)
+        return copy.deepcopy(snapshot) if snapshot and not snapshot.deleted else None
+
+    async def save(self, snapshot: Snapshot) -> None:
+        if stored := self._snapshots.get(snapshot.snapshot_id):
+            stored.size_bytes, stored.pending = snapshot.size_bytes, snapshot.pending
+            stored.warm_pool_size = snapshot.warm_pool_size
+
+    def _listed(self, customer_id: str) -> list[Snapshot]:
+        return [
+            s
+            for s in self._snapshots.values()
+            if s.customer_id == customer_id and not s.deleted and s.pending != PENDING_CREATING
+        ]
+
+    async def list_page(self, customer_id: str, after_seq: int, limit: int) -> list[Snapshot]:
+        return [copy.deepcopy(s) for s in self._listed(customer_id) if s.seq > after_seq][:limit]
+
+    async def count(self, customer_id: str) -> int:
+        return len(self._listed(customer_id))
+
+    async def usage(self, customer_id: str) -> tuple[int, int]:
+        mine = [s for s in self._snapshots.values() if s.customer_id == customer_id and not s.deleted]
+        return len(mine), sum(s.size_bytes for s in mine)
+
+    async def mark_deleted(self, snapshot_id: str) -> None:
+        if stored := self._snapshots.get(snapshot_id):
+            stored.deleted = True
+
+    async def clone_count(self, snapshot_id: str) -> int:
+        return self._vms.clones_of(snapshot_id)
+
+    async def unused_deleted(self) -> list[Snapshot]:
+        return [
+            copy.deepcopy(s)
+            for s in self._snapshots.values()
+            if s.deleted and not self._vms.clones_of(s.snapshot_id)
+        ]
+
+    async def purge(self, snapshot_id: str) -> None:
+        self._snapshots.pop(snapshot_id, None)
+
+    async def all_snapshots(self) -> list[Snapshot]:
+        return [copy.deepcopy(s) for s in self._snapshots.values()]
 
 
 class MemoryAddressBook:
@@ -177,6 +241,7 @@ class MemoryStore:
         self.vms = MemoryVmRecords(self.events)
         self.addresses = MemoryAddressBook()
         self.secrets = MemorySecrets()
+        self.snapshots = MemorySnapshotRecords(self.vms)
 
     async def ping(self) -> CheckResult:
         return CheckResult("healthy", "memory")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -13,29 +11,9 @@ from metald.domain.events import VmEvent, VmEventType
 from metald.domain.model import CpuConfig, MemoryConfig, NicAddress, Vm, VmConfig
 from metald.domain.states import VmState
 from metald.ports import EventRetention, Store
-from metald.store.memory import MemoryStore
-from metald.store.sqlite import SqliteStore
+from tests.store.conftest import OpenStore
 
-OpenStore = Callable[[EventRetention], Awaitable[Store]]
 T0 = datetime(2026, 12, 1, 12, 0, 0, 250_000, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "memory"])
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
-    async def sqlite(retention: EventRetention) -> Store:
-        return await SqliteStore.open(tmp_path / "metald.db", retention)
-
-    async def memory(retention: EventRetention) -> Store:
-        return MemoryStore(retention)
-
-    return sqlite if request.param == "sqlite" else memory
-
-
-@pytest.fixture
-async def store(open_store: OpenStore) -> AsyncIterator[Store]:
-    s = await open_store(EventRetention())
-    yield s
-    await s.close()
 
 
 def make_vm(vm_id: str, customer: str = "acme", vcpus: int = 1, mib: int = 128, **fields: object) -> Vm:
@@ -53,11 +31,12 @@ async def insert(store: Store, vm: Vm) -> Vm:
 
 async def test_insert_assigns_growing_seqs_and_get_returns_the_record(store: Store) -> None:
     nics = (NicAddress("eth0", "02:00:00:00:00:01", "10.0.0.2/24", "10.0.0.1"),)
-    first = await insert(store, make_vm("vm_a", nics=nics, shutdown_reason="r"))
+    first = await insert(store, make_vm("vm_a", nics=nics, shutdown_reason="r", snapshot_id="snap_1"))
     second = await insert(store, make_vm("vm_b"))
     assert 0 < first.seq < second.seq
     got = await store.vms.get("vm_a")
-    assert got == make_vm("vm_a", nics=nics, shutdown_reason="r", seq=first.seq)
+    assert got == make_vm("vm_a", nics=nics, shutdown_reason="r", snapshot_id="snap_1", seq=first.seq)
+    assert (await store.vms.get("vm_b")).snapshot_id == ""  # type: ignore[union-attr]
     assert await store.vms.get("vm_nope") is None
 
 

@@ -62,6 +62,8 @@ async def test_release_database_opens_with_every_vm_address_and_key(tmp_path: Pa
         assert explicit.config.network[0].host_ipv4 == IpConfig("192.168.50.1", 24)
         assert explicit.nics[0].mac == "02:aa:bb:cc:dd:01"
         assert await store.vms.usage("acme") == (3, 5, (512 + 512 + 128) << 20)
+        assert all(vm.snapshot_id == "" for vm in vms.values())  # a column the release did not have
+        assert await store.snapshots.count("acme") == 0
 
         book = store.addresses
         assert await book.used_addresses("netindex") == {"173", "141"}
