@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from metald.cli.daemon import main
 from metald.domain.events import VmEvent, VmEventType
 from metald.domain.model import IpConfig, NetworkInterface, Vm, VmConfig
 from metald.domain.states import VmState
@@ -108,3 +109,14 @@ async def test_a_database_from_a_newer_metald_is_refused_untouched(tmp_path: Pat
     with pytest.raises(SchemaTooNewError):
         await SqliteStore.open(path)
     assert user_version(path) == len(MIGRATIONS) + 1
+
+
+def test_the_daemon_refuses_a_newer_schema_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = release_database(tmp_path / "metald.db")
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA user_version = 99")
+    assert main(["serve", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0"]) == 2
+    assert "schema version 99" in capsys.readouterr().err
+    assert user_version(path) == 99
