@@ -129,3 +129,22 @@ async def test_state_files_are_0600_and_unreadable_by_the_vmm_user(shared_dir: P
         _assert_private([path.with_name(path.name + suffix) for suffix in ("", "-wal", "-shm")])
     finally:
         await store.close()
+
+
+async def test_a_record_change_whose_event_fails_is_rolled_back(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "metald.db")
+    try:
+        now = datetime.now(UTC)
+        vm = Vm("vm_a", "acme", VmConfig(), VmState.CREATED, now, now)
+        broken = VmEvent("vm_a", "acme", VmEventType.CREATED, vm.state, vm.state, "", datetime(2026, 1, 1))
+        with pytest.raises(TypeError):  # a naive time cannot be stored: fails after the VM row
+            await store.vms.insert(vm, broken)
+        assert await store.vms.get("vm_a") is None
+        good = VmEvent("vm_a", "acme", VmEventType.CREATED, vm.state, vm.state, "", now)
+        await store.vms.insert(vm, good)
+        with pytest.raises(TypeError):
+            await store.vms.delete("vm_a", broken)
+        assert await store.vms.get("vm_a") is not None
+        assert [e.seq for e in await store.events.events_after("acme", 0, 10)] == [1]
+    finally:
+        await store.close()
