@@ -192,17 +192,19 @@ class Ipam:
     async def claim_netid(self, id8: str, vm_id: str) -> bool:
         return await self._store.claim_address("netid", id8, vm_id)
 
-    async def release(self, vm_id: str, customer_id: str) -> None:
+    async def release(self, vm_id: str, customer_id: str) -> str:
         """Free everything the VM holds (addresses, MACs, device names) and, if it was the
         customer's last VM on its network, what the customer holds (index, host-side
-        addresses and networks). Idempotent."""
+        addresses and networks). Returns the bridge of a network so freed, else "". Idempotent."""
         async with self._host_wide:
             await self._store.release_addresses(vm_id)
             for pool in (f"member@{customer_id}", f"mac@{customer_id}"):
                 if await self._store.used_addresses(pool):
-                    return
+                    return ""
+            indexes = await self._store.used_addresses(f"net@{customer_id}")
             await self._store.release_addresses(owner_of_customer(customer_id))
             self._networks.pop(customer_id, None)
+            return customer_bridge(min(int(i) for i in indexes)) if indexes else ""
 
 
 def _hosts(subnet: IPNetwork) -> Iterator[IPAddress]:

@@ -55,7 +55,13 @@ class LinuxNetwork:
         return await plan_vm(self._ipam, vm)
 
     async def release(self, vm: Vm) -> None:
-        await self._ipam.release(vm.vm_id, vm.customer_id)
+        freed = await self._ipam.release(vm.vm_id, vm.customer_id)
+        if freed and ip.netns_exists(self._host):
+            # The next customer of this index must not inherit the old host-side addresses.
+            async with self._bridge_locks[freed]:
+                links = await ip.links(self._host)
+                if not any(link.get("master") == freed for link in links):
+                    await plumbing.delete_links(self._host, [freed])
 
     # ---- devices ----
 

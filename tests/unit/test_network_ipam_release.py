@@ -14,6 +14,7 @@ from metald.domain.errors import ErrorCode, MetaldError
 from metald.domain.model import IpConfig, NetworkInterface, Vm, VmConfig
 from metald.domain.states import VmState
 from metald.network.ipam import Ipam
+from metald.network.names import customer_bridge
 from metald.network.plan import plan_vm
 from metald.ports import Store
 from metald.store.memory import MemoryStore
@@ -61,7 +62,7 @@ async def test_a_full_pool_refuses_until_a_customer_leaves_then_reuses_its_subne
         await plan_vm(ipam, make_vm("vm_c", "c"))
     assert info.value.reason == "NETWORK_POOL_EXHAUSTED"
     freed = (await ipam.customer_network("a")).index
-    await ipam.release("vm_a", "a")
+    assert await ipam.release("vm_a", "a") == customer_bridge(freed)  # the bridge to remove
     (nic,) = await plan_vm(ipam, make_vm("vm_c", "c"))
     assert (await ipam.customer_network("c")).index == freed
     assert nic.guest_ipv4 == f"10.9.{freed}.2/24"
@@ -72,7 +73,7 @@ async def test_the_network_stays_while_another_vm_of_the_customer_uses_it(store:
     first = (await plan_vm(ipam, make_vm("vm_a", "acme")))[0]
     second = (await plan_vm(ipam, make_vm("vm_b", "acme")))[0]
     index = (await ipam.customer_network("acme")).index
-    await ipam.release("vm_a", "acme")
+    assert await ipam.release("vm_a", "acme") == ""  # vm_b still uses the network and its bridge
     assert (await ipam.customer_network("acme")).index == index
     assert await store.addresses.used_addresses("ipv4@acme") == {second.guest_ipv4.split("/")[0]}
     third = (await plan_vm(ipam, make_vm("vm_c", "acme")))[0]
