@@ -24,6 +24,7 @@ from typing import TypeVar
 from metald.assets import AssetResolver
 from metald.domain import ids
 from metald.domain.errors import ErrorCode, MetaldError, invalid, not_found, not_owned
+from metald.domain.events import VmEvent, VmEventType
 from metald.domain.guest_args import guest_kernel_args
 from metald.domain.model import Vm, VmConfig
 from metald.domain.paging import PageTokens
@@ -39,7 +40,7 @@ from metald.ports import (
     ServiceEvents,
     StoreFullError,
     VmMetrics,
-    VmStore,
+    VmRecords,
 )
 from metald.usecases import ConsoleChunk, ExecCommand, ExecResult, GuestFile, Page, VmDetails, WatchItem
 
@@ -66,7 +67,7 @@ class VmService:
     def __init__(
         self,
         *,
-        store: VmStore,
+        store: VmRecords,
         backend: Backend,
         network: Network | None,
         assets: AssetResolver,
@@ -277,7 +278,7 @@ class VmService:
             host_vms, _, _ = await self._store.usage(None)
             check_create(self._opts.quotas, customer_vms, host_vms)
             try:
-                vm = await self._store.insert(vm)
+                vm = await self._store.insert(vm, _event(vm, VmEventType.CREATED, VmState.UNSPECIFIED))
             except KeyError:
                 raise MetaldError(
                     ErrorCode.ALREADY_EXISTS, f"VM {vm_id} already exists", reason="VM_EXISTS"
@@ -422,7 +423,7 @@ class VmService:
         if self._network is not None and vm.config.network:
             await self._network.detach(vm)
             await self._network.release(vm)
-        await self._store.delete(vm.vm_id)
+        await self._store.delete(vm.vm_id, _event(vm, VmEventType.DELETED, vm.state))
 
     async def info(self, customer_id: str, vm_id: str) -> VmDetails:
         vm = await self._owned(customer_id, vm_id)
@@ -543,6 +544,10 @@ def _unimplemented(rpc: str) -> MetaldError:
     return MetaldError(
         ErrorCode.UNIMPLEMENTED, f"{rpc} is not available on this host yet", reason="UNIMPLEMENTED"
     )
+
+
+def _event(vm: Vm, kind: VmEventType, previous: VmState, reason: str = "") -> VmEvent:
+    return VmEvent(vm.vm_id, vm.customer_id, kind, vm.state, previous, reason, datetime.now(UTC))
 
 
 def _store_full(exc: StoreFullError) -> MetaldError:
