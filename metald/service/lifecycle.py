@@ -143,9 +143,16 @@ class Lifecycle(Launch):
             ready = await self._backend.wait_ready(vm_id, timeout)
         except MetaldError as exc:
             if exc.reason == "VM_EXITED":  # record it now: the caller may look right after our answer
-                reason = self._backend.last_exit_reason(vm_id) or exc.metadata.get("exit_reason", "")
-                await self._on_vmm_exit(vm_id, reason or "vmm_exited")
+                await self._record_early_exit(vm_id, exc.metadata.get("exit_reason", ""))
             raise
+        if not ready and await self._backend.runtime(vm_id) is None:
+            reason = await self._record_early_exit(vm_id, "")
+            raise MetaldError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"VM {vm_id} exited before its guest was ready ({reason})",
+                reason="VM_EXITED",
+                metadata={"vm_id": vm_id, "exit_reason": reason},
+            )
         if not ready:
             raise MetaldError(
                 ErrorCode.DEADLINE_EXCEEDED,
@@ -154,6 +161,11 @@ class Lifecycle(Launch):
                 metadata={"vm_id": vm_id},
             )
         self._spawn(self._note_guest_ready(vm_id))  # never waits behind another operation's lock
+
+    async def _record_early_exit(self, vm_id: str, known: str) -> str:
+        reason = self._backend.last_exit_reason(vm_id) or known or "vmm_exited"
+        await self._on_vmm_exit(vm_id, reason)
+        return reason
 
     async def _note_guest_ready(self, vm_id: str) -> None:
         async with self._vm_lock(vm_id):

@@ -52,6 +52,8 @@ class FakeBackend:
         # Guest behaviour for the next starts: "ready" (reports ready at once), "silent" (never),
         # "poweroff" (the guest powers off right away), "ignore_acpi" (ready, ignores graceful stops).
         self.guest = "ready"
+        # False: wait_ready answers False when the VMM is gone (instead of raising VM_EXITED).
+        self.exit_is_an_error = True
         self._ignoring_acpi: set[str] = set()
         self._listener: ExitListener | None = None
         self._pids = itertools.count(1000)
@@ -103,6 +105,8 @@ class FakeBackend:
         await self.faults.step("wait_ready")
         vmm = self.vmms.get(vm_id)
         if vmm is None:
+            if not self.exit_is_an_error:
+                return False
             raise _exited(vm_id, self.exits.get(vm_id, ""))
         ready = asyncio.ensure_future(vmm.ready.wait())
         gone = asyncio.ensure_future(vmm.gone.wait())
@@ -112,6 +116,8 @@ class FakeBackend:
         if vmm.ready.is_set():
             return True
         if vmm.gone.is_set():
+            if not self.exit_is_an_error:
+                return False
             raise _exited(vm_id, self.exits.get(vm_id, ""))
         return False
 

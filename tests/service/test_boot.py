@@ -81,11 +81,16 @@ async def test_a_silent_guest_times_out(world: World) -> None:
     assert (exc.value.code, exc.value.reason) == (ErrorCode.DEADLINE_EXCEEDED, "GUEST_NOT_READY")
 
 
-async def test_a_guest_that_powers_off_at_once_is_reported_not_waited_for(world: World) -> None:
+@pytest.mark.parametrize("exit_is_an_error", [True, False])
+async def test_a_guest_that_powers_off_at_once_is_reported_not_waited_for(
+    world: World, exit_is_an_error: bool
+) -> None:
     """Issue 11: BootVm(wait_for_ready) of a guest that exits right away says so; the VM ends
-    SHUTDOWN with the reason, before the caller gets the answer."""
+    SHUTDOWN with the reason, before the caller gets the answer. Whether the backend raises
+    VM_EXITED or just answers "not ready" once the VMM is gone."""
     await world.create("vm-a", NIC)
     world.backend.guest = "poweroff"
+    world.backend.exit_is_an_error = exit_is_an_error
     with pytest.raises(MetaldError) as exc:
         await world.boot("vm-a", wait_for_ready=True, wait_timeout=30)
     assert (exc.value.code, exc.value.reason) == (ErrorCode.FAILED_PRECONDITION, "VM_EXITED")
