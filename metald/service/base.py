@@ -64,6 +64,15 @@ class ServiceBase:
         self._records = Transitions(store)
         self._locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._create_lock = asyncio.Lock()  # id check, quota and insert of CreateVm, as one
+        self._boot_lock = asyncio.Lock()  # capacity check of BootVm and the boots in flight
+        self._booting: dict[str, Vm] = {}
+        self._graceful: dict[str, asyncio.Event] = {}  # set by a forced stop to cut a graceful one short
+        backend.set_exit_listener(self._on_vmm_exit)
+
+    async def _on_vmm_exit(self, vm_id: str, reason: str) -> None:
+        """A VMM ended by itself (metald/service/lifecycle.py)."""
+        raise NotImplementedError
 
     @property
     def backend_type(self) -> str:

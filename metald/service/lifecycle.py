@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
 
 from metald.domain import ids
 from metald.domain.errors import ErrorCode, MetaldError, invalid
@@ -35,13 +34,6 @@ MAX_WAIT_TIMEOUT_SECONDS = 3600
 
 
 class Lifecycle(Launch):
-    def __init__(self, **ports: Any) -> None:
-        super().__init__(**ports)
-        self._create_lock = asyncio.Lock()
-        self._boot_lock = asyncio.Lock()
-        self._booting: dict[str, Vm] = {}
-        self._backend.set_exit_listener(self._on_vmm_exit)
-
     # ---- create ----
 
     async def create(self, customer_id: str, vm_id: str, config: VmConfig, claimed_customer: str) -> Vm:

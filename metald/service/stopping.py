@@ -4,7 +4,6 @@ graceful wait short (the VMM is killed at once) instead of queueing behind it on
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from metald.domain.errors import invalid
 from metald.domain.model import Vm
@@ -17,10 +16,6 @@ MAX_SHUTDOWN_TIMEOUT_SECONDS = 600
 
 
 class Stopping(Lifecycle):
-    def __init__(self, **ports: Any) -> None:
-        super().__init__(**ports)
-        self._graceful: dict[str, asyncio.Event] = {}  # set to cut a graceful stop short
-
     async def shutdown(self, customer_id: str, vm_id: str, *, force: bool, timeout_seconds: float) -> Vm:
         await self._owned(customer_id, vm_id)
         if timeout_seconds < 0:
