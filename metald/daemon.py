@@ -93,6 +93,7 @@ async def run(settings: Settings) -> None:
         metrics = Metrics()
         service = VmService(
             store=tracing.port(store.vms, "store"),
+            event_log=store.events,
             backend=tracing.port(backend, "backend"),
             network=tracing.port(network, "network"),
             assets=AssetResolver(settings.assets_root, private=(settings.vms_dir, settings.db_path)),

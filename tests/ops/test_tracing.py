@@ -81,6 +81,7 @@ async def test_service_work_becomes_child_spans(tmp_path: Path, assets_dir: Path
     try:
         service = VmService(
             store=tracing.port(store.vms, "store"),
+            event_log=store.events,
             backend=tracing.port(FakeBackend(), "backend"),  # type: ignore[arg-type]
             network=None,
             assets=AssetResolver(assets_dir),
