@@ -40,6 +40,7 @@ class BackendCapabilities:
     supports_initrd: bool = True
     supports_pause: bool = True
     supports_graceful_reboot: bool = True
+    supports_snapshots: bool = False
     max_vcpus: int = 32
 
 
@@ -80,6 +81,14 @@ class LaunchSpec:
     console_path: Path
     # Limits for sandboxing (cgroups): derived from the config by the service.
     labels: Mapping[str, str] = field(default_factory=dict)
+    # A clone's first boot: restore this snapshot directory (Backend.snapshot) instead of booting.
+    restore_from: Path | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotResult:
+    size_bytes: int  # bytes the snapshot's files take
+    paused_seconds: float  # how long the guest was stopped for it
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,10 @@ class Backend(Protocol):
         """After a daemon restart: re-attach to this VM's VMM if it is really still running."""
 
     async def runtime(self, vm_id: str) -> VmRuntime | None: ...
+
+    async def snapshot(self, vm_id: str, dest: Path) -> SnapshotResult:
+        """Capture the running or paused VM (RAM, device state, disks at one stop) into the new
+        directory `dest`; the VM ends in the state it was in. Needs capabilities.supports_snapshots."""
 
     def last_exit_reason(self, vm_id: str) -> str | None:
         """Why the VMM last ended by itself ("guest_poweroff", "oom_killed", ...), also when that was

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     vmm_uid: int | None = Field(None, description="uid VMMs run as, instead of vmm_user's")
     vmm_gid: int | None = Field(None, description="gid VMMs run as (default: the user's group)")
     cgroup_root: Path = Field(Path("/sys/fs/cgroup"), description="cgroup mount root")
+    ram_dir: Path | None = Field(
+        Path("/dev/shm/metald"),
+        description="tmpfs dir for guest RAM files (QEMU; makes VMs snapshottable); empty: anonymous RAM",
+    )
 
     # --- lifecycle defaults ---
     default_vcpus: int = Field(1, ge=1, le=32, description="vCPUs when the config omits cpu")

@@ -60,4 +60,5 @@ async def build_backend(settings: Settings) -> Backend:
         probe_rootfs=assets / "rootfs.ext4",
         vmm_user=user,
         cgroups=cgroups,
+        ram_dir=settings.ram_dir,
     )

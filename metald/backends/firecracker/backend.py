@@ -42,6 +42,7 @@ from metald.ports import (
     CheckResult,
     ExitListener,
     LaunchSpec,
+    SnapshotResult,
     VmMetrics,
     VmRuntime,
 )
@@ -421,6 +422,14 @@ class FirecrackerBackend:
 
     def last_exit_reason(self, vm_id: str) -> str | None:
         return self._last_exit.get(vm_id)
+
+    async def snapshot(self, vm_id: str, dest: Path) -> SnapshotResult:
+        raise MetaldError(
+            ErrorCode.FAILED_PRECONDITION,
+            "the firecracker backend does not take snapshots on this host yet",
+            reason="SNAPSHOT_UNSUPPORTED",
+            metadata={"vm_id": vm_id},
+        )
 
     async def runtime(self, vm_id: str) -> VmRuntime | None:
         vm = self._vms.get(vm_id)

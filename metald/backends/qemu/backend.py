@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -13,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from metald.backends import procfs
-from metald.backends.qemu import layout
+from metald.backends.qemu import layout, snapshot
 from metald.backends.qemu.accel import AccelSelector, ProbeAssets, host_tsc_khz, qemu_version
 from metald.backends.qemu.agent import GuestAgent
 from metald.backends.qemu.cmdline import CPU_TEMPLATES, HostOptions, cpu_model, name_matches, qemu_argv
-from metald.backends.qemu.files import VmmFileError, close_fds, open_vmm_files
-from metald.backends.qemu.overlay import prepare_vm_dir
+from metald.backends.qemu.files import RamFile, VmmFileError, close_fds, open_vmm_files
+from metald.backends.qemu.overlay import prepare_vm_dir, recorded_chains
 from metald.backends.qemu.qmp import QmpClient, QmpClosedError, QmpError
 from metald.backends.vmm.cgroups import VMM_MEMORY_OVERHEAD, Cgroups, cgroup_name, vmm_limits
 from metald.backends.vmm.console import ReadyWatch, file_size
@@ -38,6 +39,7 @@ from metald.ports import (
     CheckResult,
     ExitListener,
     LaunchSpec,
+    SnapshotResult,
     VmMetrics,
     VmRuntime,
 )
@@ -73,12 +75,21 @@ class _RunningVm:
     accel: str
     cpu_model: str
     shutdown: _ShutdownSeen
+    ram_fd: int | None = None  # the RAM file's descriptor in QEMU (snapshots read it)
+    restored: bool = False  # a clone restored from a snapshot: no ready line, the agent tells
+    agent_seen: bool = False  # a restored guest's agent answered since its restore
     stopping: bool = False  # set by stop(): the exit is ours, the exit listener is not told
     monitor: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 def _write_boot_state(vm: _RunningVm) -> None:
-    data = {"console_offset": vm.watch.offset, "accel": vm.accel, "cpu_model": vm.cpu_model}
+    data = {
+        "console_offset": vm.watch.offset,
+        "accel": vm.accel,
+        "cpu_model": vm.cpu_model,
+        "ram_fd": vm.ram_fd,
+        "restored": vm.restored,
+    }
     write_json_atomic(vm.vm_dir / layout.BOOT_STATE, data)
 
 
@@ -120,6 +131,7 @@ class QemuBackend:
         vmm_user: VmmUser | None = None,
         cgroups: Cgroups | None = None,
         memory_overhead: int = VMM_MEMORY_OVERHEAD,
+        ram_dir: Path | None = None,
     ) -> None:
         self._binary = qemu_binary
         self._img_binary = qemu_img_binary
@@ -128,6 +140,8 @@ class QemuBackend:
         self._kvm_user = vmm_user.with_group(kvm_group()) if vmm_user is not None else None
         self._cgroups = cgroups
         self._memory_overhead = memory_overhead
+        # Guest RAM in files of ram_dir (tmpfs) makes VMs snapshottable; None: anonymous memory.
+        self._ram = RamFile(ram_dir, vmm_user.uid if vmm_user else None) if ram_dir else None
         self._tsc_khz = host_tsc_khz()
         assets = (
             ProbeAssets(probe_kernel, probe_initrd, probe_rootfs)
@@ -149,6 +163,7 @@ class QemuBackend:
             backend_type="qemu",
             cpu_templates=dict(CPU_TEMPLATES),
             console_types=frozenset({"SERIAL", "VIRTIO_CONSOLE"}),
+            supports_snapshots=self._ram is not None,
         )
 
     def set_exit_listener(self, listener: ExitListener) -> None:
@@ -205,7 +220,7 @@ class QemuBackend:
         user = self._kvm_user if accel == "kvm" else self._user
         offset = await asyncio.to_thread(file_size, spec.console_path)
         try:
-            fds = await asyncio.to_thread(open_vmm_files, spec)
+            fds = await asyncio.to_thread(open_vmm_files, spec, self._ram)
         except VmmFileError as e:
             raise _vmm_failed(spec.vm_id, str(e)) from e
         try:
@@ -226,6 +241,9 @@ class QemuBackend:
         if vm is None:
             tail = await asyncio.to_thread(read_log_tail, spec.vm_dir, vmm.log_offset)
             raise _vmm_failed(spec.vm_id, f"QEMU did not come up: {tail}")
+        vm.ram_fd = fds.ram
+        if fds.incoming is not None:
+            await self._restore(vm, fds.incoming)
         await asyncio.to_thread(_write_boot_state, vm)
         log.info("vm %s: qemu pid %d started (%s, cpu %s)", spec.vm_id, vmm.pid, accel, model)
         return await self._runtime(vm)
@@ -247,6 +265,8 @@ class QemuBackend:
         vm = await self._attach_qmp(spec, vmm, watch, accel, model)
         if vm is None:
             return None
+        vm.ram_fd = boot.get("ram_fd")
+        vm.restored = bool(boot.get("restored", False))
         log.info("vm %s: re-adopted qemu pid %d", spec.vm_id, vmm.pid)
         return await self._runtime(vm)
 
@@ -317,10 +337,65 @@ class QemuBackend:
         except (QmpError, QmpClosedError, TimeoutError) as e:
             raise _vmm_failed(vm.vm_id, f"QMP {command} failed: {e}") from e
 
+    async def _restore(self, vm: _RunningVm, state_fd: int) -> None:
+        """Load a clone's device state; a VMM that cannot be restored is not left running."""
+        try:
+            await snapshot.restore(vm.qmp, state_fd)
+        except (snapshot.SnapshotError, QmpError, QmpClosedError, TimeoutError) as e:
+            await self.stop(vm.vm_id, graceful=False, timeout=0)
+            raise _vmm_failed(vm.vm_id, f"cannot restore the snapshot: {e}") from e
+        vm.restored = True
+
+    async def snapshot(self, vm_id: str, dest: Path) -> SnapshotResult:
+        vm = self._get(vm_id)
+        if vm.ram_fd is None:
+            raise MetaldError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"VM {vm_id} was started without its RAM in a file; reboot it to make it snapshottable",
+                reason="SNAPSHOT_UNSUPPORTED",
+                metadata={"vm_id": vm_id},
+            )
+        chains = await asyncio.to_thread(recorded_chains, vm.vm_dir)
+        status = await self._qmp(vm, "query-status")
+        try:
+            saved = await snapshot.save(
+                vm.qmp,
+                ram=Path(f"/proc/{vm.vmm.pid}/fd/{vm.ram_fd}"),
+                overlays=[vm.vm_dir / name for name in sorted(chains)],
+                dest=dest,
+                resume=status.get("status") == "running",
+            )
+        except (snapshot.SnapshotError, QmpError, QmpClosedError, TimeoutError) as e:
+            raise _vmm_failed(vm_id, f"snapshot failed: {e}") from e
+        await asyncio.to_thread(write_json_atomic, dest / layout.DISKS_STATE, chains)
+        if self._ram is not None and self._ram.owner is not None:  # clones' QEMUs reopen it
+            await asyncio.to_thread(os.chown, dest / snapshot.RAM_FILE, self._ram.owner, -1)
+        return SnapshotResult(saved.size_bytes, saved.paused_seconds)
+
+    async def _guest_ready(self, vm: _RunningVm) -> bool:
+        """A booted guest is ready once its ready line is out; a restored one once its agent answers."""
+        if not vm.restored:
+            return await vm.watch.poll()
+        if not vm.agent_seen:
+            vm.agent_seen = await self._agent_ping(vm)
+        return vm.agent_seen
+
+    async def _agent_ping(self, vm: _RunningVm) -> bool:
+        try:
+            agent = await GuestAgent.connect(vm.vm_dir)
+        except OSError:
+            return False
+        try:
+            return await agent.ping(AGENT_PING_TIMEOUT)
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            await agent.close()
+
     async def wait_ready(self, vm_id: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while (vm := self._vms.get(vm_id)) is not None:
-            if await vm.watch.poll():
+            if await self._guest_ready(vm):
                 return True
             if time.monotonic() >= deadline or not vm.vmm.running:
                 return False
@@ -347,6 +422,7 @@ class QemuBackend:
         """The guest is about to boot again: watch for its ready line from the console's end."""
         offset = await asyncio.to_thread(file_size, vm.watch.path)
         vm.watch = ReadyWatch(vm.watch.path, vm.vm_id, offset)
+        vm.restored = False  # a rebooted clone prints its ready line like any guest
         await asyncio.to_thread(_write_boot_state, vm)
 
     async def _agent_command(self, vm: _RunningVm, command: str) -> bool:
@@ -406,7 +482,7 @@ class QemuBackend:
         return VmRuntime(
             pid=vm.vmm.pid,
             socket_path=str(vm.vm_dir / layout.QMP_SOCKET),
-            guest_ready=await vm.watch.poll(),
+            guest_ready=vm.agent_seen if vm.restored else await vm.watch.poll(),
             paused=status.get("status") == "paused",
             extra={"accelerator": vm.accel, "cpu_model": vm.cpu_model},
         )

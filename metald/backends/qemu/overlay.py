@@ -19,8 +19,8 @@ from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import LaunchSpec
 
 
-async def create_overlay(qemu_img: str, base: Path, overlay: Path) -> Path:
-    """qcow2 overlay backed by the raw `base`, made under a temporary name (it exists whole or not);
+async def create_overlay(qemu_img: str, base: Path, overlay: Path, *, base_format: str = "raw") -> Path:
+    """qcow2 overlay backed by `base`, made under a temporary name (it exists whole or not);
     returns the base's canonical path."""
     tmp = overlay.with_name(overlay.name + ".tmp")
     backing = await asyncio.to_thread(base.resolve)
@@ -31,7 +31,7 @@ async def create_overlay(qemu_img: str, base: Path, overlay: Path) -> Path:
         "-f",
         "qcow2",
         "-F",
-        "raw",
+        base_format,
         "-b",
         str(backing),
         str(tmp),
@@ -54,9 +54,15 @@ async def create_overlay(qemu_img: str, base: Path, overlay: Path) -> Path:
 
 
 def recorded_bases(vm_dir: Path) -> dict[str, str]:
-    """Overlay file name -> canonical path of the base it was made over."""
+    """Overlay file name -> canonical path of the (raw) base it was made over."""
+    return {name: chain[-1] for name, chain in recorded_chains(vm_dir).items()}
+
+
+def recorded_chains(vm_dir: Path) -> dict[str, list[str]]:
+    """Overlay file name -> the images under it, top down: [raw base], or for a clone
+    [the snapshot's frozen overlay, raw base]."""
     data = read_json(vm_dir / layout.DISKS_STATE) or {}
-    return {str(k): str(v) for k, v in data.items()}
+    return {str(k): [str(v)] if isinstance(v, str) else [str(x) for x in v] for k, v in data.items()}
 
 
 def _make_dirs(spec: LaunchSpec) -> None:
@@ -67,7 +73,7 @@ def _make_dirs(spec: LaunchSpec) -> None:
 
 async def prepare_vm_dir(spec: LaunchSpec, *, qemu_img: str) -> None:
     await asyncio.to_thread(_make_dirs, spec)
-    bases = await asyncio.to_thread(recorded_bases, spec.vm_dir)
+    bases: dict[str, str | list[str]] = dict(await asyncio.to_thread(recorded_chains, spec.vm_dir))
     for i, disk in enumerate(ordered_disks(spec.disks)):
         if disk.read_only:
             continue
@@ -83,5 +89,11 @@ async def prepare_vm_dir(spec: LaunchSpec, *, qemu_img: str) -> None:
                 reason="OVERLAY_BASE_UNKNOWN",
                 metadata={"vm_id": spec.vm_id},
             )
-        bases[overlay.name] = str(await create_overlay(qemu_img, disk.host_path, overlay))
+        if spec.restore_from is not None:  # a clone: over the snapshot's frozen overlay
+            frozen = spec.restore_from / overlay.name
+            under = (await asyncio.to_thread(recorded_chains, spec.restore_from))[overlay.name]
+            made = await create_overlay(qemu_img, frozen, overlay, base_format="qcow2")
+            bases[overlay.name] = [str(made), *under]
+        else:
+            bases[overlay.name] = str(await create_overlay(qemu_img, disk.host_path, overlay))
         await asyncio.to_thread(write_json_atomic, spec.vm_dir / layout.DISKS_STATE, bases)
