@@ -31,22 +31,22 @@ from metald.gen.grpc.health.v1.health_connect import Health
 from metald.gen.vmprovisioner.v1.vm_connect import VmService as VmServiceDesc
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 from metald.logs import configure_logging
-from metald.ports import CheckResult, Network
+from metald.ports import AddressBook, CheckResult, Network
 from metald.service import ServiceOptions, VmService
 from metald.settings import MIB, Settings
-from metald.store.sqlite import SqliteStore
+from metald.store.factory import open_store
 from metald.tracing import Tracing
 
 log = logging.getLogger("metald")
 
 
-def build_network(settings: Settings, store: SqliteStore) -> Network | None:
+def build_network(settings: Settings, addresses: AddressBook) -> Network | None:
     if not settings.network_enabled:
         return None
     from metald.network.manager import LinuxNetwork
 
     return LinuxNetwork(
-        store,
+        addresses,
         host_netns=settings.network_host_netns,
         ipv4_pool=settings.network_ipv4_pool,
         ipv6_pool=settings.network_ipv6_pool,
@@ -85,18 +85,19 @@ async def run(settings: Settings) -> None:
     tracing = Tracing.from_env(os.environ)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(tracing.shutdown)
-        store = await SqliteStore.open(settings.db_path)
+        store = await open_store(settings)
         stack.push_async_callback(store.close)
         backend = await build_backend(settings)
         stack.push_async_callback(backend.close)
-        network = build_network(settings, store)
+        network = build_network(settings, store.addresses)
         metrics = Metrics()
         service = VmService(
-            store=tracing.port(store, "store"),
+            store=tracing.port(store.vms, "store"),
+            event_log=store.events,
             backend=tracing.port(backend, "backend"),
             network=tracing.port(network, "network"),
             assets=AssetResolver(settings.assets_root, private=(settings.vms_dir, settings.db_path)),
-            page_tokens=PageTokens(await store.secret("page_token_key", os.urandom(32))),
+            page_tokens=PageTokens(await store.secrets.secret("page_token_key", os.urandom(32))),
             events=metrics,
             options=service_options(settings),
         )
@@ -132,7 +133,7 @@ async def run(settings: Settings) -> None:
             ],
             health=health,
             metrics=metrics,
-            store=store,
+            store=store.vms,
             openapi=render_openapi().encode(),
         )
         await serve_api(app, settings)

@@ -1,4 +1,4 @@
-"""The small interfaces the service drives: a VMM backend, a VM store and guest networking.
+"""The small interfaces the service drives: a VMM backend, a store (by part) and guest networking.
 
 Adapters live in metald/backends, metald/store and metald/network; the service and the domain
 depend only on what is declared here.
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from metald.domain.events import VmEvent
 from metald.domain.model import NicAddress, RateLimit, Vm
 from metald.domain.states import VmState
 
@@ -182,16 +183,19 @@ class StoreFullError(Exception):
     """The store could not write (disk full, read-only): nothing was changed."""
 
 
-class VmStore(Protocol):
-    async def insert(self, vm: Vm) -> Vm:
+class VmRecords(Protocol):
+    """The VM records. Each change may carry the VmEvent describing it: the store writes both in
+    one transaction (assigning the event's seq), so the event log misses nothing."""
+
+    async def insert(self, vm: Vm, event: VmEvent) -> Vm:
         """Store a new VM and return it with `seq` set; raises KeyError if the id is taken."""
 
     async def get(self, vm_id: str) -> Vm | None: ...
 
-    async def save(self, vm: Vm) -> None:
+    async def save(self, vm: Vm, event: VmEvent | None = None) -> None:
         """Persist state, nics, shutdown_reason, pending and updated_at of an existing VM."""
 
-    async def delete(self, vm_id: str) -> None: ...
+    async def delete(self, vm_id: str, event: VmEvent | None = None) -> None: ...
 
     async def list_page(
         self, customer_id: str, states: Sequence[VmState], after_seq: int, limit: int
@@ -208,7 +212,10 @@ class VmStore(Protocol):
         """(VM count, total vCPUs, total memory bytes) of one customer (or the host if None),
         over VMs in `states` (all states if empty)."""
 
-    # Addresses handed out by IPAM: unique per (pool, address).
+
+class AddressBook(Protocol):
+    """Addresses handed out by IPAM: unique per (pool, address)."""
+
     async def claim_address(self, pool: str, address: str, owner: str) -> bool:
         """True if the address was free and is now the owner's."""
 
@@ -216,8 +223,50 @@ class VmStore(Protocol):
 
     async def release_addresses(self, owner: str) -> None: ...
 
+
+class Secrets(Protocol):
     async def secret(self, name: str, make: bytes) -> bytes:
         """A persistent secret: the stored one, or `make` stored now."""
+
+
+@dataclass(frozen=True)
+class EventRetention:
+    """How many events the log keeps (the newest `count`), and for how long (0: no age limit)."""
+
+    count: int = 100_000
+    max_age_seconds: float = 0.0
+
+
+class EventLog(Protocol):
+    """The VM events the records wrote, in seq order, pruned to the retention."""
+
+    async def events_after(self, customer_id: str, after_seq: int, limit: int) -> list[VmEvent]:
+        """That customer's events with seq > after_seq, ascending, at most `limit`."""
+
+    async def first_seq(self) -> int:
+        """The oldest kept seq (0 if none): a cursor below first_seq - 1 lost events to pruning."""
+
+    async def last_seq(self) -> int:
+        """The newest seq ever assigned (0 if none)."""
+
+    async def prune(self) -> int:
+        """Apply the retention now (the store also does on writes); returns how many were dropped."""
+
+
+class Store(Protocol):
+    """The parts of one store; each consumer gets only the part it needs."""
+
+    @property
+    def vms(self) -> VmRecords: ...
+
+    @property
+    def addresses(self) -> AddressBook: ...
+
+    @property
+    def secrets(self) -> Secrets: ...
+
+    @property
+    def events(self) -> EventLog: ...
 
     async def ping(self) -> CheckResult: ...
 

@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     network_ipv6_pool: str = Field("fd6d:6574:616c::/48", description="carved into one /64 per customer")
     network_allow_egress: bool = Field(False, description="route/NAT guests to the outside (never in tests)")
 
+    # --- state store ---
+    store: Literal["sqlite"] = Field("sqlite", description="state store: sqlite (data_dir/metald.db)")
+    event_retention_count: int = Field(100_000, ge=1, description="VM events kept for watchers (newest)")
+    event_retention_seconds: float = Field(0.0, ge=0, description="drop VM events older; 0 = by count only")
+
     # --- quotas and capacity ---
     max_vms_per_customer: int = Field(1000, ge=0, description="0 = unlimited")
     max_vcpus_per_customer: int = Field(64, ge=0, description="0 = unlimited")

@@ -37,7 +37,7 @@ async def _sweep_vm_namespaces(daemon: Daemon) -> list[str]:
     store = await SqliteStore.open(daemon.data_dir / "metald.db")
     try:
         network = LinuxNetwork(
-            store,
+            store.addresses,
             host_netns=daemon.host_netns,
             ipv4_pool="10.240.0.0/16",
             ipv6_pool="fd6d:6574:616c::/48",

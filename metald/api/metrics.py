@@ -16,7 +16,7 @@ from prometheus_client import (
 
 from metald import __version__
 from metald.domain.states import VmState
-from metald.ports import VmStore
+from metald.ports import VmRecords
 
 PREFIX = "unkey_metald"
 # RPC name -> the metric stem: unkey_metald_vm_<stem>_{requests_total,failures_total,duration_seconds}
@@ -103,7 +103,7 @@ class Metrics:
         self._exits.labels(reason=reason).inc()
 
     # ---- scrape ----
-    async def render(self, store: VmStore) -> bytes:
+    async def render(self, store: VmRecords) -> bytes:
         counts = await store.state_counts()
         per_state = dict.fromkeys(VmState, 0)
         per_customer: dict[str, int] = {}

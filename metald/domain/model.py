@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
+from metald.domain.pending import PendingOp
 from metald.domain.states import VmState
 
 MIB = 1024 * 1024
@@ -119,9 +120,8 @@ class Vm:
     nics: tuple[NicAddress, ...] = ()
     # Why the VM last stopped ("guest_poweroff", "vmm_exited", "shutdown_requested", ...).
     shutdown_reason: str = ""
-    # A multi-step operation in flight ("creating", "booting", "stopping", "deleting"); a daemon
-    # killed halfway finishes or undoes it on restart.
-    pending: str = ""
+    # A multi-step operation in flight; a daemon killed halfway finishes or undoes it on restart.
+    pending: PendingOp = PendingOp.NONE
     # Insertion order, assigned by the store; the keyset for pagination.
     seq: int = 0
 

@@ -1,4 +1,4 @@
-"""Persistent address management on VmStore.claim_address (unique per pool and address).
+"""Persistent address management on AddressBook.claim_address (unique per pool and address).
 
 Each customer gets a network index i, claimed once and kept: the i-th /24 of the IPv4 pool, the
 i-th /64 of the IPv6 pool and bridge mb_<i>. Guest addresses, explicit host-side addresses and
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.network.names import customer_bridge
-from metald.ports import VmStore
+from metald.ports import AddressBook
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -69,7 +69,7 @@ def owner_of_customer(customer_id: str) -> str:
 
 
 class Ipam:
-    def __init__(self, store: VmStore, ipv4_pool: str, ipv6_pool: str) -> None:
+    def __init__(self, store: AddressBook, ipv4_pool: str, ipv6_pool: str) -> None:
         try:
             self.pool4 = ipaddress.IPv4Network(ipv4_pool)
             self.pool6 = ipaddress.IPv6Network(ipv6_pool)

@@ -17,7 +17,7 @@ from metald.domain.model import NicAddress, Vm
 from metald.network import ip, names, plumbing, walls
 from metald.network.ipam import CustomerNetwork, Ipam
 from metald.network.plan import host_interface, plan_vm
-from metald.ports import CheckResult, InterfaceInfo, NetworkAttachment, NicSpec, VmStore
+from metald.ports import AddressBook, CheckResult, InterfaceInfo, NetworkAttachment, NicSpec
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class LinuxNetwork:
     def __init__(
         self,
-        store: VmStore,
+        addresses: AddressBook,
         *,
         host_netns: str,
         ipv4_pool: str,
@@ -41,7 +41,7 @@ class LinuxNetwork:
                 "network_allow_egress: routing/NAT guests to the outside is not implemented",
                 reason="NETWORK_EGRESS_UNSUPPORTED",
             )
-        self._ipam = Ipam(store, ipv4_pool, ipv6_pool)
+        self._ipam = Ipam(addresses, ipv4_pool, ipv6_pool)
         self._host = host_netns
         self._blocked = tuple(blocked_ports)
         self._host_ready = False

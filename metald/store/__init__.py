@@ -1,1 +1,1 @@
-"""Storage adapters for metald.ports.VmStore."""
+"""Store adapters for the store ports in metald.ports (VmRecords, AddressBook, Secrets, EventLog)."""

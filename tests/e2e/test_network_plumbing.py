@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from metald.domain.errors import MetaldError
+from metald.domain.events import VmEvent, VmEventType
 from metald.domain.model import NetworkInterface, RateLimit, Vm, VmConfig
 from metald.domain.states import VmState
 from metald.network import LinuxNetwork, names
@@ -176,7 +177,9 @@ class Lab:
         nic = NetworkInterface("eth0", "TAP", "auto", rate_limit=limit)
         vm = Vm(PREFIX + name, customer, VmConfig(network=(nic,)), VmState.CREATED, now, now)
         vm.nics = await self.network.plan(vm)
-        await self.store.insert(vm)
+        await self.store.vms.insert(
+            vm, VmEvent(vm.vm_id, customer, VmEventType.CREATED, vm.state, vm.state, "", now)
+        )
         self.vms[name] = vm
         return vm
 
@@ -216,7 +219,7 @@ class Lab:
 async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     store = await SqliteStore.open(tmp_path / "metald.db")
     network = LinuxNetwork(
-        store,
+        store.addresses,
         host_netns=HOST,
         ipv4_pool="10.240.0.0/16",
         ipv6_pool="fd6d:6574:616c::/48",

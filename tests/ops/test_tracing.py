@@ -80,7 +80,8 @@ async def test_service_work_becomes_child_spans(tmp_path: Path, assets_dir: Path
     store = await SqliteStore.open(tmp_path / "metald.db")
     try:
         service = VmService(
-            store=tracing.port(store, "store"),
+            store=tracing.port(store.vms, "store"),
+            event_log=store.events,
             backend=tracing.port(FakeBackend(), "backend"),  # type: ignore[arg-type]
             network=None,
             assets=AssetResolver(assets_dir),

@@ -35,7 +35,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
 
 @pytest.fixture
 def ipam(store: SqliteStore) -> Ipam:
-    return Ipam(store, POOL4, POOL6)
+    return Ipam(store.addresses, POOL4, POOL6)
 
 
 async def refusal(ipam: Ipam, vm: Vm) -> MetaldError:
@@ -70,12 +70,14 @@ async def test_customers_get_distinct_networks_even_concurrently(ipam: Ipam) -> 
 async def test_restart_keeps_allocations(tmp_path: Path) -> None:
     path = tmp_path / "restart.db"
     first = await SqliteStore.open(path)
-    before = [await plan_vm(Ipam(first, POOL4, POOL6), make_vm(f"vm_{n}", "acme")) for n in range(5)]
-    index = (await Ipam(first, POOL4, POOL6).customer_network("acme")).index
+    before = [
+        await plan_vm(Ipam(first.addresses, POOL4, POOL6), make_vm(f"vm_{n}", "acme")) for n in range(5)
+    ]
+    index = (await Ipam(first.addresses, POOL4, POOL6).customer_network("acme")).index
     await first.close()
 
     second = await SqliteStore.open(path)  # "daemon restart": new store, new Ipam, same file
-    ipam = Ipam(second, POOL4, POOL6)
+    ipam = Ipam(second.addresses, POOL4, POOL6)
     after = await asyncio.gather(*(plan_vm(ipam, make_vm(f"vm_new{n}", "acme")) for n in range(20)))
     assert (await ipam.customer_network("acme")).index == index
     old = {p[0].guest_ipv4 for p in before} | {p[0].guest_ipv6 for p in before}
@@ -248,7 +250,7 @@ async def test_reserved_and_foreign_subnet_addresses_are_refused(ipam: Ipam) -> 
 
 
 async def test_pool_exhaustion_is_resource_exhausted(store: SqliteStore) -> None:
-    ipam = Ipam(store, "10.9.0.0/24", "fd00:9::/64")  # room for exactly one customer
+    ipam = Ipam(store.addresses, "10.9.0.0/24", "fd00:9::/64")  # room for exactly one customer
     await ipam.customer_network("first")
     with pytest.raises(MetaldError) as info:
         await ipam.customer_network("second")
@@ -258,5 +260,5 @@ async def test_pool_exhaustion_is_resource_exhausted(store: SqliteStore) -> None
 def test_bad_pools_are_a_configuration_error(store: SqliteStore) -> None:
     for v4, v6 in (("10.0.0.0/25", POOL6), (POOL4, "fd00::/65"), ("nonsense", POOL6)):
         with pytest.raises(MetaldError) as info:
-            Ipam(store, v4, v6)
+            Ipam(store.addresses, v4, v6)
         assert info.value.code is ErrorCode.FAILED_PRECONDITION

@@ -1,0 +1,67 @@
+"""Recovery after a (re)start as a decision table: (state, pending operation, VMM alive?) -> action.
+
+Pure: the service probes the VMM only where the answer changes the action (`Rule.needs_probe`),
+then carries the action out (metald/service/recovery.py).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from metald.domain.pending import PendingOp
+from metald.domain.states import ACTIVE_STATES, VmState
+
+
+class RecoveryAction(enum.Enum):
+    NOTHING = "nothing"  # at rest and nothing ran: leave it
+    UNDO_CREATE = "undo_create"  # remove the half-created VM (files, addresses, record)
+    FINISH_DELETE = "finish_delete"  # remove what is left of the VM, then the record
+    ADOPT = "adopt"  # the VMM runs: record RUNNING/PAUSED as the VMM says
+    UNDO_BOOT = "undo_boot"  # the boot never got a VMM: tear its network down, back to the state before
+    FINISH_STOP = "finish_stop"  # a stop was cut short and the VMM still runs: stop it for good
+    RECORD_SHUTDOWN = "record_shutdown"  # the VMM is gone (host reboot, crash): SHUTDOWN with a reason
+
+
+@dataclass(frozen=True)
+class Rule:
+    when_alive: RecoveryAction
+    when_gone: RecoveryAction
+
+    @property
+    def needs_probe(self) -> bool:
+        """Whether the VMM must be looked for (re-attached to) before acting."""
+        return self.when_alive is not self.when_gone
+
+
+def _always(action: RecoveryAction) -> Rule:
+    return Rule(action, action)
+
+
+A = RecoveryAction
+# (pending operation, VM at rest (False) or active (True)) -> rule. Read it row by row.
+TABLE: dict[tuple[PendingOp, bool], Rule] = {
+    (PendingOp.CREATING, False): _always(A.UNDO_CREATE),
+    (PendingOp.CREATING, True): _always(A.UNDO_CREATE),
+    (PendingOp.DELETING, False): _always(A.FINISH_DELETE),
+    (PendingOp.DELETING, True): _always(A.FINISH_DELETE),
+    (PendingOp.BOOTING, False): Rule(when_alive=A.ADOPT, when_gone=A.UNDO_BOOT),
+    (PendingOp.BOOTING, True): Rule(when_alive=A.ADOPT, when_gone=A.RECORD_SHUTDOWN),
+    (PendingOp.STOPPING, False): Rule(when_alive=A.FINISH_STOP, when_gone=A.RECORD_SHUTDOWN),
+    (PendingOp.STOPPING, True): Rule(when_alive=A.FINISH_STOP, when_gone=A.RECORD_SHUTDOWN),
+    (PendingOp.NONE, False): _always(A.NOTHING),
+    (PendingOp.NONE, True): Rule(when_alive=A.ADOPT, when_gone=A.RECORD_SHUTDOWN),
+}
+
+
+def rule(state: VmState, pending: PendingOp) -> Rule:
+    return TABLE[(pending, state in ACTIVE_STATES)]
+
+
+def decide(state: VmState, pending: PendingOp, vmm_alive: bool) -> RecoveryAction:
+    r = rule(state, pending)
+    return r.when_alive if vmm_alive else r.when_gone
+
+
+# Why a VM whose VMM vanished while no daemon watched is SHUTDOWN (when the backend knows no better).
+VMM_GONE_REASON = "vmm_gone_while_daemon_down"

@@ -1,0 +1,72 @@
+"""From a VM record to what a backend runs: checked host paths, ordered disks, console, guest args."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metald.domain.errors import ErrorCode, MetaldError, invalid
+from metald.domain.guest_args import guest_kernel_args
+from metald.domain.model import Vm, VmConfig
+from metald.ports import DiskSpec, LaunchSpec, NetworkAttachment
+from metald.service.base import ServiceBase
+
+
+class Launch(ServiceBase):
+    async def _launch_spec(self, vm: Vm, attachment: NetworkAttachment | None) -> LaunchSpec:
+        config = vm.config
+        assert config.boot is not None and config.cpu is not None and config.console is not None
+        kernel = await self._assets.resolve(config.boot.kernel_path, "config.boot.kernel_path")
+        initrd = None
+        if config.boot.initrd_path:
+            initrd = await self._assets.resolve(config.boot.initrd_path, "config.boot.initrd_path")
+        disks = []
+        ordered = sorted(enumerate(config.storage), key=lambda p: (not p[1].is_root_device, p[0]))
+        for i, dev in ordered:
+            path = await self._assets.resolve(dev.path_on_host, f"config.storage[{i}].path_on_host")
+            disks.append(DiskSpec(dev.device_id, path, dev.is_read_only, dev.is_root_device))
+        return LaunchSpec(
+            vm_id=vm.vm_id,
+            vm_dir=self._vm_dir(vm.vm_id),
+            vcpu_count=config.vcpu_count,
+            memory_bytes=config.memory_bytes,
+            cpu_template=config.cpu.cpu_template,
+            kernel=kernel,
+            initrd=initrd,
+            customer_kernel_args=config.boot.kernel_args,
+            guest_kernel_args=guest_kernel_args(vm.vm_id, vm.nics),
+            disks=tuple(disks),
+            nics=attachment.nics if attachment else (),
+            netns=attachment.namespace if attachment else None,
+            console_type=config.console.type,
+            console_path=self._console_path(vm),
+            labels={"customer_id": vm.customer_id},
+        )
+
+    def _console_path(self, vm: Vm) -> Path:
+        console = vm.config.console
+        return self._vm_dir(vm.vm_id) / ((console.output_file if console else "") or "console.log")
+
+    def _check_capabilities(self, config: VmConfig) -> None:
+        caps = self._backend.capabilities
+        assert config.cpu is not None and config.console is not None and config.boot is not None
+        template = config.cpu.cpu_template
+        if template and template not in caps.cpu_templates:
+            raise invalid(
+                "config.cpu.cpu_template",
+                f"{template} cannot be honoured by the {caps.backend_type} backend on this host",
+            )
+        if config.console.type not in caps.console_types:
+            raise invalid(
+                "config.console.type",
+                f"{config.console.type} is not supported by the {caps.backend_type} backend",
+            )
+        if config.boot.initrd_path and not caps.supports_initrd:
+            raise invalid("config.boot.initrd_path", f"the {caps.backend_type} backend cannot load an initrd")
+        if config.vcpu_count > caps.max_vcpus:
+            raise invalid("config.cpu.vcpu_count", f"at most {caps.max_vcpus} on this backend")
+        if config.network and self._network is None:
+            raise MetaldError(
+                ErrorCode.FAILED_PRECONDITION,
+                "networking is disabled on this host (network_enabled=false)",
+                reason="NETWORK_DISABLED",
+            )

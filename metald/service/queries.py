@@ -1,0 +1,89 @@
+"""Reads: GetVmInfo, ListVms and the console. A read never fails because a VM is changing state:
+a runtime, metrics or network detail that cannot be read right now is left out, not an error."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from metald.domain.errors import invalid
+from metald.domain.states import ACTIVE_STATES, VmState
+from metald.ports import VmMetrics
+from metald.service.launch import Launch
+from metald.usecases import ConsoleChunk, Page, VmDetails
+
+log = logging.getLogger("metald.service")
+T = TypeVar("T")
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+class Queries(Launch):
+    async def info(self, customer_id: str, vm_id: str) -> VmDetails:
+        vm = await self._owned(customer_id, vm_id)
+        runtime = None
+        metrics = VmMetrics()
+        attachment = None
+        if vm.state in ACTIVE_STATES:
+            runtime = await _known(vm_id, "runtime", lambda: self._backend.runtime(vm_id), None)
+            if runtime is not None:
+                metrics = await _known(vm_id, "metrics", lambda: self._backend.metrics(vm_id), metrics)
+        network = self._networked(vm)
+        if network is not None:
+            attachment = await _known(vm_id, "network", lambda: network.describe(vm), None)
+            if attachment is not None:
+                rx, tx = await _known(vm_id, "counters", lambda: network.counters(vm), (0, 0))
+                metrics = dataclasses.replace(metrics, network_rx_bytes=rx, network_tx_bytes=tx)
+        return VmDetails(vm, self.backend_type, runtime, metrics, attachment)
+
+    async def list(
+        self, customer_id: str, states: Sequence[VmState], page_size: int, page_token: str
+    ) -> Page:
+        if page_size < 0:
+            raise invalid("page_size", "must not be negative")
+        if any(s is VmState.UNSPECIFIED for s in states):
+            raise invalid("state_filter", "VM_STATE_UNSPECIFIED is not a state to filter by")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        wanted = sorted(set(states))
+        filter_key = ",".join(str(int(s)) for s in wanted)
+        after = self._tokens.decode(page_token, customer_id, filter_key) if page_token else 0
+        rows = await self._vms.list_page(customer_id, wanted, after, size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        token = self._tokens.encode(customer_id, filter_key, rows[-1].seq) if more else ""
+        total = await self._vms.count(customer_id, wanted)
+        return Page(rows, token, total)
+
+    async def read_console(self, customer_id: str, vm_id: str, offset: int, limit: int) -> ConsoleChunk:
+        path = self._console_path(await self._owned(customer_id, vm_id))
+        return await asyncio.to_thread(_read_chunk, path, offset, limit)
+
+
+async def _known(vm_id: str, what: str, read: Callable[[], Awaitable[T]], unknown: T) -> T:
+    """What `read` answers, or `unknown` if it cannot be read now (the VM is between states)."""
+    try:
+        return await read()
+    except Exception as exc:
+        log.debug("%s of %s not readable now: %s", what, vm_id, exc, extra={"vm_id": vm_id})
+        return unknown
+
+
+def _read_chunk(path: os.PathLike[str], offset: int, limit: int) -> ConsoleChunk:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP):  # not written yet, or not a plain file
+            return ConsoleChunk(b"", offset, 0)
+        raise
+    try:
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, limit, offset) if offset < size else b""
+    finally:
+        os.close(fd)
+    return ConsoleChunk(data, offset + len(data), size)

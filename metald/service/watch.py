@@ -1,0 +1,61 @@
+"""WatchVms: the caller's VM events after a cursor, the kept ones from the store's event log first,
+then live ones as they are written (woken by metald/service/transitions.py's notifier).
+
+A cursor is the event's store sequence number as text. No cursor: only events from now on. A
+cursor older than what the log keeps: OUT_OF_RANGE (CURSOR_EXPIRED), so the client re-lists.
+Events are in the store, so a cursor stays good across daemon restarts: exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from metald.domain import ids
+from metald.domain.errors import ErrorCode, MetaldError, invalid
+from metald.domain.states import VmState
+from metald.service.base import ServiceBase
+from metald.usecases import WatchItem
+
+WATCH_BATCH = 256
+
+
+class Watch(ServiceBase):
+    async def watch(
+        self, customer_id: str, states: Sequence[VmState], vm_ids: Sequence[str], after_cursor: str
+    ) -> AsyncIterator[WatchItem]:
+        if any(s is VmState.UNSPECIFIED for s in states):
+            raise invalid("state_filter", "VM_STATE_UNSPECIFIED is not a state to filter by")
+        for vm_id in vm_ids:
+            if not ids.VM_ID_PATTERN.fullmatch(vm_id):
+                raise invalid("vm_ids", f"{vm_id[:80]!r} does not match [A-Za-z0-9_-]{{1,64}}")
+        wanted_states, wanted_ids = frozenset(states), frozenset(vm_ids)
+        after = await self._cursor_start(after_cursor)
+        while True:
+            wake = self._records.notifier.waiter()
+            batch = await self._event_log.events_after(customer_id, after, WATCH_BATCH)
+            for event in batch:
+                after = event.seq
+                if wanted_states and event.state not in wanted_states:
+                    continue
+                if wanted_ids and event.vm_id not in wanted_ids:
+                    continue
+                yield WatchItem(str(event.seq), event)
+            if len(batch) < WATCH_BATCH:
+                await wake.wait()
+
+    async def _cursor_start(self, cursor: str) -> int:
+        last = await self._event_log.last_seq()
+        if not cursor:
+            return last
+        if not cursor.isdigit() or len(cursor) > 19 or int(cursor) > last:
+            raise invalid("after_cursor", "is not a cursor of this host")
+        after = int(cursor)
+        first = await self._event_log.first_seq() or last + 1  # 0: none kept (all pruned)
+        if after + 1 < first:
+            raise MetaldError(
+                ErrorCode.OUT_OF_RANGE,
+                f"cursor {after} is older than the events this host keeps (oldest {first}); list the VMs again",
+                reason="CURSOR_EXPIRED",
+                metadata={"after_cursor": cursor, "oldest_cursor": str(first)},
+            )
+        return after
