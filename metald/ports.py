@@ -13,6 +13,7 @@ from typing import Protocol
 
 from metald.domain.events import VmEvent
 from metald.domain.model import NicAddress, RateLimit, Vm
+from metald.domain.snapshots import Snapshot
 from metald.domain.states import VmState
 
 # ---- health ---------------------------------------------------------------------------------
@@ -229,6 +230,45 @@ class Secrets(Protocol):
         """A persistent secret: the stored one, or `make` stored now."""
 
 
+class SnapshotRecords(Protocol):
+    """Snapshot records. Deleted ones are hidden from get/list/count/usage at once but kept
+    (their files too) until the last clone is gone; then the service purges them."""
+
+    async def insert(self, snapshot: Snapshot) -> Snapshot:
+        """Store a new snapshot and return it with `seq` set; KeyError if the id was ever taken
+        by a snapshot not yet purged."""
+
+    async def get(self, snapshot_id: str) -> Snapshot | None:
+        """The snapshot unless deleted (pending ones included, as for VMs)."""
+
+    async def save(self, snapshot: Snapshot) -> None:
+        """Persist size_bytes, pending and warm_pool_size of an existing snapshot."""
+
+    async def list_page(self, customer_id: str, after_seq: int, limit: int) -> list[Snapshot]:
+        """The customer's snapshots by seq, neither deleted nor still being created."""
+
+    async def count(self, customer_id: str) -> int:
+        """How many list_page would list in all."""
+
+    async def usage(self, customer_id: str) -> tuple[int, int]:
+        """(count, total size_bytes) of the customer's snapshots not deleted (pending included),
+        for quotas."""
+
+    async def mark_deleted(self, snapshot_id: str) -> None: ...
+
+    async def clone_count(self, snapshot_id: str) -> int:
+        """VMs whose snapshot_id is this one."""
+
+    async def unused_deleted(self) -> list[Snapshot]:
+        """Deleted snapshots no VM was cloned from any more: their files may go, then purge()."""
+
+    async def purge(self, snapshot_id: str) -> None:
+        """Forget the record for good (after its files are removed). Idempotent."""
+
+    async def all_snapshots(self) -> list[Snapshot]:
+        """Every record, deleted and pending included, by seq (recovery)."""
+
+
 @dataclass(frozen=True)
 class EventRetention:
     """How many events the log keeps (the newest `count`), and for how long (0: no age limit)."""
@@ -267,6 +307,9 @@ class Store(Protocol):
 
     @property
     def events(self) -> EventLog: ...
+
+    @property
+    def snapshots(self) -> SnapshotRecords: ...
 
     async def ping(self) -> CheckResult: ...
 

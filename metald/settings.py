@@ -79,7 +79,9 @@ class Settings(BaseSettings):
     network_allow_egress: bool = Field(False, description="route/NAT guests to the outside (never in tests)")
 
     # --- state store ---
-    store: Literal["sqlite"] = Field("sqlite", description="state store: sqlite (data_dir/metald.db)")
+    store: Literal["sqlite", "memory"] = Field(
+        "sqlite", description="state store: sqlite (data_dir/metald.db); memory keeps nothing across restarts"
+    )
     event_retention_count: int = Field(100_000, ge=1, description="VM events kept for watchers (newest)")
     event_retention_seconds: float = Field(0.0, ge=0, description="drop VM events older; 0 = by count only")
 

@@ -84,12 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from metald.api.auth import ConfigError
         from metald.daemon import run
+        from metald.store.sqlite_schema import SchemaTooNewError
 
         # One pidfd per VMM supervisor instead of one waiting thread each (Python 3.11's default).
         asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
         try:
             asyncio.run(run(settings))
-        except ConfigError as exc:
+        except (ConfigError, SchemaTooNewError) as exc:
             print(f"metald: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

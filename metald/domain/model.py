@@ -124,6 +124,8 @@ class Vm:
     pending: PendingOp = PendingOp.NONE
     # Insertion order, assigned by the store; the keyset for pagination.
     seq: int = 0
+    # The snapshot this VM was cloned from ("" for none); fixed at CreateVm.
+    snapshot_id: str = ""
 
 
 # ---- one JSON form (proto field names) for config <-> dict --------------------------------------

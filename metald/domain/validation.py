@@ -16,6 +16,7 @@ from metald.domain.model import (
     IpConfig,
     MemoryConfig,
     NetworkInterface,
+    RateLimit,
     StorageDevice,
     VmConfig,
 )
@@ -31,6 +32,15 @@ DEFAULT_KERNEL = "/assets/vmlinux"
 DEFAULT_INITRD = "/assets/initrd"
 DEFAULT_ROOTFS = "/assets/rootfs.ext4"
 RESERVED_ARG_PREFIX = "metald."
+# Prefix lengths a customer may give its explicit guest and host-side networks: no larger than a
+# /16 (v4) or /48 (v6), so one customer cannot claim the address space others need, and with room
+# for a guest and its gateway (/30, /126).
+PREFIX_BOUNDS = {4: (16, 30), 6: (48, 126)}
+# Token-bucket bounds tc can honour: the rate in bits as a 64-bit number, the bucket in 32 bits.
+MAX_BANDWIDTH = 2**40  # bytes/s
+MAX_BUCKET = 2**32 - 1  # bytes
+MAX_REFILL_MS = 3_600_000
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
@@ -140,8 +150,12 @@ def _check_boot(boot: BootConfig, limits: Limits) -> None:
         raise invalid("config.boot.kernel_args", f"longer than {limits.max_kernel_args_length} characters")
     if not boot.kernel_args.isprintable():
         raise invalid("config.boot.kernel_args", "must be printable text")
+    if boot.kernel_args.count('"') % 2:
+        # An open quote would swallow the arguments metald appends after the customer's.
+        raise invalid("config.boot.kernel_args", "has an unbalanced double quote")
     for token in boot.kernel_args.split():
-        if token.startswith(RESERVED_ARG_PREFIX):
+        # Quotes are stripped as the kernel strips them: '"metald.vm_id=x"' is metald.vm_id.
+        if token.replace('"', "").startswith(RESERVED_ARG_PREFIX):
             raise invalid("config.boot.kernel_args", f"'{RESERVED_ARG_PREFIX}*' arguments are set by metald")
 
 
@@ -181,14 +195,28 @@ def _check_network(network: tuple[NetworkInterface, ...], limits: Limits) -> Non
         if nic.guest_mac and nic.guest_mac != "auto":
             check_mac(nic.guest_mac, f"{field}.guest_mac")
         if nic.rate_limit is not None:
-            rl = nic.rate_limit
-            for name in ("bandwidth_bytes_per_second", "burst_bytes", "refill_time_millis"):
-                if getattr(rl, name) < 0:
-                    raise invalid(f"{field}.rate_limit.{name}", "must not be negative")
+            check_rate_limit(nic.rate_limit, f"{field}.rate_limit")
         _check_ip(nic.host_ipv4, 4, f"{field}.host_ipv4")
         _check_ip(nic.guest_ipv4, 4, f"{field}.guest_ipv4")
         _check_ip(nic.host_ipv6, 6, f"{field}.host_ipv6")
         _check_ip(nic.guest_ipv6, 6, f"{field}.guest_ipv6")
+
+
+def check_rate_limit(limit: RateLimit, field: str) -> None:
+    """Each value within what tc can honour, and the bucket (the larger of burst_bytes and one
+    refill period's worth) within 32 bits."""
+    for name, value, top in (
+        ("bandwidth_bytes_per_second", limit.bandwidth_bytes_per_second, MAX_BANDWIDTH),
+        ("burst_bytes", limit.burst_bytes, MAX_BUCKET),
+        ("refill_time_millis", limit.refill_time_millis, MAX_REFILL_MS),
+    ):
+        if value < 0:
+            raise invalid(f"{field}.{name}", "must not be negative")
+        if value > top:
+            raise invalid(f"{field}.{name}", f"must be between 0 and {top}")
+    refill = limit.bandwidth_bytes_per_second * limit.refill_time_millis // 1000
+    if limit.bandwidth_bytes_per_second > 0 and refill > MAX_BUCKET:
+        raise invalid(f"{field}.refill_time_millis", "bandwidth x refill time exceeds the largest bucket")
 
 
 def check_mac(mac: str, field: str) -> str:
@@ -205,22 +233,48 @@ def check_mac(mac: str, field: str) -> str:
 def _check_ip(ip: IpConfig | None, family: int, field: str) -> None:
     if ip is None:
         return
-    max_prefix = 32 if family == 4 else 128
-    for name, value in (("address", ip.address), ("gateway", ip.gateway)):
-        if not value:
-            if name == "address":
-                raise invalid(f"{field}.address", "is required when the block is given")
-            continue
-        try:
-            parsed = ipaddress.ip_address(value)
-        except ValueError:
-            raise invalid(f"{field}.{name}", f"{value!r} is not an IPv{family} address") from None
-        if parsed.version != family:
-            raise invalid(f"{field}.{name}", f"{value!r} is not an IPv{family} address")
-        if parsed.is_multicast or parsed.is_unspecified:
-            raise invalid(f"{field}.{name}", f"{value!r} is not a unicast address")
-    if not 1 <= ip.prefix_length <= max_prefix:
-        raise invalid(f"{field}.prefix_length", f"must be between 1 and {max_prefix}")
+    if not ip.address:
+        raise invalid(f"{field}.address", "is required when the block is given")
+    address = _parse_ip(ip.address, family, f"{field}.address")
+    if reason := _unusable(address, gateway=False):
+        raise invalid(f"{field}.address", f"{ip.address!r} is {reason}")
+    if ip.gateway:
+        gateway = _parse_ip(ip.gateway, family, f"{field}.gateway")
+        if reason := _unusable(gateway, gateway=True):
+            raise invalid(f"{field}.gateway", f"{ip.gateway!r} is {reason}")
+    shortest, longest = PREFIX_BOUNDS[family]
+    if not shortest <= ip.prefix_length <= longest:
+        raise invalid(f"{field}.prefix_length", f"must be between {shortest} and {longest}")
+    network = ipaddress.ip_network((address, ip.prefix_length), strict=False)
+    if family == 4 and address in (network.network_address, network.broadcast_address):
+        raise invalid(f"{field}.address", f"{ip.address!r} is the network or broadcast address of {network}")
+
+
+def _parse_ip(value: str, family: int, field: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        parsed = ipaddress.ip_address(value)
+    except ValueError:
+        raise invalid(field, f"{value!r} is not an IPv{family} address") from None
+    if parsed.version != family:
+        raise invalid(field, f"{value!r} is not an IPv{family} address")
+    return parsed
+
+
+def _unusable(address: ipaddress.IPv4Address | ipaddress.IPv6Address, *, gateway: bool) -> str:
+    """Why no interface may have this address ("" if it may). Loopback and link-local addresses
+    (169.254.169.254 is the cloud metadata address) belong to the host; 240.0.0.0/4 holds the
+    limited broadcast. A v6 gateway may be link-local (routers advertise fe80:: addresses)."""
+    if address.is_multicast or address.is_unspecified:
+        return "not a unicast address"
+    if address.is_loopback:
+        return "a loopback address"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return "an IPv4-mapped address"
+    if address.is_link_local and not (gateway and address.version == 6):
+        return "a link-local address"
+    if isinstance(address, ipaddress.IPv4Address) and (address.is_reserved or address in _THIS_NETWORK):
+        return "a reserved or broadcast address"
+    return ""
 
 
 def _check_console(console: ConsoleConfig) -> None:

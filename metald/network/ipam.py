@@ -1,7 +1,9 @@
 """Persistent address management on AddressBook.claim_address (unique per pool and address).
 
-Each customer gets a network index i, claimed once and kept: the i-th /24 of the IPv4 pool, the
-i-th /64 of the IPv6 pool and bridge mb_<i>. Guest addresses, explicit host-side addresses and
+Each customer gets a network index i while it has VMs with NICs: the i-th /24 of the IPv4 pool,
+the i-th /64 of the IPv6 pool and bridge mb_<i>. When its last such VM is released, everything
+the customer owns (index, host-side addresses and networks) is released too and the index goes
+back to the pool. Guest addresses, explicit host-side addresses and
 MACs are claimed in per-customer pools; explicit host-side networks in host-wide pools, since
 all bridges share one routing table.
 
@@ -15,10 +17,14 @@ Pools (rows are (pool, address, owner)):
   hostnet@<c>         network        customer:<c>   ...recorded for lookup
   mac@<c>             MAC            <vm id>        MACs on the customer's bridge
   netid               id8            <vm id>        device names of the VM
+  member@<c>          vm id          <vm id>        VMs planned on the customer's network
 
 The store only answers "which addresses are used in this pool", not who owns one, so anything a
 customer (rather than a VM) owns is claimed host-wide first and then recorded in the customer's
-lookup pool: a crash in between can only leak a claim, never hand one out twice.
+lookup pool: a crash in between can only leak a claim, never hand one out twice. A customer's
+network is in use while member@<c> or mac@<c> (VMs planned before member@ existed) is not empty;
+membership is claimed and the last member's release done under one lock, so a plan never gets a
+network that is being freed.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ def owner_of_customer(customer_id: str) -> str:
 
 
 class Ipam:
-    def __init__(self, store: AddressBook, ipv4_pool: str, ipv6_pool: str) -> None:
+    def __init__(self, addresses: AddressBook, ipv4_pool: str, ipv6_pool: str) -> None:
         try:
             self.pool4 = ipaddress.IPv4Network(ipv4_pool)
             self.pool6 = ipaddress.IPv6Network(ipv6_pool)
@@ -77,7 +83,7 @@ class Ipam:
             raise _config_error(f"bad address pool: {exc}") from exc
         if self.pool4.prefixlen > SUBNET_PREFIX[4] or self.pool6.prefixlen > SUBNET_PREFIX[6]:
             raise _config_error("the IPv4 pool must be /24 or larger and the IPv6 pool /64 or larger")
-        self._store = store
+        self._store = addresses
         self._count: int = min(
             2 ** (SUBNET_PREFIX[4] - self.pool4.prefixlen), 2 ** (SUBNET_PREFIX[6] - self.pool6.prefixlen)
         )
@@ -90,17 +96,25 @@ class Ipam:
 
     # ---- customer networks ----
 
-    async def customer_network(self, customer_id: str) -> CustomerNetwork:
-        """The customer's network, claimed on first use and kept for good."""
+    async def customer_network(self, customer_id: str, vm_id: str = "") -> CustomerNetwork:
+        """The customer's network, claimed on first use. Planning a VM passes its vm_id: the VM
+        becomes a member and the network stays the customer's until its last member is released."""
+        if not vm_id and (net := self._networks.get(customer_id)):
+            return net
+        async with self._host_wide:
+            if vm_id:
+                await self._store.claim_address(f"member@{customer_id}", vm_id, vm_id)
+            return await self._network_of(customer_id)
+
+    async def _network_of(self, customer_id: str) -> CustomerNetwork:
         if net := self._networks.get(customer_id):
             return net
         owner = owner_of_customer(customer_id)
-        async with self._host_wide:
-            mine = await self._store.used_addresses(f"net@{customer_id}")
-            index = min((int(i) for i in mine), default=None)
-            if index is None:
-                index = await self._claim_index(customer_id, owner)
-                await self._store.claim_address(f"net@{customer_id}", str(index), owner)
+        mine = await self._store.used_addresses(f"net@{customer_id}")
+        index = min((int(i) for i in mine), default=None)
+        if index is None:
+            index = await self._claim_index(customer_id, owner)
+            await self._store.claim_address(f"net@{customer_id}", str(index), owner)
         net = CustomerNetwork(
             customer_id,
             index,
@@ -178,9 +192,17 @@ class Ipam:
     async def claim_netid(self, id8: str, vm_id: str) -> bool:
         return await self._store.claim_address("netid", id8, vm_id)
 
-    async def release(self, vm_id: str) -> None:
-        """Free everything the VM holds (addresses, MACs, device names). Idempotent."""
-        await self._store.release_addresses(vm_id)
+    async def release(self, vm_id: str, customer_id: str) -> None:
+        """Free everything the VM holds (addresses, MACs, device names) and, if it was the
+        customer's last VM on its network, what the customer holds (index, host-side
+        addresses and networks). Idempotent."""
+        async with self._host_wide:
+            await self._store.release_addresses(vm_id)
+            for pool in (f"member@{customer_id}", f"mac@{customer_id}"):
+                if await self._store.used_addresses(pool):
+                    return
+            await self._store.release_addresses(owner_of_customer(customer_id))
+            self._networks.pop(customer_id, None)
 
 
 def _hosts(subnet: IPNetwork) -> Iterator[IPAddress]:

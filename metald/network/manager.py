@@ -55,7 +55,7 @@ class LinuxNetwork:
         return await plan_vm(self._ipam, vm)
 
     async def release(self, vm: Vm) -> None:
-        await self._ipam.release(vm.vm_id)
+        await self._ipam.release(vm.vm_id, vm.customer_id)
 
     # ---- devices ----
 

@@ -18,17 +18,13 @@ import ipaddress
 from dataclasses import dataclass
 
 from metald.domain.errors import ErrorCode, MetaldError, invalid
-from metald.domain.model import IpConfig, NetworkInterface, NicAddress, RateLimit, Vm
-from metald.domain.validation import check_mac
+from metald.domain.model import IpConfig, NetworkInterface, NicAddress, Vm
+from metald.domain.validation import check_mac, check_rate_limit
 from metald.network import mac as macs
-from metald.network import tc
 from metald.network.ipam import CustomerNetwork, IPAddress, Ipam, IPNetwork
 from metald.network.names import MAX_NICS, id8
 
 NIC_TYPES = ("TAP", "")
-MAX_BANDWIDTH = 2**40  # bytes/s
-MAX_BUCKET = 2**32 - 1  # bytes
-MAX_REFILL_MS = 3_600_000
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 _AUTO_MAC_ATTEMPTS = 8
 
@@ -63,7 +59,7 @@ async def plan_vm(ipam: Ipam, vm: Vm) -> tuple[NicAddress, ...]:
         if nic.type not in NIC_TYPES:
             raise invalid(f"config.network[{i}].type", f"unsupported type {nic.type!r}; only TAP is offered")
         if nic.rate_limit is not None:
-            _check_rate_limit(nic.rate_limit, f"config.network[{i}].rate_limit")
+            check_rate_limit(nic.rate_limit, f"config.network[{i}].rate_limit")
     if not await ipam.claim_netid(id8(vm.vm_id), vm.vm_id):
         raise MetaldError(
             ErrorCode.ALREADY_EXISTS,
@@ -72,24 +68,11 @@ async def plan_vm(ipam: Ipam, vm: Vm) -> tuple[NicAddress, ...]:
             metadata={"vm_id": vm.vm_id},
         )
     try:
-        net = await ipam.customer_network(vm.customer_id)
+        net = await ipam.customer_network(vm.customer_id, vm.vm_id)
         return tuple([await _plan_nic(ipam, net, vm, i, nic) for i, nic in enumerate(nics)])
     except BaseException:
-        await ipam.release(vm.vm_id)
+        await ipam.release(vm.vm_id, vm.customer_id)
         raise
-
-
-def _check_rate_limit(limit: RateLimit, field: str) -> None:
-    """Bounds tc can honour: tbf takes its rate in bits as a 64-bit number, its bucket in 32 bits."""
-    for name, value, top in (
-        ("bandwidth_bytes_per_second", limit.bandwidth_bytes_per_second, MAX_BANDWIDTH),
-        ("burst_bytes", limit.burst_bytes, MAX_BUCKET),
-        ("refill_time_millis", limit.refill_time_millis, MAX_REFILL_MS),
-    ):
-        if not 0 <= value <= top:
-            raise invalid(f"{field}.{name}", f"must be between 0 and {top}")
-    if tc.is_limited(limit) and tc.bucket_bytes(limit) > MAX_BUCKET:
-        raise invalid(f"{field}.refill_time_millis", "bandwidth x refill time exceeds the largest bucket")
 
 
 async def _plan_nic(ipam: Ipam, net: CustomerNetwork, vm: Vm, i: int, nic: NetworkInterface) -> NicAddress:

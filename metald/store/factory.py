@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from metald.ports import EventRetention, Store
 from metald.settings import Settings
+from metald.store.memory import MemoryStore
 from metald.store.sqlite import SqliteStore
 
 
@@ -12,4 +13,6 @@ def event_retention(settings: Settings) -> EventRetention:
 
 
 async def open_store(settings: Settings) -> Store:
+    if settings.store == "memory":
+        return MemoryStore(event_retention(settings))
     return await SqliteStore.open(settings.db_path, event_retention(settings))

@@ -10,6 +10,7 @@ from metald.ports import CheckResult, EventRetention
 from metald.store.sqlite_db import Db
 from metald.store.sqlite_events import SqliteEventLog
 from metald.store.sqlite_schema import migrate
+from metald.store.sqlite_snapshots import SqliteSnapshotRecords
 from metald.store.sqlite_vms import SqliteVmRecords
 
 
@@ -53,6 +54,7 @@ class SqliteStore:
         self.vms = SqliteVmRecords(db, self.events)
         self.addresses = SqliteAddressBook(db)
         self.secrets = SqliteSecrets(db)
+        self.snapshots = SqliteSnapshotRecords(db)
 
     @classmethod
     async def open(cls, path: Path, retention: EventRetention | None = None) -> SqliteStore:

@@ -22,6 +22,23 @@ def _script(*statements: str) -> Migration:
     return apply
 
 
+def _add_column(table: str, column: str, definition: str) -> Migration:
+    def apply(conn: sqlite3.Connection) -> None:
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
+    return apply
+
+
+def _all(*migrations: Migration) -> Migration:
+    def apply(conn: sqlite3.Connection) -> None:
+        for migration in migrations:
+            migration(conn)
+
+    return apply
+
+
 BASELINE = _script(
     """CREATE TABLE IF NOT EXISTS vms (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -64,8 +81,29 @@ EVENTS = _script(
     "CREATE INDEX IF NOT EXISTS events_by_customer ON events (customer_id, seq)",
 )
 
+SNAPSHOTS = _all(
+    _add_column("vms", "snapshot_id", "TEXT NOT NULL DEFAULT ''"),
+    _script(
+        "CREATE INDEX IF NOT EXISTS vms_by_snapshot ON vms (snapshot_id) WHERE snapshot_id != ''",
+        """CREATE TABLE IF NOT EXISTS snapshots (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            snapshot_id TEXT NOT NULL UNIQUE,
+            customer_id TEXT NOT NULL,
+            source_vm_id TEXT NOT NULL,
+            config TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL DEFAULT 0,
+            metadata TEXT NOT NULL DEFAULT '{}',
+            warm_pool_size INTEGER NOT NULL DEFAULT 0,
+            pending TEXT NOT NULL DEFAULT '',
+            deleted INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX IF NOT EXISTS snapshots_by_customer ON snapshots (customer_id, deleted, seq)",
+    ),
+)
+
 # Index i holds the migration to user_version i + 1.
-MIGRATIONS: tuple[Migration, ...] = (BASELINE, EVENTS)
+MIGRATIONS: tuple[Migration, ...] = (BASELINE, EVENTS, SNAPSHOTS)
 
 
 class SchemaTooNewError(RuntimeError):

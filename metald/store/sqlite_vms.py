@@ -15,7 +15,7 @@ from metald.domain.states import VmState
 from metald.store.sqlite_db import Db
 from metald.store.sqlite_events import SqliteEventLog
 
-_COLUMNS = "seq, vm_id, customer_id, state, config, nics, shutdown_reason, pending, created_at, updated_at"
+_COLUMNS = "seq, vm_id, customer_id, state, config, nics, shutdown_reason, pending, created_at, updated_at, snapshot_id"
 
 
 class SqliteVmRecords:
@@ -37,12 +37,13 @@ class SqliteVmRecords:
             vm.config.memory_bytes,
             vm.created_at.isoformat(),
             vm.updated_at.isoformat(),
+            vm.snapshot_id,
         )
 
         def insert(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
                 "INSERT INTO vms (vm_id, customer_id, state, config, nics, shutdown_reason, pending,"
-                " vcpus, memory_bytes, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " vcpus, memory_bytes, created_at, updated_at, snapshot_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 row,
             )
             self._events.append(conn, event)
@@ -149,7 +150,7 @@ class _ConfigCache:
         return config
 
     def vm(self, row: Any) -> Vm:
-        seq, vm_id, customer_id, state, config, nics, reason, pending, created, updated = row
+        seq, vm_id, customer_id, state, config, nics, reason, pending, created, updated, snapshot_id = row
         return Vm(
             vm_id=vm_id,
             customer_id=customer_id,
@@ -161,4 +162,5 @@ class _ConfigCache:
             shutdown_reason=reason,
             pending=pending,
             seq=seq,
+            snapshot_id=snapshot_id,
         )

@@ -92,6 +92,110 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         {"network": [{"interface_id": "eth0", "rate_limit": {"bandwidth_bytes_per_second": -5}}]},
         "config.network[0].rate_limit.bandwidth_bytes_per_second",
     ),
+    (
+        "guest v4 loopback",
+        {"network": [{"interface_id": "eth0", "guest_ipv4": {"address": "127.0.0.1", "prefix_length": 24}}]},
+        "config.network[0].guest_ipv4.address",
+    ),
+    (
+        "guest v4 broadcast",
+        {
+            "network": [
+                {"interface_id": "eth0", "guest_ipv4": {"address": "255.255.255.255", "prefix_length": 24}}
+            ]
+        },
+        "config.network[0].guest_ipv4.address",
+    ),
+    (
+        "guest v4 metadata address",
+        {
+            "network": [
+                {"interface_id": "eth0", "guest_ipv4": {"address": "169.254.169.254", "prefix_length": 24}}
+            ]
+        },
+        "config.network[0].guest_ipv4.address",
+    ),
+    (
+        "guest v6 loopback",
+        {"network": [{"interface_id": "eth0", "guest_ipv6": {"address": "::1", "prefix_length": 64}}]},
+        "config.network[0].guest_ipv6.address",
+    ),
+    (
+        "guest v6 link-local",
+        {"network": [{"interface_id": "eth0", "guest_ipv6": {"address": "fe80::1", "prefix_length": 64}}]},
+        "config.network[0].guest_ipv6.address",
+    ),
+    (
+        "host v4 loopback",
+        {
+            "network": [
+                {
+                    "interface_id": "eth0",
+                    "host_ipv4": {"address": "127.0.0.1", "prefix_length": 24},
+                    "guest_ipv4": {"address": "127.0.0.2", "prefix_length": 24},
+                }
+            ]
+        },
+        "config.network[0].host_ipv4.address",
+    ),
+    (
+        "host v4 squatting /1",
+        {
+            "network": [
+                {
+                    "interface_id": "eth0",
+                    "host_ipv4": {"address": "128.0.0.1", "prefix_length": 1},
+                    "guest_ipv4": {"address": "128.0.0.2", "prefix_length": 1},
+                }
+            ]
+        },
+        "config.network[0].host_ipv4.prefix_length",
+    ),
+    (
+        "host v6 squatting /3",
+        {
+            "network": [
+                {
+                    "interface_id": "eth0",
+                    "host_ipv6": {"address": "2000::1", "prefix_length": 3},
+                    "guest_ipv6": {"address": "2000::2", "prefix_length": 3},
+                }
+            ]
+        },
+        "config.network[0].host_ipv6.prefix_length",
+    ),
+    (
+        "rate bucket overflow",
+        {
+            "network": [
+                {
+                    "interface_id": "eth0",
+                    "rate_limit": {
+                        "bandwidth_bytes_per_second": "1099511627776",
+                        "refill_time_millis": 100000,
+                    },
+                }
+            ]
+        },
+        "config.network[0].rate_limit.refill_time_millis",
+    ),
+    (
+        "burst above 32 bits",
+        {
+            "network": [
+                {
+                    "interface_id": "eth0",
+                    "rate_limit": {"bandwidth_bytes_per_second": 1000, "burst_bytes": "4294967296"},
+                }
+            ]
+        },
+        "config.network[0].rate_limit.burst_bytes",
+    ),
+    (
+        "reserved kernel arg in quotes",
+        {"boot": {"kernel_path": "/assets/vmlinux", "kernel_args": 'quiet "metald.vm_id=forged"'}},
+        "config.boot.kernel_args",
+    ),
     ("bad console type", {"console": {"type": "VGA"}}, "config.console.type"),
     ("console file absolute", {"console": {"output_file": "/tmp/x.log"}}, "config.console.output_file"),
     ("too much metadata", {"metadata": {f"k{i}": "v" for i in range(65)}}, "config.metadata"),
@@ -108,6 +212,16 @@ def test_invalid_config(rpc: Rpc, name: str, config: dict[str, Any], field: str)
     assert detail["type"] == "google.rpc.ErrorInfo"
     assert detail["debug"]["metadata"]["field"] == field
     assert rpc.ok("ListVms", {}).get("total_count", 0) == 0
+
+
+def test_refused_create_leaves_no_ghost_id(rpc: Rpc, customer: str) -> None:
+    """A config network planning could not honour is refused up front: the id stays free."""
+    vm_id = f"ghost-{customer}"
+    limit = {"bandwidth_bytes_per_second": "1099511627776", "refill_time_millis": 100000}
+    config = {"network": [{"interface_id": "eth0", "rate_limit": limit}]}
+    status, body = rpc.error("CreateVm", {"vm_id": vm_id, "config": config})
+    assert status == 400 and body["code"] == "invalid_argument", body
+    assert rpc.ok("CreateVm", {"vm_id": vm_id, "config": {}})["vm_id"] == vm_id
 
 
 @pytest.mark.parametrize("vm_id", ["has space", "x" * 65, "semi;colon", "ünï"])

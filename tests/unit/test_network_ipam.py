@@ -89,8 +89,8 @@ async def test_restart_keeps_allocations(tmp_path: Path) -> None:
 async def test_release_frees_addresses_and_macs(ipam: Ipam) -> None:
     first = (await plan_vm(ipam, make_vm("vm_a", "acme")))[0]
     second = (await plan_vm(ipam, make_vm("vm_b", "acme")))[0]
-    await ipam.release("vm_a")
-    await ipam.release("vm_a")  # idempotent
+    await ipam.release("vm_a", "acme")
+    await ipam.release("vm_a", "acme")  # idempotent
     again = (await plan_vm(ipam, make_vm("vm_a", "acme")))[0]
     assert again == first  # lowest free address again, same derived MAC
     assert second.guest_ipv4 != first.guest_ipv4
