@@ -75,6 +75,10 @@ def service_options(settings: Settings) -> ServiceOptions:
         ),
         shutdown_timeout=settings.shutdown_timeout_seconds,
         boot_wait_timeout=settings.boot_wait_timeout_seconds,
+        snapshots_dir=settings.snapshots_dir,
+        max_snapshots_per_customer=settings.max_snapshots_per_customer,
+        max_snapshot_bytes_per_customer=settings.max_snapshot_mib_per_customer * MIB,
+        max_warm_pool_size=settings.max_warm_pool_size,
     )
 
 
@@ -96,10 +100,13 @@ async def run(settings: Settings) -> None:
             event_log=store.events,
             backend=tracing.port(backend, "backend"),
             network=tracing.port(network, "network"),
-            assets=AssetResolver(settings.assets_root, private=(settings.vms_dir, settings.db_path)),
+            assets=AssetResolver(
+                settings.assets_root, private=(settings.vms_dir, settings.db_path, settings.snapshots_dir)
+            ),
             page_tokens=PageTokens(await store.secrets.secret("page_token_key", os.urandom(32))),
             events=metrics,
             options=service_options(settings),
+            snapshots=store.snapshots,
         )
         await service.recover()
         checks: dict[str, Callable[[], Awaitable[CheckResult]]] = {

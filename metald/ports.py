@@ -176,6 +176,9 @@ class ServiceEvents(Protocol):
 
     def vm_exited(self, reason: str) -> None: ...
 
+    def snapshot_taken(self, backend_type: str, paused_seconds: float) -> None:
+        """A snapshot was saved; its source's guest was stopped for `paused_seconds`."""
+
 
 # ---- store ----------------------------------------------------------------------------------
 

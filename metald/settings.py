@@ -87,6 +87,13 @@ class Settings(BaseSettings):
 
     # --- quotas and capacity ---
     max_vms_per_customer: int = Field(1000, ge=0, description="0 = unlimited")
+    max_snapshots_per_customer: int = Field(
+        100, ge=0, description="snapshots kept per customer; 0 = unlimited"
+    )
+    max_snapshot_mib_per_customer: int = Field(
+        65536, ge=0, description="bytes of snapshot files per customer, MiB; 0 = unlimited"
+    )
+    max_warm_pool_size: int = Field(8, ge=0, le=64, description="largest warm_pool_size a snapshot may ask")
     max_vcpus_per_customer: int = Field(64, ge=0, description="0 = unlimited")
     max_memory_mib_per_customer: int = Field(65536, ge=0, description="0 = unlimited")
     max_vms: int = Field(20000, ge=0, description="host-wide VM cap; 0 = unlimited")
@@ -105,6 +112,10 @@ class Settings(BaseSettings):
     @property
     def vms_dir(self) -> Path:
         return self.data_dir / "vms"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_dir / "snapshots"
 
     @property
     def db_path(self) -> Path:
