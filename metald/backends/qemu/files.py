@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from metald.backends.qemu import layout
-from metald.backends.qemu.cmdline import DiskFds, VmmFds, ordered_disks
+from metald.backends.qemu.cmdline import DiskFds, VmmFds
 from metald.backends.qemu.overlay import recorded_bases
 from metald.ports import LaunchSpec
 
@@ -121,7 +121,7 @@ def open_vmm_files(spec: LaunchSpec) -> VmmFds:
     try:
         bases = recorded_bases(spec.vm_dir)
         disks = []
-        for i, disk in enumerate(ordered_disks(spec.disks)):
+        for i, disk in enumerate(spec.disks):
             if disk.read_only:
                 disks.append(DiskFds((opener.file(disk.host_path, _READ),)))
                 continue
