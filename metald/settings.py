@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     default_memory_mib: int = Field(256, ge=128, description="memory when the config omits memory")
     shutdown_timeout_seconds: float = Field(30.0, gt=0, description="graceful shutdown wait for timeout 0")
     boot_wait_timeout_seconds: float = Field(60.0, gt=0, description="BootVm wait_for_ready default")
+    stop_vms_on_exit: bool = Field(
+        False, description="stop every VM when the daemon exits (default: they run on, re-adopted at start)"
+    )
+    console_log_max_bytes: int = Field(
+        4 * 1024 * 1024, ge=64 * 1024, description="per-VM console log bound; older output is dropped"
+    )
 
     # --- networking ---
     network_enabled: bool = Field(True, description="attach NICs (needs root: netns, TAPs, tc)")

@@ -12,7 +12,8 @@ import pytest
 
 from metald.backends.qemu.backend import QemuBackend
 from metald.backends.qemu.snapshot import DEVICE_STATE, RAM_FILE
-from tests.e2e.test_qemu_backend import READY_TIMEOUT, _agent_exec, _kill_vmms_under, launch_spec
+from tests.e2e.conftest import kill_processes_under
+from tests.e2e.test_qemu_backend import READY_TIMEOUT, _agent_exec, launch_spec
 
 pytestmark = [
     pytest.mark.e2e,
@@ -37,7 +38,7 @@ async def backend(tmp_path: Path) -> AsyncIterator[QemuBackend]:
         yield made
     finally:
         await made.close()
-        _kill_vmms_under(tmp_path)
+        kill_processes_under(tmp_path)
         # RAM files are unnamed: nothing may be left in the directory, whatever happened.
         leftovers = list(ram_dir.iterdir()) if ram_dir.exists() else []
         shutil.rmtree(ram_dir, ignore_errors=True)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from metald.backends.qemu import layout
-from metald.ports import DiskSpec, LaunchSpec
+from metald.ports import LaunchSpec
 
 MIB = 1024 * 1024
 
@@ -69,7 +69,7 @@ class VmmFds:
 
     kernel: int
     initrd: int | None
-    disks: tuple[DiskFds, ...]  # in launch order (ordered_disks)
+    disks: tuple[DiskFds, ...]  # in launch order (spec.disks)
     console: int
     serial: int | None  # serial.log, when the console is the virtio console
     qmp: int  # listening sockets
@@ -91,9 +91,12 @@ def cpu_model(template: str, accel: str) -> str:
     return "host" if accel == "kvm" else TCG_DEFAULT_CPU
 
 
-def ordered_disks(disks: Sequence[DiskSpec]) -> list[DiskSpec]:
-    """Launch order: the root device first (it becomes /dev/vda), the rest as given."""
-    return sorted(disks, key=lambda d: not d.is_root)
+def launch_cpu_model(spec: LaunchSpec, accel: str) -> str:
+    """The -cpu model of this launch: the one the service decided (spec.cpu_model), else the
+    template's; "" becomes the accelerator's default."""
+    if spec.cpu_model is None:
+        return cpu_model(spec.cpu_template, accel)
+    return spec.cpu_model or cpu_model("", accel)
 
 
 def _has_arg(args: Sequence[str], key: str) -> bool:
@@ -126,7 +129,7 @@ def _fdset(fds: Sequence[int]) -> tuple[list[str], str]:
 
 def _disk_args(spec: LaunchSpec, fds: VmmFds) -> list[str]:
     args: list[str] = []
-    for i, (disk, files) in enumerate(zip(ordered_disks(spec.disks), fds.disks, strict=True)):
+    for i, (disk, files) in enumerate(zip(spec.disks, fds.disks, strict=True)):
         add, image = _fdset(files.image)
         if disk.read_only:
             drive = f"file={image},format=raw,readonly=on"
@@ -222,7 +225,7 @@ def _memory_args(spec: LaunchSpec, fds: VmmFds) -> list[str]:
 
 def qemu_argv(spec: LaunchSpec, host: HostOptions, fds: VmmFds) -> list[str]:
     """The QEMU command for one VM, whose files are the descriptors `fds`."""
-    model = cpu_model(spec.cpu_template, host.accel)
+    model = launch_cpu_model(spec, host.accel)
     argv = [
         host.binary,
         "-name",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metald.backends.qemu import layout
-from metald.backends.qemu.cmdline import DiskFds, VmmFds, ordered_disks
+from metald.backends.qemu.cmdline import DiskFds, VmmFds
 from metald.backends.qemu.overlay import recorded_chains
 from metald.backends.qemu.snapshot import DEVICE_STATE, RAM_FILE
 from metald.ports import LaunchSpec
@@ -132,7 +132,7 @@ def open_vmm_files(spec: LaunchSpec, ram: RamFile | None = None) -> VmmFds:
     try:
         chains = recorded_chains(spec.vm_dir)
         disks = []
-        for i, disk in enumerate(ordered_disks(spec.disks)):
+        for i, disk in enumerate(spec.disks):
             if disk.read_only:
                 disks.append(DiskFds((opener.file(disk.host_path, _READ),)))
                 continue

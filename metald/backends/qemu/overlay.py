@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from metald.backends.qemu import layout
-from metald.backends.qemu.cmdline import ordered_disks
 from metald.backends.vmm.jsonfile import read_json, write_json_atomic
+from metald.backends.vmm.tools import run_tool
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import LaunchSpec
 
@@ -24,31 +24,8 @@ async def create_overlay(qemu_img: str, base: Path, overlay: Path, *, base_forma
     returns the base's canonical path."""
     tmp = overlay.with_name(overlay.name + ".tmp")
     backing = await asyncio.to_thread(base.resolve)
-    proc = await asyncio.create_subprocess_exec(
-        qemu_img,
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        base_format,
-        "-b",
-        str(backing),
-        str(tmp),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        text = out.decode(errors="replace").strip()
-        if "No space left" in text:
-            raise MetaldError(
-                ErrorCode.RESOURCE_EXHAUSTED, f"no space left for the VM's disk: {text}", reason="DISK_FULL"
-            )
-        raise MetaldError(
-            ErrorCode.INTERNAL, f"cannot create overlay over {base}: {text}", reason="OVERLAY_FAILED"
-        )
+    argv = [qemu_img, "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(backing), str(tmp)]
+    await run_tool(argv, failure=f"cannot create overlay over {base}", reason="OVERLAY_FAILED", partial=tmp)
     await asyncio.to_thread(os.replace, tmp, overlay)
     return backing
 
@@ -74,7 +51,7 @@ def _make_dirs(spec: LaunchSpec) -> None:
 async def prepare_vm_dir(spec: LaunchSpec, *, qemu_img: str) -> None:
     await asyncio.to_thread(_make_dirs, spec)
     bases: dict[str, str | list[str]] = dict(await asyncio.to_thread(recorded_chains, spec.vm_dir))
-    for i, disk in enumerate(ordered_disks(spec.disks)):
+    for i, disk in enumerate(spec.disks):
         if disk.read_only:
             continue
         overlay = layout.overlay_path(spec.vm_dir, i)

@@ -14,6 +14,7 @@ source VM's overlays as they were, read-only from then on) with `disks.json` nam
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -22,10 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metald.backends.qemu.layout import DISKS_STATE
+from metald.backends.qemu.overlay import recorded_chains
 from metald.backends.qemu.qmp import QmpClient
+from metald.backends.vmm.jsonfile import write_json_atomic
 
 RAM_FILE = "ram"
 DEVICE_STATE = "state"
+MANIFEST = "snapshot.json"  # what the restore needs to know of the source: was its guest up
 MIGRATION_POLL = 0.002
 MIGRATION_TIMEOUT = 60.0
 # QEMU's default migration bandwidth (128 MiB/s) throttles even the save of a stopped VM.
@@ -152,3 +157,33 @@ async def restore(qmp: QmpClient, state_fd: int) -> None:
     status: dict[str, Any] = await qmp.execute("query-status")
     if status.get("status") != "running":
         await qmp.execute("cont")
+
+
+async def take(
+    qmp: QmpClient,
+    *,
+    ram: Path,
+    vm_dir: Path,
+    dest: Path,
+    resume: bool,
+    guest_ready: bool,
+    ram_owner: int | None,
+) -> SaveResult:
+    """`save` a VM whose overlays (and their bases) vm_dir/disks.json names, then record what a
+    restore needs beside the files: the overlays' chains and whether the guest was up."""
+    chains = await asyncio.to_thread(recorded_chains, vm_dir)
+    saved = await save(
+        qmp, ram=ram, overlays=[vm_dir / name for name in sorted(chains)], dest=dest, resume=resume
+    )
+    await asyncio.to_thread(write_json_atomic, dest / DISKS_STATE, chains)
+    await asyncio.to_thread(write_json_atomic, dest / MANIFEST, {"guest_ready": guest_ready})
+    if ram_owner is not None:  # clones' QEMUs reopen it as the VMM user
+        await asyncio.to_thread(os.chown, dest / RAM_FILE, ram_owner, -1)
+    return saved
+
+
+def source_was_ready(snapshot_dir: Path) -> bool:
+    try:
+        return bool(json.loads((snapshot_dir / MANIFEST).read_text()).get("guest_ready"))
+    except (OSError, ValueError):
+        return False
