@@ -66,10 +66,12 @@ def test_snapshot_clones_and_deletion(daemon: Daemon, rpc: Rpc, customer: str) -
     files = daemon.data_dir / "snapshots" / snap
     assert files.exists()
 
-    # A clone's second boot is a cold boot of its own disk.
+    # A clone's second boot is a cold boot of its own disk (a ready line of its own this time).
+    assert guest_exec(vms / clones[0], "echo mine > /root/mine; sync") == (0, "")
     rpc.ok("ShutdownVm", {"vm_id": clones[0], "force": True})
     rpc.ok("BootVm", {"vm_id": clones[0], **READY})
-    assert guest_exec(vms / clones[0], "cat /root/unsynced") == (0, "unsynced")
+    assert f"METALD_READY vm_id={clones[0]} " in (vms / clones[0] / "console.log").read_text()
+    assert guest_exec(vms / clones[0], "cat /root/mine") == (0, "mine")
 
     for clone in clones:
         rpc.ok("DeleteVm", {"vm_id": clone, "force": True})
