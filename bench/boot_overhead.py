@@ -49,7 +49,9 @@ from tests.support.rpc import Rpc
 NAME = "boot_overhead"
 TARGET_RATIO = 1.05
 _FD = re.compile(r"(fd=|set=|/dev/fdset/|/proc/self/fd/)\d+")  # descriptor numbers differ per process
-_ANY_FDS = VmmFds(kernel=3, initrd=4, disks=(DiskFds((5, 6), 7),), console=8, serial=None, qmp=9, agent=10)
+_ANY_FDS = VmmFds(
+    kernel=3, initrd=4, disks=(DiskFds((5, 6), 7),), console=8, serial=None, qmp=9, agent=10, ram=11
+)
 
 
 def check_same_argv(rpc: Rpc, daemon: Daemon, vm_id: str, assets: Path, memory_mib: int) -> None:

@@ -34,7 +34,7 @@ import httpx
 from metald.backends import procfs
 from metald.backends.qemu.accel import host_tsc_khz
 from metald.backends.qemu.cmdline import HostOptions, name_matches, qemu_argv
-from metald.backends.qemu.files import close_fds, open_vmm_files
+from metald.backends.qemu.files import RamFile, close_fds, open_vmm_files
 from metald.backends.qemu.overlay import prepare_vm_dir
 from metald.backends.vmm.console import ReadyWatch
 from metald.domain import ids
@@ -48,6 +48,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 DEFAULT_ASSETS = REPO / "var" / "test-assets"
 QEMU = "qemu-system-x86_64"  # the daemon's defaults (--qemu-binary, --qemu-img-binary)
 QEMU_IMG = "qemu-img"
+HAND_RAM = RamFile(Path("/dev/shm/metald-bench"))
 MIB = 1024 * 1024
 READY_POLL = 0.005  # how often the benchmark reads console logs, the same for both sides
 CUSTOMER = "bench"
@@ -201,7 +202,7 @@ class HandVm:
 
     def start(self) -> None:
         """Open the VM's files (as the daemon does at boot) and exec QEMU on them."""
-        fds = open_vmm_files(self.spec)
+        fds = open_vmm_files(self.spec, HAND_RAM)  # guest RAM in a file, as the daemon does
         try:
             with open(self.spec.vm_dir / "vmm.log", "ab") as log:
                 self.proc = subprocess.Popen(

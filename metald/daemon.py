@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -24,14 +25,16 @@ from metald.api.serve import serve_api
 from metald.api.status import ReferenceStatusMiddleware
 from metald.assets import AssetResolver
 from metald.backends.factory import build_backend
+from metald.domain.model import Vm
 from metald.domain.paging import PageTokens
 from metald.domain.quotas import Quotas
+from metald.domain.states import ACTIVE_STATES
 from metald.domain.validation import Defaults, Limits
 from metald.gen.grpc.health.v1.health_connect import Health
 from metald.gen.vmprovisioner.v1.vm_connect import VmService as VmServiceDesc
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 from metald.logs import configure_logging
-from metald.ports import AddressBook, CheckResult, Network
+from metald.ports import AddressBook, CheckResult, Network, VmRecords
 from metald.service import ServiceOptions, VmService
 from metald.settings import MIB, Settings
 from metald.store.factory import open_store
@@ -75,6 +78,10 @@ def service_options(settings: Settings) -> ServiceOptions:
         ),
         shutdown_timeout=settings.shutdown_timeout_seconds,
         boot_wait_timeout=settings.boot_wait_timeout_seconds,
+        snapshots_dir=settings.snapshots_dir,
+        max_snapshots_per_customer=settings.max_snapshots_per_customer,
+        max_snapshot_bytes_per_customer=settings.max_snapshot_mib_per_customer * MIB,
+        max_warm_pool_size=settings.max_warm_pool_size,
     )
 
 
@@ -96,10 +103,13 @@ async def run(settings: Settings) -> None:
             event_log=store.events,
             backend=tracing.port(backend, "backend"),
             network=tracing.port(network, "network"),
-            assets=AssetResolver(settings.assets_root, private=(settings.vms_dir, settings.db_path)),
+            assets=AssetResolver(
+                settings.assets_root, private=(settings.vms_dir, settings.db_path, settings.snapshots_dir)
+            ),
             page_tokens=PageTokens(await store.secrets.secret("page_token_key", os.urandom(32))),
             events=metrics,
             options=service_options(settings),
+            snapshots=store.snapshots,
         )
         await service.recover()
         checks: dict[str, Callable[[], Awaitable[CheckResult]]] = {
@@ -137,3 +147,20 @@ async def run(settings: Settings) -> None:
             openapi=render_openapi().encode(),
         )
         await serve_api(app, settings)
+        if settings.stop_vms_on_exit:
+            await stop_all_vms(service, store.vms, settings.shutdown_timeout_seconds)
+
+
+async def stop_all_vms(service: VmService, store: VmRecords, timeout: float) -> None:
+    """`--stop-vms-on-exit`: every running or paused VM is shut down (gracefully, then forced after
+    `timeout`) before the daemon exits. By default a daemon leaves its VMs running (docs/operations.md)."""
+    vms = [vm for vm in await store.all_vms() if vm.state in ACTIVE_STATES]
+
+    async def stop(vm: Vm) -> None:
+        try:
+            await service.shutdown(vm.customer_id, vm.vm_id, force=False, timeout_seconds=timeout)
+        except Exception:
+            log.exception("could not stop %s at exit", vm.vm_id, extra={"vm_id": vm.vm_id})
+
+    await asyncio.gather(*(stop(vm) for vm in vms))
+    log.info("stopped %d VMs at exit (stop_vms_on_exit)", len(vms))

@@ -42,6 +42,7 @@ class BackendCapabilities:
     supports_initrd: bool = True
     supports_pause: bool = True
     supports_graceful_reboot: bool = True
+    supports_snapshots: bool = False
     max_vcpus: int = 32
 
 
@@ -78,10 +79,30 @@ class LaunchSpec:
     disks: tuple[DiskSpec, ...]
     nics: tuple[NicSpec, ...]
     netns: str | None  # network namespace the VMM runs in (holds the TAPs), None without NICs
-    console_type: str  # "SERIAL" or "VIRTIO_CONSOLE"
+    console_type: str  # "SERIAL" or "VIRTIO_CONSOLE", one of capabilities.console_types
     console_path: Path
     # Limits for sandboxing (cgroups): derived from the config by the service.
     labels: Mapping[str, str] = field(default_factory=dict)
+    # A clone's first boot: restore this snapshot directory (Backend.snapshot) instead of booting.
+    restore_from: Path | None = None
+
+    # The backend's own CPU model for cpu_template (capabilities.cpu_templates[cpu_template], "" for
+    # the backend's default), decided once by the service. None only in specs built by hand (tests,
+    # the accel probe): the backend then looks cpu_template up itself.
+    cpu_model: str | None = None
+
+    def __post_init__(self) -> None:
+        """Disks in launch order, decided here once: the root device first (it becomes /dev/vda),
+        the others in the order given."""
+        ordered = tuple(sorted(self.disks, key=lambda d: not d.is_root))
+        if ordered != self.disks:
+            object.__setattr__(self, "disks", ordered)
+
+
+@dataclass(frozen=True)
+class SnapshotResult:
+    size_bytes: int  # bytes the snapshot's files take
+    paused_seconds: float  # how long the guest was stopped for it
 
 
 @dataclass(frozen=True)
@@ -121,7 +142,9 @@ class Backend(Protocol):
         """Start the VMM; returns once the VMM runs (not once the guest is up)."""
 
     async def wait_ready(self, vm_id: str, timeout: float) -> bool:
-        """Wait until the guest has printed its ready line since the last (re)start."""
+        """Wait until the guest has printed its ready line since the last (re)start or reset; False
+        at the timeout. A VMM that ends first raises FAILED_PRECONDITION, reason VM_EXITED (metadata
+        exit_reason), at once."""
 
     async def pause(self, vm_id: str) -> None: ...
 
@@ -130,15 +153,22 @@ class Backend(Protocol):
     async def reboot(self, vm_id: str, *, force: bool) -> None: ...
 
     async def stop(self, vm_id: str, *, graceful: bool, timeout: float) -> str:
-        """Stop the VMM; returns how it ended ("guest_poweroff", "killed", ...). Idempotent."""
+        """Stop the VMM; returns how it ended ("guest_poweroff", "killed", ...). Idempotent: a VMM
+        already gone is "not_running", never an error."""
 
     async def destroy(self, vm_id: str, vm_dir: Path) -> None:
-        """Stop if needed and remove every file of the VM. Idempotent."""
+        """Stop if needed and remove every file of the VM. Idempotent: what is gone already is success."""
 
     async def adopt(self, spec: LaunchSpec) -> VmRuntime | None:
-        """After a daemon restart: re-attach to this VM's VMM if it is really still running."""
+        """After a daemon restart: re-attach to this VM's VMM if it is really still running; None
+        (last_exit_reason() then says why, "vmm_gone_while_daemon_down" when even the VMM's state
+        files are gone, as after a host reboot) otherwise."""
 
     async def runtime(self, vm_id: str) -> VmRuntime | None: ...
+
+    async def snapshot(self, vm_id: str, dest: Path) -> SnapshotResult:
+        """Capture the running or paused VM (RAM, device state, disks at one stop) into the new
+        directory `dest`; the VM ends in the state it was in. Needs capabilities.supports_snapshots."""
 
     def last_exit_reason(self, vm_id: str) -> str | None:
         """Why the VMM last ended by itself ("guest_poweroff", "oom_killed", ...), also when that was
@@ -162,6 +192,9 @@ class ServiceEvents(Protocol):
     def backend_operation(self, backend_type: str, operation: str, seconds: float) -> None: ...
 
     def vm_exited(self, reason: str) -> None: ...
+
+    def snapshot_taken(self, backend_type: str, paused_seconds: float) -> None:
+        """A snapshot was saved; its source's guest was stopped for `paused_seconds`."""
 
 
 # ---- store ----------------------------------------------------------------------------------

@@ -58,12 +58,22 @@ class Settings(BaseSettings):
     vmm_uid: int | None = Field(None, description="uid VMMs run as, instead of vmm_user's")
     vmm_gid: int | None = Field(None, description="gid VMMs run as (default: the user's group)")
     cgroup_root: Path = Field(Path("/sys/fs/cgroup"), description="cgroup mount root")
+    ram_dir: Path | None = Field(
+        Path("/dev/shm/metald"),
+        description="tmpfs dir for guest RAM files (QEMU; makes VMs snapshottable); empty: anonymous RAM",
+    )
 
     # --- lifecycle defaults ---
     default_vcpus: int = Field(1, ge=1, le=32, description="vCPUs when the config omits cpu")
     default_memory_mib: int = Field(256, ge=128, description="memory when the config omits memory")
     shutdown_timeout_seconds: float = Field(30.0, gt=0, description="graceful shutdown wait for timeout 0")
     boot_wait_timeout_seconds: float = Field(60.0, gt=0, description="BootVm wait_for_ready default")
+    stop_vms_on_exit: bool = Field(
+        False, description="stop every VM when the daemon exits (default: they run on, re-adopted at start)"
+    )
+    console_log_max_bytes: int = Field(
+        4 * 1024 * 1024, ge=64 * 1024, description="per-VM console log bound; older output is dropped"
+    )
 
     # --- networking ---
     network_enabled: bool = Field(True, description="attach NICs (needs root: netns, TAPs, tc)")
@@ -83,6 +93,13 @@ class Settings(BaseSettings):
 
     # --- quotas and capacity ---
     max_vms_per_customer: int = Field(1000, ge=0, description="0 = unlimited")
+    max_snapshots_per_customer: int = Field(
+        100, ge=0, description="snapshots kept per customer; 0 = unlimited"
+    )
+    max_snapshot_mib_per_customer: int = Field(
+        65536, ge=0, description="bytes of snapshot files per customer, MiB; 0 = unlimited"
+    )
+    max_warm_pool_size: int = Field(8, ge=0, le=64, description="largest warm_pool_size a snapshot may ask")
     max_vcpus_per_customer: int = Field(64, ge=0, description="0 = unlimited")
     max_memory_mib_per_customer: int = Field(65536, ge=0, description="0 = unlimited")
     max_vms: int = Field(20000, ge=0, description="host-wide VM cap; 0 = unlimited")
@@ -101,6 +118,10 @@ class Settings(BaseSettings):
     @property
     def vms_dir(self) -> Path:
         return self.data_dir / "vms"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_dir / "snapshots"
 
     @property
     def db_path(self) -> Path:

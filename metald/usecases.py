@@ -12,6 +12,7 @@ from typing import Protocol
 
 from metald.domain.events import VmEvent
 from metald.domain.model import Vm, VmConfig
+from metald.domain.snapshots import Snapshot
 from metald.domain.states import VmState
 from metald.ports import NetworkAttachment, VmMetrics, VmRuntime
 
@@ -30,6 +31,19 @@ class Page:
     vms: list[Vm]
     next_page_token: str
     total_count: int
+
+
+@dataclass(frozen=True)
+class SnapshotPage:
+    snapshots: list[Snapshot]
+    next_page_token: str
+    total_count: int
+
+
+@dataclass(frozen=True)
+class SnapshotTaken:
+    snapshot: Snapshot
+    vm_state: VmState  # the source VM's state afterwards: the state it was in
 
 
 @dataclass(frozen=True)
@@ -75,7 +89,11 @@ class GuestFile:
 class VmUseCases(Protocol):
     """One method per use case; `customer_id` is the authenticated caller. Errors are MetaldError."""
 
-    async def create(self, customer_id: str, vm_id: str, config: VmConfig, claimed_customer: str) -> Vm: ...
+    async def create(
+        self, customer_id: str, vm_id: str, config: VmConfig, claimed_customer: str, snapshot_id: str = ""
+    ) -> Vm:
+        """A new VM; with `snapshot_id`, a clone of that snapshot (its first boot restores it)."""
+        ...
 
     async def boot(
         self, customer_id: str, vm_id: str, *, wait_for_ready: bool, wait_timeout: float
@@ -115,3 +133,11 @@ class VmUseCases(Protocol):
     ) -> None: ...
 
     async def read_file(self, customer_id: str, vm_id: str, path: str) -> GuestFile: ...
+
+    async def snapshot(
+        self, customer_id: str, vm_id: str, snapshot_id: str, metadata: dict[str, str], warm_pool_size: int
+    ) -> SnapshotTaken: ...
+
+    async def list_snapshots(self, customer_id: str, page_size: int, page_token: str) -> SnapshotPage: ...
+
+    async def delete_snapshot(self, customer_id: str, snapshot_id: str) -> None: ...

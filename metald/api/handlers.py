@@ -8,6 +8,7 @@ from connectrpc.request import RequestContext
 
 from metald.api.convert import config_from_proto, config_to_proto, state_from_proto, state_to_proto, timestamp
 from metald.api.interceptor import current_customer
+from metald.domain.snapshots import Snapshot
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmService as VmServiceProtocol
 from metald.usecases import VmDetails, VmUseCases
@@ -21,7 +22,11 @@ class VmServiceHandler(VmServiceProtocol):
 
     async def create_vm(self, request: pb.CreateVmRequest, ctx: Ctx, /) -> pb.CreateVmResponse:
         vm = await self._svc.create(
-            current_customer.get(), request.vm_id, config_from_proto(request.config), request.customer_id
+            current_customer.get(),
+            request.vm_id,
+            config_from_proto(request.config),
+            request.customer_id,
+            snapshot_id=request.snapshot_id,
         )
         return pb.CreateVmResponse(vm_id=vm.vm_id, state=state_to_proto(vm.state))
 
@@ -83,6 +88,46 @@ class VmServiceHandler(VmServiceProtocol):
             total_count=page.total_count,
         )
 
+    async def snapshot_vm(self, request: pb.SnapshotVmRequest, ctx: Ctx, /) -> pb.SnapshotVmResponse:
+        taken = await self._svc.snapshot(
+            current_customer.get(),
+            request.vm_id,
+            request.snapshot_id,
+            dict(request.metadata),
+            request.warm_pool_size,
+        )
+        return pb.SnapshotVmResponse(
+            snapshot_id=taken.snapshot.snapshot_id,
+            size_bytes=taken.snapshot.size_bytes,
+            state=state_to_proto(taken.vm_state),
+        )
+
+    async def list_snapshots(self, request: pb.ListSnapshotsRequest, ctx: Ctx, /) -> pb.ListSnapshotsResponse:
+        page = await self._svc.list_snapshots(current_customer.get(), request.page_size, request.page_token)
+        return pb.ListSnapshotsResponse(
+            snapshots=[snapshot_to_proto(s) for s in page.snapshots],
+            next_page_token=page.next_page_token,
+            total_count=page.total_count,
+        )
+
+    async def delete_snapshot(
+        self, request: pb.DeleteSnapshotRequest, ctx: Ctx, /
+    ) -> pb.DeleteSnapshotResponse:
+        await self._svc.delete_snapshot(current_customer.get(), request.snapshot_id)
+        return pb.DeleteSnapshotResponse(success=True)
+
+
+def snapshot_to_proto(snapshot: Snapshot) -> pb.Snapshot:
+    return pb.Snapshot(
+        snapshot_id=snapshot.snapshot_id,
+        source_vm_id=snapshot.source_vm_id,
+        config=config_to_proto(snapshot.config),
+        created_at=timestamp(snapshot.created_at),
+        size_bytes=snapshot.size_bytes,
+        metadata=snapshot.metadata,
+        warm_pool_size=snapshot.warm_pool_size,
+    )
+
 
 def info_to_proto(details: VmDetails) -> pb.GetVmInfoResponse:
     vm, runtime, metrics, network = details.vm, details.runtime, details.metrics, details.network
@@ -96,6 +141,8 @@ def info_to_proto(details: VmDetails) -> pb.GetVmInfoResponse:
         )
     if vm.shutdown_reason:
         backend_info["shutdown_reason"] = vm.shutdown_reason
+    if vm.snapshot_id:
+        backend_info["restored_from"] = vm.snapshot_id
     network_info = None
     if network is not None:
         network_info = pb.VmNetworkInfo(

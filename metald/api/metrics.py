@@ -75,6 +75,13 @@ class Metrics:
             buckets=_BUCKETS,
             registry=r,
         )
+        self._snapshot_pause = Histogram(
+            f"{PREFIX}_snapshot_pause_seconds",
+            "SnapshotVm: how long the source guest's vCPUs were stopped",
+            ["backend"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
         self._exits = Counter(f"{PREFIX}_vm_exits", "VMMs that ended by themselves", ["reason"], registry=r)
         self._active = Gauge(f"{PREFIX}_active_vms", "VMs RUNNING or PAUSED", registry=r)
         self._by_state = Gauge(f"{PREFIX}_vms", "VMs by state", ["state"], registry=r)
@@ -101,6 +108,9 @@ class Metrics:
 
     def vm_exited(self, reason: str) -> None:
         self._exits.labels(reason=reason).inc()
+
+    def snapshot_taken(self, backend_type: str, paused_seconds: float) -> None:
+        self._snapshot_pause.labels(backend=backend_type).observe(paused_seconds)
 
     # ---- scrape ----
     async def render(self, store: VmRecords) -> bytes:

@@ -26,16 +26,6 @@ async def build_backend(settings: Settings) -> Backend:
     log.info("backend: %s (configured: %s)", backend_type, settings.backend)
     user = vmm_user(settings)
     cgroups = Cgroups.detect(settings.cgroup_root)
-    if backend_type == "firecracker":
-        return FirecrackerBackend(
-            firecracker_binary=settings.firecracker_binary,
-            jailer_binary=settings.jailer_binary,
-            chroot_base=settings.jailer_chroot_base,
-            vmm_uid=None if user is None else user.uid,
-            vmm_gid=None if user is None else user.gid,
-            cgroup_version=2 if cgroups is None else cgroups.version,
-            cgroup_root=settings.cgroup_root,
-        )
     if cgroups is not None and (stale := await asyncio.to_thread(cgroups.remove_stale)):
         log.info("removed %d VM cgroups left by killed supervisors", len(stale))
     if cgroups is None:
@@ -49,6 +39,17 @@ async def build_backend(settings: Settings) -> Backend:
         "the daemon's own user" if user is None else f"uid {user.uid} gid {user.gid}",
         "none" if cgroups is None else f"v{cgroups.version} under {cgroups.parent}/",
     )
+    if backend_type == "firecracker":
+        return FirecrackerBackend(
+            firecracker_binary=settings.firecracker_binary,
+            jailer_binary=settings.jailer_binary,
+            chroot_base=settings.jailer_chroot_base,
+            vmm_uid=None if user is None else user.uid,
+            vmm_gid=None if user is None else user.gid,
+            cgroup_version=2 if cgroups is None else cgroups.version,
+            cgroup_root=settings.cgroup_root,
+            cgroups=cgroups,
+        )
     assets = settings.assets_root
     return QemuBackend(
         qemu_binary=settings.qemu_binary,
@@ -60,4 +61,5 @@ async def build_backend(settings: Settings) -> Backend:
         probe_rootfs=assets / "rootfs.ext4",
         vmm_user=user,
         cgroups=cgroups,
+        ram_dir=settings.ram_dir,
     )

@@ -14,6 +14,7 @@ class PendingOp(enum.StrEnum):
     BOOTING = "booting"
     STOPPING = "stopping"
     DELETING = "deleting"
+    SNAPSHOTTING = "snapshotting"  # the VM's snapshot is being taken (it may be stopped for it)
 
     @classmethod
     def of(cls, stored: str) -> PendingOp:

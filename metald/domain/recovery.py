@@ -21,6 +21,7 @@ class RecoveryAction(enum.Enum):
     UNDO_BOOT = "undo_boot"  # the boot never got a VMM: tear its network down, back to the state before
     FINISH_STOP = "finish_stop"  # a stop was cut short and the VMM still runs: stop it for good
     RECORD_SHUTDOWN = "record_shutdown"  # the VMM is gone (host reboot, crash): SHUTDOWN with a reason
+    RESUME_SOURCE = "resume_source"  # a snapshot was cut short: the VM back in its state (run it again)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ TABLE: dict[tuple[PendingOp, bool], Rule] = {
     (PendingOp.BOOTING, True): Rule(when_alive=A.ADOPT, when_gone=A.RECORD_SHUTDOWN),
     (PendingOp.STOPPING, False): Rule(when_alive=A.FINISH_STOP, when_gone=A.RECORD_SHUTDOWN),
     (PendingOp.STOPPING, True): Rule(when_alive=A.FINISH_STOP, when_gone=A.RECORD_SHUTDOWN),
+    (PendingOp.SNAPSHOTTING, False): _always(A.UNDO_BOOT),  # never at rest: just clear the mark
+    (PendingOp.SNAPSHOTTING, True): Rule(when_alive=A.RESUME_SOURCE, when_gone=A.RECORD_SHUTDOWN),
     (PendingOp.NONE, False): _always(A.NOTHING),
     (PendingOp.NONE, True): Rule(when_alive=A.ADOPT, when_gone=A.RECORD_SHUTDOWN),
 }

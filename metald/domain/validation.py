@@ -79,7 +79,7 @@ def validate_config(config: VmConfig, limits: Limits) -> None:
     _check_network(config.network, limits)
     if config.console is not None:
         _check_console(config.console)
-    _check_metadata(config.metadata, limits)
+    validate_metadata(config.metadata, limits)
 
 
 def with_defaults(config: VmConfig, defaults: Defaults) -> VmConfig:
@@ -290,13 +290,11 @@ def _check_console(console: ConsoleConfig) -> None:
         )
 
 
-def _check_metadata(metadata: dict[str, str], limits: Limits) -> None:
+def validate_metadata(metadata: dict[str, str], limits: Limits, field: str = "config.metadata") -> None:
     if len(metadata) > limits.max_metadata_entries:
-        raise invalid("config.metadata", f"at most {limits.max_metadata_entries} entries")
+        raise invalid(field, f"at most {limits.max_metadata_entries} entries")
     for key, value in metadata.items():
         if not key or len(key) > limits.max_metadata_key_length:
-            raise invalid("config.metadata", f"keys must be 1-{limits.max_metadata_key_length} characters")
+            raise invalid(field, f"keys must be 1-{limits.max_metadata_key_length} characters")
         if len(value) > limits.max_metadata_value_length:
-            raise invalid(
-                f"config.metadata[{key[:32]}]", f"value longer than {limits.max_metadata_value_length}"
-            )
+            raise invalid(f"{field}[{key[:32]}]", f"value longer than {limits.max_metadata_value_length}")

@@ -21,7 +21,7 @@ from metald.domain.paging import PageTokens
 from metald.domain.pending import PendingOp
 from metald.domain.quotas import Quotas
 from metald.domain.validation import Defaults, Limits
-from metald.ports import Backend, EventLog, Network, ServiceEvents, VmRecords
+from metald.ports import Backend, EventLog, Network, ServiceEvents, SnapshotRecords, VmRecords
 from metald.service.transitions import Transitions
 
 log = logging.getLogger("metald.service")
@@ -38,6 +38,11 @@ class ServiceOptions:
     quotas: Quotas
     shutdown_timeout: float
     boot_wait_timeout: float
+    # Where snapshots keep their files (None: this host takes none), and their per-customer limits.
+    snapshots_dir: Path | None = None
+    max_snapshots_per_customer: int = 0  # 0: unlimited
+    max_snapshot_bytes_per_customer: int = 0
+    max_warm_pool_size: int = 0
 
 
 class ServiceBase:
@@ -52,8 +57,10 @@ class ServiceBase:
         page_tokens: PageTokens,
         events: ServiceEvents,
         options: ServiceOptions,
+        snapshots: SnapshotRecords | None = None,
     ) -> None:
         self._vms = store
+        self._snapshots = snapshots
         self._event_log = event_log
         self._backend = backend
         self._network = network

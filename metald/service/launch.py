@@ -8,10 +8,10 @@ from metald.domain.errors import ErrorCode, MetaldError, invalid
 from metald.domain.guest_args import guest_kernel_args
 from metald.domain.model import Vm, VmConfig
 from metald.ports import DiskSpec, LaunchSpec, NetworkAttachment
-from metald.service.base import ServiceBase
+from metald.service.snapshots import Snapshots, restores
 
 
-class Launch(ServiceBase):
+class Launch(Snapshots):
     async def _launch_spec(self, vm: Vm, attachment: NetworkAttachment | None) -> LaunchSpec:
         config = vm.config
         assert config.boot is not None and config.cpu is not None and config.console is not None
@@ -40,6 +40,7 @@ class Launch(ServiceBase):
             console_type=config.console.type,
             console_path=self._console_path(vm),
             labels={"customer_id": vm.customer_id},
+            restore_from=self._snapshot_dir(vm.snapshot_id) if restores(vm.state, vm.snapshot_id) else None,
         )
 
     def _console_path(self, vm: Vm) -> Path:

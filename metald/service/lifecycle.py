@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from metald.domain import ids
+from metald.domain.clones import clone_config
 from metald.domain.errors import ErrorCode, MetaldError, invalid
 from metald.domain.guest_args import guest_kernel_args
 from metald.domain.model import Vm, VmConfig
@@ -36,7 +37,9 @@ MAX_WAIT_TIMEOUT_SECONDS = 3600
 class Lifecycle(Launch):
     # ---- create ----
 
-    async def create(self, customer_id: str, vm_id: str, config: VmConfig, claimed_customer: str) -> Vm:
+    async def create(
+        self, customer_id: str, vm_id: str, config: VmConfig, claimed_customer: str, snapshot_id: str = ""
+    ) -> Vm:
         if claimed_customer and claimed_customer != customer_id:
             raise MetaldError(
                 ErrorCode.PERMISSION_DENIED,
@@ -48,12 +51,14 @@ class Lifecycle(Launch):
             ids.check_vm_id(vm_id)
         else:
             vm_id = ids.new_vm_id()
+        if snapshot_id:  # a clone: the snapshot's machine, its own network, metadata and console
+            config = clone_config(config, (await self._owned_snapshot(customer_id, snapshot_id)).config)
         validate_config(config, self._opts.limits)
         await self._require_disk_room()
         config = with_defaults(config, self._opts.defaults)
         self._check_capabilities(config)
         now = datetime.now(UTC)
-        vm = Vm(vm_id, customer_id, config, VmState.CREATED, now, now)
+        vm = Vm(vm_id, customer_id, config, VmState.CREATED, now, now, snapshot_id=snapshot_id)
         spec = await self._launch_spec(vm, None)  # resolves and checks every host path first
         async with self._create_lock:
             if await self._vms.get(vm_id) is not None:
@@ -225,6 +230,8 @@ class Lifecycle(Launch):
                 await self._detach_tolerant(vm, "delete")
             await network.release(vm)
         await self._records.deleted(vm)
+        if vm.snapshot_id:  # maybe the last clone of a deleted snapshot: its files may go now
+            await self.purge_unused_snapshots()
 
     # ---- the exit listener ----
 

@@ -18,6 +18,7 @@ A = RecoveryAction
 class Recovery(Stopping):
     async def recover(self) -> None:
         """Finish or undo half-done operations, re-adopt running VMMs, record the vanished ones."""
+        await self.recover_snapshots()
         live: set[str] = set()
         for vm in await self._vms.all_vms():
             try:
@@ -66,6 +67,11 @@ class Recovery(Stopping):
             assert runtime is not None
             await self._records.readopted(vm, VmState.PAUSED if runtime.paused else VmState.RUNNING)
             log.info("re-adopted %s (pid %d)", vm.vm_id, runtime.pid, extra={"vm_id": vm.vm_id})
+        elif action is A.RESUME_SOURCE:
+            assert runtime is not None
+            if vm.state is VmState.RUNNING and runtime.paused:  # stopped for the save
+                await self._backend.resume(vm.vm_id)
+            await self._records.readopted(vm, vm.state)
         elif action is A.UNDO_BOOT:
             await self._detach_tolerant(vm, "recovery")
             await self._records.restore(vm, vm.state, vm.shutdown_reason)

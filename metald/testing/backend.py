@@ -21,6 +21,7 @@ from metald.ports import (
     CheckResult,
     ExitListener,
     LaunchSpec,
+    SnapshotResult,
     VmMetrics,
     VmRuntime,
 )
@@ -44,6 +45,7 @@ class FakeBackend:
             cpu_templates={"host": "host"},
             console_types=frozenset({"SERIAL", "VIRTIO_CONSOLE"}),
             max_vcpus=max_vcpus,
+            supports_snapshots=True,
         )
         self.faults = Faults()
         self.vmms: dict[str, FakeVmm] = {}
@@ -160,6 +162,13 @@ class FakeBackend:
         vmm = self.vmms.get(spec.vm_id)
         return self._runtime(vmm) if vmm is not None else None
 
+    async def snapshot(self, vm_id: str, dest: Path) -> SnapshotResult:
+        """Writes a snapshot directory naming its source (the VMM must run); the VM stays as it was."""
+        vmm = self._running(vm_id)
+        await asyncio.to_thread(_write_snapshot, dest, vm_id)
+        await self.faults.step("snapshot")
+        return SnapshotResult(size_bytes=4096, paused_seconds=0.001 if not vmm.paused else 0.0)
+
     async def runtime(self, vm_id: str) -> VmRuntime | None:
         await self.faults.step("runtime")
         vmm = self.vmms.get(vm_id)
@@ -200,6 +209,11 @@ class FakeBackend:
     @staticmethod
     def _runtime(vmm: FakeVmm) -> VmRuntime:
         return VmRuntime(vmm.pid, f"/fake/{vmm.spec.vm_id}.sock", vmm.ready.is_set(), vmm.paused)
+
+
+def _write_snapshot(dest: Path, vm_id: str) -> None:
+    dest.mkdir()
+    (dest / "source").write_text(vm_id)
 
 
 def _exited(vm_id: str, reason: str) -> MetaldError:

@@ -10,6 +10,7 @@ class RecordingEvents:
         self.boots = 0
         self.backend_errors: Counter[str] = Counter()
         self.exits: Counter[str] = Counter()
+        self.snapshot_pauses: list[float] = []
 
     def boot_finished(self, backend_type: str, seconds: float) -> None:
         self.boots += 1
@@ -22,3 +23,6 @@ class RecordingEvents:
 
     def vm_exited(self, reason: str) -> None:
         self.exits[reason] += 1
+
+    def snapshot_taken(self, backend_type: str, paused_seconds: float) -> None:
+        self.snapshot_pauses.append(paused_seconds)

@@ -6,14 +6,13 @@ At most three VMs run at once: the test machine has two cores.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from metald.backends.qemu.backend import QemuBackend
 from metald.backends.vmm.layout import EXIT_STATE
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import DiskSpec, LaunchSpec, VmRuntime
+from tests.e2e.conftest import Events
 
 pytestmark = [
     pytest.mark.e2e,
@@ -33,8 +33,6 @@ pytestmark = [
 
 READY_TIMEOUT = 60.0
 EXIT_EVENT_TIMEOUT = 10.0
-
-Events = list[tuple[str, str]]
 
 
 def launch_spec(
@@ -67,14 +65,6 @@ def launch_spec(
     )
 
 
-def _kill_vmms_under(root: Path) -> None:
-    """Kill every process (QEMU, supervisor) whose working directory is below `root`."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and procfs.read_cwd(int(entry)).startswith(str(root)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry), signal.SIGKILL)
-
-
 def _gone(pid: int) -> bool:
     stat = procfs.read_stat(pid)
     return stat is None or stat.state == "Z"
@@ -91,37 +81,6 @@ async def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-async def backends(tmp_path: Path) -> AsyncIterator[Callable[[Events], QemuBackend]]:
-    """Makes backends (each one a "daemon") recording exit events; kills every VM at the end."""
-    made: list[QemuBackend] = []
-
-    def make(events: Events) -> QemuBackend:
-        backend = QemuBackend(
-            qemu_binary="qemu-system-x86_64",
-            qemu_img_binary="qemu-img",
-            accel="tcg",
-            state_dir=tmp_path / "state",
-            probe_kernel=None,
-            probe_initrd=None,
-            probe_rootfs=None,
-        )
-
-        async def listener(vm_id: str, reason: str) -> None:
-            events.append((vm_id, reason))
-
-        backend.set_exit_listener(listener)
-        made.append(backend)
-        return backend
-
-    try:
-        yield make
-    finally:
-        for backend in made:
-            await backend.close()
-        _kill_vmms_under(tmp_path)
 
 
 async def _agent_exec(vm_dir: Path, command: str) -> tuple[int, str]:

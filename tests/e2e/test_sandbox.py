@@ -17,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ from metald.backends.vmm.layout import VMM_STATE
 from metald.backends.vmm.sandbox import VmmUser, resolve_vmm_user
 from metald.network import plumbing
 from metald.ports import DiskSpec, LaunchSpec, NicSpec
+from tests.e2e.conftest import Events
 
 MIB = 1024 * 1024
 READY_TIMEOUT = 60.0
@@ -40,8 +41,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed"),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: users, cgroups, namespaces"),
 ]
-
-Events = list[tuple[str, str]]
 
 
 @pytest.fixture(scope="module")
@@ -72,53 +71,6 @@ def cgroups() -> Iterator[cg.Cgroups]:
         with contextlib.suppress(FileNotFoundError):
             parent.rmdir()
     assert leaked == [], f"cgroups leaked: {leaked}"
-
-
-@pytest.fixture
-async def backends(tmp_path: Path) -> AsyncIterator[Callable[..., QemuBackend]]:
-    made: list[QemuBackend] = []
-
-    def make(events: Events, **sandbox: object) -> QemuBackend:
-        backend = QemuBackend(
-            qemu_binary="qemu-system-x86_64",
-            qemu_img_binary="qemu-img",
-            accel="tcg",
-            state_dir=tmp_path / "state",
-            probe_kernel=None,
-            probe_initrd=None,
-            probe_rootfs=None,
-            **sandbox,  # type: ignore[arg-type]
-        )
-
-        async def listener(vm_id: str, reason: str) -> None:
-            events.append((vm_id, reason))
-
-        backend.set_exit_listener(listener)
-        made.append(backend)
-        return backend
-
-    try:
-        yield make
-    finally:
-        for backend in made:
-            await backend.close()
-        for entry in os.listdir("/proc"):  # anything still running from this test's VM dirs
-            if entry.isdigit() and procfs.read_cwd(int(entry)).startswith(str(tmp_path)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry), 9)
-
-
-@pytest.fixture
-def netns() -> Iterator[tuple[str, str]]:
-    """(host namespace with a bridge, VM namespace): both this test's own, deleted at the end."""
-    host, vm = f"{PREFIX}-h", f"{PREFIX}-v"
-    subprocess.run(["ip", "netns", "add", host], check=True)
-    try:
-        subprocess.run(["ip", "-n", host, "link", "add", "mb0", "type", "bridge"], check=True)
-        yield host, vm
-    finally:
-        for ns in (vm, host):
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
 def launch_spec(assets: Path, vm_dir: Path, vm_id: str, **changes: object) -> LaunchSpec:

@@ -43,6 +43,14 @@ def test_list_services_and_methods(daemon: Daemon) -> None:
                 "RebootVm",
                 "GetVmInfo",
                 "ListVms",
+                # additions (issues 13 and 15)
+                "SnapshotVm",
+                "ListSnapshots",
+                "DeleteSnapshot",
+                "ExecVm",
+                "WriteFile",
+                "ReadFile",
+                "WatchVms",
             ]
         )
     ]

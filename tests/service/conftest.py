@@ -41,6 +41,7 @@ class World:
     events: RecordingEvents
     quotas: Quotas
     service: VmService
+    max_snapshots: int = 3
 
     def make_service(self) -> VmService:
         assets = self.tmp / "assets"
@@ -59,7 +60,11 @@ class World:
                 quotas=self.quotas,
                 shutdown_timeout=5,
                 boot_wait_timeout=5,
+                snapshots_dir=self.tmp / "snapshots",
+                max_snapshots_per_customer=self.max_snapshots,
+                max_warm_pool_size=2,
             ),
+            snapshots=self.store.snapshots,
         )
 
     async def restart(self, *, host_reboot: bool = False) -> VmService:

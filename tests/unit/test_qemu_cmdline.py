@@ -124,7 +124,9 @@ def test_disks_root_first_read_only_raw_writable_overlay_over_its_base() -> None
     scratch = DiskSpec("scratch", Path("/assets/scratch.img"), read_only=False, is_root=False)
     root = DiskSpec("root", Path("/assets/rootfs.ext4"), read_only=False, is_root=True)
     argv = argv_of(make_spec(disks=(data, root, scratch)), TCG)
-    overlay = "format=qcow2,discard=unmap,backing.driver=raw,backing.file.filename=/dev/fdset"
+    overlay = (
+        "file.locking=off,format=qcow2,discard=unmap,backing.driver=raw,backing.file.filename=/dev/fdset"
+    )
     assert values(argv, "-drive") == [
         f"id=disk0,if=none,file=/dev/fdset/10,{overlay}/12",
         "id=disk1,if=none,file=/dev/fdset/13,format=raw,readonly=on",
@@ -228,3 +230,30 @@ def test_name_matches_only_that_vm() -> None:
     assert name_matches(argv, "vm_1")
     assert not name_matches(argv, "vm_10")
     assert not name_matches(["sleep", "100"], "vm_1")
+
+
+def test_ram_file_shared_for_a_vm_of_its_own_private_for_a_clone() -> None:
+    own = qemu_argv(make_spec(), TCG, dataclasses.replace(fds_for(make_spec()), ram=40))
+    assert values(own, "-object") == [
+        "memory-backend-file,id=mem,size=512M,mem-path=/proc/self/fd/40,share=on"
+    ]
+    assert "memory-backend=mem" in values(own, "-machine") and "-incoming" not in own
+    clone = qemu_argv(make_spec(), TCG, dataclasses.replace(fds_for(make_spec()), ram=40, incoming=41))
+    assert values(clone, "-object") == [
+        "memory-backend-file,id=mem,size=512M,mem-path=/proc/self/fd/40,share=off"
+    ]
+    assert values(clone, "-incoming") == ["defer"]
+    assert 40 in dataclasses.replace(fds_for(make_spec()), ram=40, incoming=41).all()
+
+
+def test_a_clone_disk_chains_its_overlay_over_the_frozen_ones_and_the_base() -> None:
+    fds = fds_for(make_spec())
+    root = dataclasses.replace(fds.disks[0], frozen=(50, 51))
+    argv = qemu_argv(make_spec(), TCG, dataclasses.replace(fds, disks=(root, *fds.disks[1:])))
+    drive = values(argv, "-drive")[0]
+    assert (
+        "backing.driver=qcow2,backing.file.filename=/dev/fdset/50,"
+        "backing.backing.driver=qcow2,backing.backing.file.filename=/dev/fdset/51,"
+        "backing.backing.backing.driver=raw,backing.backing.backing.file.filename=/dev/fdset/12"
+    ) in drive
+    assert "fd=50,set=50" in argv and "fd=51,set=51" in argv

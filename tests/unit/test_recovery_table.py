@@ -33,6 +33,9 @@ ROWS = [
     (S.PAUSED, P.NONE, True, A.ADOPT),
     (S.RUNNING, P.NONE, False, A.RECORD_SHUTDOWN),  # host reboot, VMM crash while down
     (S.PAUSED, P.NONE, False, A.RECORD_SHUTDOWN),
+    (S.RUNNING, P.SNAPSHOTTING, True, A.RESUME_SOURCE),  # killed while the VM was stopped for a save
+    (S.PAUSED, P.SNAPSHOTTING, True, A.RESUME_SOURCE),  # back to PAUSED, as it was
+    (S.RUNNING, P.SNAPSHOTTING, False, A.RECORD_SHUTDOWN),
     (S.CREATED, P.NONE, False, A.NOTHING),
     (S.SHUTDOWN, P.NONE, False, A.NOTHING),
 ]

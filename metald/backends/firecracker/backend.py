@@ -17,31 +17,27 @@ import platform
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from metald.backends import procfs
 from metald.backends.firecracker import files, launch
 from metald.backends.firecracker.api import ApiCall, FirecrackerApi
 from metald.backends.firecracker.config import START, configure_calls
 from metald.backends.firecracker.layout import API_SOCKET, FRESH_FILES, METRICS, VMM_LOG, Layout
 from metald.backends.firecracker.metrics import MetricsReader
+from metald.backends.vmm.cgroups import Cgroups
 from metald.backends.vmm.console import ReadyWatch
-from metald.backends.vmm.process import (
-    CmdlineMatcher,
-    VmmProcess,
-    VmmStartError,
-    exit_reason,
-    read_exit,
-    read_log_tail,
-)
+from metald.backends.vmm.lifecycle import RunningVm, VmmLifecycle
+from metald.backends.vmm.process import CmdlineMatcher, VmmProcess, VmmStartError, read_log_tail
 from metald.backends.vmm.sandbox import VmmUser, kvm_group
+from metald.backends.vmm.tools import tool_missing, tool_version
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import (
     BackendCapabilities,
     CheckResult,
     ExitListener,
     LaunchSpec,
+    SnapshotResult,
     VmMetrics,
     VmRuntime,
 )
@@ -50,9 +46,6 @@ log = logging.getLogger(__name__)
 
 X86_TEMPLATES = ("T2", "T2S", "T2CL", "T2A")
 ARM_TEMPLATES = ("V1N1",)
-_KILL_WAIT = 10.0
-_READY_POLL = 0.1
-_VERSION_TIMEOUT = 5.0
 
 
 def cpu_templates(machine: str) -> Mapping[str, str]:
@@ -64,22 +57,25 @@ def cpu_templates(machine: str) -> Mapping[str, str]:
     return {}
 
 
-@dataclass
-class _Vm:
-    """A Firecracker this backend started or re-adopted, until it ends or the backend closes."""
+@dataclass(eq=False)
+class Api:
+    """One VM's Firecracker API connection, with what a restart or a metrics read needs."""
 
+    api: FirecrackerApi
     spec: LaunchSpec
     layout: Layout
-    vmm: VmmProcess
-    api: FirecrackerApi
-    ready: ReadyWatch
     metrics: MetricsReader
-    paused: bool = False
-    stopping: bool = False  # an end we asked for: the exit listener is not told
-    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    async def close(self) -> None:
+        await self.api.aclose()
 
 
 class FirecrackerBackend:
+    """Firecracker's own part: the launch (argv, jail layout, configuring API calls) and the REST
+    control channel; the lifecycle around them (registry, exits, re-adoption, cgroups) is
+    vmm/lifecycle.py. Unjailed, each Firecracker gets a cgroup of `cgroups` with the same limits as
+    a QEMU; jailed, the jailer makes it (launch.jailer_argv)."""
+
     def __init__(
         self,
         *,
@@ -90,6 +86,7 @@ class FirecrackerBackend:
         vmm_gid: int | None,
         cgroup_version: int = 2,
         cgroup_root: Path = Path("/sys/fs/cgroup"),
+        cgroups: Cgroups | None = None,
         start_timeout: float = 10.0,
         reboot_timeout: float = 30.0,
         machine: str | None = None,
@@ -124,12 +121,12 @@ class FirecrackerBackend:
         self._cgroup_root = cgroup_root
         self._start_timeout = start_timeout
         self._reboot_timeout = reboot_timeout
-        self._listener: ExitListener | None = None
-        self._vms: dict[str, _Vm] = {}
-        self._last_exit: dict[str, str] = {}
+        self._vms: VmmLifecycle[Api] = VmmLifecycle(
+            "Firecracker", runtime_files=(API_SOCKET,), cgroups=None if jailer_binary else cgroups
+        )
 
     def set_exit_listener(self, listener: ExitListener) -> None:
-        self._listener = listener
+        self._vms.set_exit_listener(listener)
 
     # ---- paths and commands ----------------------------------------------------------------
 
@@ -167,6 +164,11 @@ class FirecrackerBackend:
             memory_bytes=spec.memory_bytes,
         )
 
+    @staticmethod
+    def _matcher(vm_id: str) -> CmdlineMatcher:
+        """Recognises this VM's Firecracker by its `--id` (the jailer execs it in place: same pid)."""
+        return functools.partial(launch.is_firecracker_of, fc_id=launch.firecracker_id(vm_id))
+
     # ---- files -------------------------------------------------------------------------------
 
     async def prepare(self, spec: LaunchSpec) -> None:
@@ -196,172 +198,8 @@ class FirecrackerBackend:
             files.remove(spec.console_path)
             spec.console_path.symlink_to(layout.console_host(spec))
 
-    # ---- lifecycle ---------------------------------------------------------------------------
-
-    async def start(self, spec: LaunchSpec) -> VmRuntime:
-        current = self._vms.get(spec.vm_id)
-        if current is not None:
-            if current.vmm.running:
-                return await self._runtime(current)
-            current.stopping = True  # ended, its watcher not yet run: that end is superseded
-            await self._forget(current)
-        await self.prepare(spec)
-        layout = self._layout(spec.vm_id, spec.vm_dir)
-        calls = configure_calls(spec, layout, self.capabilities.cpu_templates)
-        await self._lay_out(spec, layout)
-        try:
-            vmm = await VmmProcess.spawn(spec.vm_dir, self._argv(spec, layout), timeout=self._start_timeout)
-        except VmmStartError as exc:
-            raise MetaldError(
-                ErrorCode.INTERNAL, f"Firecracker did not start: {exc}", reason="VMM_START_FAILED"
-            ) from exc
-        api = FirecrackerApi(layout.root, API_SOCKET)
-        try:
-            await api.wait_up(self._start_timeout, lambda: vmm.running)
-            for call in [*calls, START]:
-                await api.call(call)
-        except BaseException as exc:
-            vmm.kill()
-            await self._wait_exit(vmm, _KILL_WAIT)
-            await api.aclose()
-            if isinstance(exc, MetaldError):
-                tail = await asyncio.to_thread(self._log_tail, spec, layout)
-                raise MetaldError(
-                    exc.code, f"{exc.message}{tail}", reason=exc.reason, metadata=exc.metadata
-                ) from exc
-            raise
-        vm = self._track(spec, layout, vmm, api, paused=False)
-        return await self._runtime(vm)
-
-    def _log_tail(self, spec: LaunchSpec, layout: Layout) -> str:
-        """What Firecracker and its supervisor said, for an error message."""
-        out = read_log_tail(spec.vm_dir)
-        with contextlib.suppress(OSError):
-            out += "\n" + layout.host(VMM_LOG).read_text(errors="replace")[-2000:]
-        return f"; VMM output: {out.strip()}" if out.strip() else ""
-
-    def _track(
-        self, spec: LaunchSpec, layout: Layout, vmm: VmmProcess, api: FirecrackerApi, *, paused: bool
-    ) -> _Vm:
-        vm = _Vm(
-            spec=spec,
-            layout=layout,
-            vmm=vmm,
-            api=api,
-            # Firecracker's console file is emptied at each start: this boot's output begins at 0.
-            ready=ReadyWatch(layout.console_host(spec), spec.vm_id, 0),
-            metrics=MetricsReader(layout.host(METRICS)),
-            paused=paused,
-        )
-        self._vms[spec.vm_id] = vm
-        vm.watcher = asyncio.create_task(self._watch(vm))
-        return vm
-
-    async def _watch(self, vm: _Vm) -> None:
-        """Tell the listener of an end nobody asked for (guest poweroff or reboot, crash, kill)."""
-        try:
-            info = await asyncio.shield(vm.vmm.exited)
-        except asyncio.CancelledError:  # detached (daemon shutdown) or forgotten
-            return
-        if vm.stopping:
-            return
-        await self._forget(vm)
-        reason = exit_reason(info)  # Firecracker exits 0 when the guest reboots or powers off
-        self._last_exit[vm.spec.vm_id] = reason
-        log.info("Firecracker of %s ended by itself (%s)", vm.spec.vm_id, info)
-        if self._listener is not None:
-            try:
-                await self._listener(vm.spec.vm_id, reason)
-            except Exception:
-                log.exception("exit listener failed for %s", vm.spec.vm_id)
-
-    async def _forget(self, vm: _Vm) -> None:
-        if self._vms.get(vm.spec.vm_id) is vm:
-            del self._vms[vm.spec.vm_id]
-        if vm.watcher is not None and vm.watcher is not asyncio.current_task():
-            vm.watcher.cancel()
-        await vm.api.aclose()
-
-    @staticmethod
-    async def _wait_exit(vmm: VmmProcess, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(asyncio.shield(vmm.exited), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def _running(self, vm_id: str) -> _Vm:
-        vm = self._vms.get(vm_id)
-        if vm is None or not vm.vmm.running:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"the Firecracker of VM {vm_id} is not running",
-                reason="VMM_NOT_RUNNING",
-                metadata={"vm_id": vm_id},
-            )
-        return vm
-
-    async def wait_ready(self, vm_id: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            vm = self._vms.get(vm_id)  # looked up each time: a reboot replaces it
-            if vm is None:
-                return False
-            if await vm.ready.poll():
-                return True
-            if not vm.vmm.running or time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(_READY_POLL)
-
-    async def pause(self, vm_id: str) -> None:
-        vm = self._running(vm_id)
-        await vm.api.call(ApiCall("PATCH", "/vm", {"state": "Paused"}))
-        vm.paused = True
-
-    async def resume(self, vm_id: str) -> None:
-        vm = self._running(vm_id)
-        await vm.api.call(ApiCall("PATCH", "/vm", {"state": "Resumed"}))
-        vm.paused = False
-
-    async def reboot(self, vm_id: str, *, force: bool) -> None:
-        spec = self._running(vm_id).spec
-        await self.stop(vm_id, graceful=not force, timeout=self._reboot_timeout)
-        await self.start(spec)
-
-    async def stop(self, vm_id: str, *, graceful: bool, timeout: float) -> str:
-        vm = self._vms.get(vm_id)
-        if vm is None:
-            return "not_running"
-        vm.stopping = True
-        reason = "killed" if vm.vmm.running else exit_reason(vm.vmm.exited.result())
-        if graceful and vm.vmm.running and self.capabilities.supports_graceful_reboot:
-            try:
-                if vm.paused:  # a paused guest cannot take the key press
-                    await vm.api.call(ApiCall("PATCH", "/vm", {"state": "Resumed"}))
-                await vm.api.action("SendCtrlAltDel")
-            except MetaldError as exc:
-                log.warning("graceful stop of %s impossible, killing: %s", vm_id, exc.message)
-            else:
-                if await self._wait_exit(vm.vmm, timeout):
-                    reason = "guest_poweroff"
-        if vm.vmm.running:
-            vm.vmm.kill()
-            if not await self._wait_exit(vm.vmm, _KILL_WAIT):
-                raise MetaldError(
-                    ErrorCode.INTERNAL, f"the Firecracker of VM {vm_id} survived SIGKILL", reason="VMM_STUCK"
-                )
-        await self._forget(vm)
-        return reason
-
     async def destroy(self, vm_id: str, vm_dir: Path) -> None:
-        if vm_id in self._vms:
-            await self.stop(vm_id, graceful=False, timeout=0)
-        else:  # one left running by an earlier daemon and never re-adopted
-            orphan = await VmmProcess.attach(vm_dir, self._matcher(vm_id))
-            if orphan is not None:
-                orphan.kill()
-                await self._wait_exit(orphan, _KILL_WAIT)
-        self._last_exit.pop(vm_id, None)
+        await self._vms.kill_orphan(vm_id, vm_dir, self._matcher(vm_id))
         await asyncio.to_thread(self._remove_files, vm_id, vm_dir)
 
     def _remove_files(self, vm_id: str, vm_dir: Path) -> None:
@@ -375,70 +213,159 @@ class FirecrackerBackend:
                 with contextlib.suppress(OSError):
                     cgroup.rmdir()
 
+    # ---- starting and re-adopting ------------------------------------------------------------
+
+    async def start(self, spec: LaunchSpec) -> VmRuntime:
+        if (vm := self._vms.find(spec.vm_id)) is not None:
+            return await self._runtime(vm)
+        await self._vms.supersede(spec.vm_id)
+        await self.prepare(spec)
+        layout = self._layout(spec.vm_id, spec.vm_dir)
+        calls = configure_calls(spec, layout, self.capabilities.cpu_templates)
+        await self._lay_out(spec, layout)
+        try:
+            cgroup = await self._vms.create_cgroup(spec)
+            vmm = await VmmProcess.spawn(
+                spec.vm_dir, self._argv(spec, layout), timeout=self._start_timeout, cgroup=cgroup
+            )
+        except VmmStartError as exc:
+            if not await asyncio.to_thread(shutil.which, self._jailer or self._firecracker):
+                raise tool_missing(self._jailer or self._firecracker, exc) from exc
+            raise MetaldError(
+                ErrorCode.INTERNAL, f"Firecracker did not start: {exc}", reason="VMM_START_FAILED"
+            ) from exc
+        control = Api(
+            FirecrackerApi(layout.root, API_SOCKET), spec, layout, MetricsReader(layout.host(METRICS))
+        )
+        try:
+            await control.api.wait_up(self._start_timeout, lambda: vmm.running)
+            for call in [*calls, START]:
+                await control.api.call(call)
+        except BaseException as exc:
+            await self._vms.kill_untracked(vmm)
+            await control.close()
+            if isinstance(exc, MetaldError):
+                tail = await asyncio.to_thread(self._log_tail, spec, layout)
+                raise MetaldError(
+                    exc.code, f"{exc.message}{tail}", reason=exc.reason, metadata=exc.metadata
+                ) from exc
+            raise
+        return await self._runtime(self._track(vmm, control))
+
+    def _log_tail(self, spec: LaunchSpec, layout: Layout) -> str:
+        """What Firecracker and its supervisor said, for an error message."""
+        out = read_log_tail(spec.vm_dir)
+        with contextlib.suppress(OSError):
+            out += "\n" + layout.host(VMM_LOG).read_text(errors="replace")[-2000:]
+        return f"; VMM output: {out.strip()}" if out.strip() else ""
+
+    def _track(self, vmm: VmmProcess, control: Api, *, paused: bool = False) -> RunningVm[Api]:
+        spec = control.spec
+        # Firecracker's console file is emptied at each start: this boot's output begins at 0.
+        watch = ReadyWatch(control.layout.console_host(spec), spec.vm_id, 0)
+        vm = self._vms.track(spec.vm_id, spec.vm_dir, vmm, control, watch)
+        vm.paused = paused
+        return vm
+
     async def adopt(self, spec: LaunchSpec) -> VmRuntime | None:
-        current = self._vms.get(spec.vm_id)
-        if current is not None and current.vmm.running:
-            return await self._runtime(current)
-        vmm = await VmmProcess.attach(spec.vm_dir, self._matcher(spec.vm_id))
-        if vmm is None:  # ended while no daemon watched: keep why, for last_exit_reason()
-            if (info := await asyncio.to_thread(read_exit, spec.vm_dir)) is not None:
-                self._last_exit[spec.vm_id] = exit_reason(info)
+        if (vm := self._vms.find(spec.vm_id)) is not None:
+            return await self._runtime(vm)
+        vmm = await self._vms.attach(spec, self._matcher(spec.vm_id))
+        if vmm is None:
             return None
         layout = self._layout(spec.vm_id, spec.vm_dir)
-        api = FirecrackerApi(layout.root, API_SOCKET)
+        control = Api(
+            FirecrackerApi(layout.root, API_SOCKET), spec, layout, MetricsReader(layout.host(METRICS))
+        )
         try:
-            state = await api.instance_state()
+            state = await control.api.instance_state()
         except MetaldError:
             state = ""
         if state not in ("Running", "Paused"):
             # Never started (the daemon died while configuring it) or deaf: not a usable VM.
             log.warning("Firecracker of %s is in state %r: killing it", spec.vm_id, state)
-            vmm.kill()
-            await self._wait_exit(vmm, _KILL_WAIT)
-            await api.aclose()
+            await self._vms.kill_untracked(vmm)
+            await control.close()
             return None
-        vm = self._track(spec, layout, vmm, api, paused=state == "Paused")
-        return await self._runtime(vm)
+        return await self._runtime(self._track(vmm, control, paused=state == "Paused"))
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def wait_ready(self, vm_id: str, timeout: float) -> bool:
+        return await self._vms.wait_ready(vm_id, timeout)
+
+    async def pause(self, vm_id: str) -> None:
+        vm = self._vms.get(vm_id)
+        await vm.control.api.call(ApiCall("PATCH", "/vm", {"state": "Paused"}))
+        vm.paused = True
+
+    async def resume(self, vm_id: str) -> None:
+        vm = self._vms.get(vm_id)
+        await vm.control.api.call(ApiCall("PATCH", "/vm", {"state": "Resumed"}))
+        vm.paused = False
+
+    async def reboot(self, vm_id: str, *, force: bool) -> None:
+        """Firecracker cannot restart a guest in place: a stop (graceful unless `force`, and never
+        graceful before the guest is up: it would miss the key press), then a new process."""
+        vm = self._vms.get(vm_id)
+        graceful = not force and await vm.watch.poll()
+        await self.stop(vm_id, graceful=graceful, timeout=self._reboot_timeout)
+        await self.start(vm.control.spec)
+
+    async def stop(self, vm_id: str, *, graceful: bool, timeout: float) -> str:
+        async def politely(vm: RunningVm[Api]) -> str | None:
+            try:
+                if vm.paused:  # a paused guest cannot take the key press
+                    await vm.control.api.call(ApiCall("PATCH", "/vm", {"state": "Resumed"}))
+                await vm.control.api.action("SendCtrlAltDel")
+            except MetaldError as exc:
+                log.warning("graceful stop of %s impossible, killing: %s", vm_id, exc.message)
+                return None
+            return "guest_poweroff" if await self._vms.ended(vm, timeout) else None
+
+        can_ask = graceful and self.capabilities.supports_graceful_reboot
+        return await self._vms.stop(vm_id, politely if can_ask else None)
 
     # ---- observation -------------------------------------------------------------------------
 
-    async def _runtime(self, vm: _Vm) -> VmRuntime:
-        extra = {"firecracker_id": launch.firecracker_id(vm.spec.vm_id)}
-        if vm.layout.jail_root is not None:
-            extra["jail_root"] = str(vm.layout.jail_root)
+    async def _runtime(self, vm: RunningVm[Api]) -> VmRuntime:
+        extra = {"firecracker_id": launch.firecracker_id(vm.vm_id)}
+        if vm.control.layout.jail_root is not None:
+            extra["jail_root"] = str(vm.control.layout.jail_root)
         return VmRuntime(
             pid=vm.vmm.pid,
-            socket_path=str(vm.layout.host(API_SOCKET)),
-            guest_ready=await vm.ready.poll(),
+            socket_path=str(vm.control.layout.host(API_SOCKET)),
+            guest_ready=await vm.watch.poll(),
             paused=vm.paused,
             extra=extra,
         )
 
-    @staticmethod
-    def _matcher(vm_id: str) -> CmdlineMatcher:
-        """Recognises this VM's Firecracker by its `--id` (the jailer execs it in place: same pid)."""
-        return functools.partial(launch.is_firecracker_of, fc_id=launch.firecracker_id(vm_id))
-
     def last_exit_reason(self, vm_id: str) -> str | None:
-        return self._last_exit.get(vm_id)
+        return self._vms.last_exit_reason(vm_id)
+
+    async def snapshot(self, vm_id: str, dest: Path) -> SnapshotResult:
+        raise MetaldError(
+            ErrorCode.FAILED_PRECONDITION,
+            "the firecracker backend does not take snapshots on this host yet",
+            reason="SNAPSHOT_UNSUPPORTED",
+            metadata={"vm_id": vm_id},
+        )
 
     async def runtime(self, vm_id: str) -> VmRuntime | None:
-        vm = self._vms.get(vm_id)
-        if vm is None or not vm.vmm.running:
-            return None
-        return await self._runtime(vm)
+        vm = self._vms.find(vm_id)
+        return None if vm is None else await self._runtime(vm)
 
     async def metrics(self, vm_id: str) -> VmMetrics:
-        vm = self._vms.get(vm_id)
-        if vm is None or not vm.vmm.running:
+        vm = self._vms.find(vm_id)
+        if vm is None:
             return VmMetrics()
         with contextlib.suppress(MetaldError):
-            await vm.api.action("FlushMetrics")
-        totals = await vm.metrics.read()
-        stat = procfs.read_stat(vm.vmm.pid)
+            await vm.control.api.action("FlushMetrics")
+        totals = await vm.control.metrics.read()
+        cpu, rss = self._vms.process_usage(vm)
         return VmMetrics(
-            cpu_time_nanos=stat.cpu_time_nanos if stat else 0,
-            memory_usage_bytes=procfs.read_rss_bytes(vm.vmm.pid),
+            cpu_time_nanos=cpu,
+            memory_usage_bytes=rss,
             disk_read_bytes=totals.disk_read_bytes,
             disk_write_bytes=totals.disk_write_bytes,
             network_rx_bytes=totals.network_rx_bytes,
@@ -450,7 +377,7 @@ class FirecrackerBackend:
         started = time.monotonic()
         versions = []
         for binary in filter(None, (self._firecracker, self._jailer)):
-            ok, detail = await _version(binary)
+            ok, detail = await tool_version(binary)
             if not ok:
                 return CheckResult("unhealthy", detail, (time.monotonic() - started) * 1000)
             versions.append(detail)
@@ -458,32 +385,4 @@ class FirecrackerBackend:
 
     async def close(self) -> None:
         """Detach from every Firecracker, leaving them running for the next daemon to adopt."""
-        for vm in list(self._vms.values()):
-            if vm.watcher is not None:
-                vm.watcher.cancel()
-            vm.vmm.detach()
-            await vm.api.aclose()
-        self._vms.clear()
-
-
-async def _version(binary: str) -> tuple[bool, str]:
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            binary,
-            "--version",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    except OSError as exc:
-        return False, f"{binary}: {exc.strerror or exc}"
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), _VERSION_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return False, f"{binary} --version did not answer within {_VERSION_TIMEOUT:g}s"
-    first = next(iter(out.decode(errors="replace").strip().splitlines()), "")
-    if proc.returncode != 0:
-        return False, f"{binary} --version failed (rc {proc.returncode}): {first}"
-    return True, first or binary
+        await self._vms.close()

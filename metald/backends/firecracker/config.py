@@ -62,7 +62,10 @@ def machine_config(spec: LaunchSpec, cpu_templates: Mapping[str, str]) -> dict[s
         "mem_size_mib": -(-spec.memory_bytes // MIB),
         "smt": False,
     }
-    if spec.cpu_template:
+    if spec.cpu_model is not None:  # decided by the service
+        if spec.cpu_model:
+            body["cpu_template"] = spec.cpu_model
+    elif spec.cpu_template:
         if spec.cpu_template not in cpu_templates:
             raise invalid("config.cpu.cpu_template", f"{spec.cpu_template} is not available on this host")
         body["cpu_template"] = cpu_templates[spec.cpu_template]
@@ -111,7 +114,7 @@ def configure_calls(spec: LaunchSpec, layout: Layout, cpu_templates: Mapping[str
         ApiCall("PUT", "/machine-config", machine_config(spec, cpu_templates)),
         ApiCall("PUT", "/boot-source", boot_source(spec, layout)),
     ]
-    for disk in sorted(spec.disks, key=lambda d: not d.is_root):
+    for disk in spec.disks:
         calls.append(ApiCall("PUT", f"/drives/{disk.device_id}", drive(disk, layout)))
     for nic in spec.nics:
         calls.append(ApiCall("PUT", f"/network-interfaces/{nic.interface_id}", network_interface(nic)))

@@ -7,7 +7,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.backends.vmm.tools import run_tool
 
 
 async def sparse_copy(src: Path, dst: Path) -> None:
@@ -18,26 +18,8 @@ async def sparse_copy(src: Path, dst: Path) -> None:
     never passes for a finished one.
     """
     tmp = dst.with_name(dst.name + ".part")
-    proc = await asyncio.create_subprocess_exec(
-        "cp",
-        "--reflink=auto",
-        "--sparse=always",
-        "--",
-        str(src),
-        str(tmp),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise MetaldError(
-            ErrorCode.INTERNAL,
-            f"cannot copy {src} for the VM: {err.decode(errors='replace').strip()}",
-            reason="DISK_COPY_FAILED",
-        )
+    argv = ["cp", "--reflink=auto", "--sparse=always", "--", str(src), str(tmp)]
+    await run_tool(argv, failure=f"cannot copy {src} for the VM", reason="DISK_COPY_FAILED", partial=tmp)
     await asyncio.to_thread(os.replace, tmp, dst)
 
 

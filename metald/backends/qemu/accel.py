@@ -22,6 +22,7 @@ from metald.backends.qemu.files import close_fds, open_vmm_files
 from metald.backends.vmm.console import ReadyWatch
 from metald.backends.vmm.layout import VMM_LOG
 from metald.backends.vmm.sandbox import VmmUser, wrap_argv
+from metald.backends.vmm.tools import tool_version
 from metald.ports import DiskSpec, LaunchSpec
 
 PROBE_TIMEOUT = 8.0
@@ -41,18 +42,10 @@ def host_tsc_khz() -> int:
 
 async def qemu_version(binary: str, timeout: float = 5.0) -> str:
     """First line of `qemu -version`; raises OSError if the binary cannot run."""
-    proc = await asyncio.create_subprocess_exec(
-        binary, "-version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise OSError(f"{binary} -version timed out") from None
-    if proc.returncode != 0:
-        raise OSError(f"{binary} -version exited {proc.returncode}: {out.decode(errors='replace')[:200]}")
-    return out.decode(errors="replace").splitlines()[0].strip()
+    ok, detail = await tool_version(binary, "-version", timeout)
+    if not ok:
+        raise OSError(detail)
+    return detail
 
 
 @dataclass(frozen=True)

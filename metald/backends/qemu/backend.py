@@ -1,4 +1,8 @@
-"""QemuBackend: metald.ports.Backend on QEMU microvm, one supervised QEMU process per VM."""
+"""QemuBackend: metald.ports.Backend on QEMU microvm, one supervised QEMU process per VM.
+
+What is QEMU's own here: the launch (files.py, cmdline.py) and the control channel (QMP); the
+lifecycle around them (registry, exits, re-adoption, cgroups) is vmm/lifecycle.py.
+"""
 
 from __future__ import annotations
 
@@ -8,36 +12,31 @@ import functools
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metald.backends import procfs
-from metald.backends.qemu import layout
+from metald.backends.qemu import layout, snapshot
 from metald.backends.qemu.accel import AccelSelector, ProbeAssets, host_tsc_khz, qemu_version
 from metald.backends.qemu.agent import GuestAgent
-from metald.backends.qemu.cmdline import CPU_TEMPLATES, HostOptions, cpu_model, name_matches, qemu_argv
-from metald.backends.qemu.files import VmmFileError, close_fds, open_vmm_files
+from metald.backends.qemu.cmdline import CPU_TEMPLATES, HostOptions, launch_cpu_model, name_matches, qemu_argv
+from metald.backends.qemu.control import Qmp, save_boot_state, write_boot_state
+from metald.backends.qemu.files import RamFile, VmmFileError, close_fds, open_vmm_files
 from metald.backends.qemu.overlay import prepare_vm_dir
 from metald.backends.qemu.qmp import QmpClient, QmpClosedError, QmpError
-from metald.backends.vmm.cgroups import VMM_MEMORY_OVERHEAD, Cgroups, cgroup_name, vmm_limits
+from metald.backends.vmm.cgroups import VMM_MEMORY_OVERHEAD, Cgroups
 from metald.backends.vmm.console import ReadyWatch, file_size
-from metald.backends.vmm.jsonfile import read_json, write_json_atomic
-from metald.backends.vmm.process import (
-    VmmProcess,
-    VmmStartError,
-    exit_reason,
-    read_exit,
-    read_log_tail,
-    remove_cgroup,
-)
+from metald.backends.vmm.jsonfile import read_json
+from metald.backends.vmm.lifecycle import RunningVm, VmmLifecycle, vmm_failed
+from metald.backends.vmm.process import VmmProcess, VmmStartError, read_log_tail
 from metald.backends.vmm.sandbox import VmmUser, kvm_group, wrap_argv
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.backends.vmm.tools import tool_missing
+from metald.domain.errors import ErrorCode, MetaldError, invalid
 from metald.ports import (
     BackendCapabilities,
     CheckResult,
     ExitListener,
     LaunchSpec,
+    SnapshotResult,
     VmMetrics,
     VmRuntime,
 )
@@ -48,59 +47,14 @@ _CTRL_ALT_DEL = ("ctrl", "alt", "delete")
 QMP_CONNECT_TIMEOUT = 10.0
 AGENT_PING_TIMEOUT = 1.5  # the agent polls its port once a second while nobody is connected
 QUIT_TIMEOUT = 5.0
-KILL_TIMEOUT = 10.0
-READY_POLL_INTERVAL = 0.05
-
-
-@dataclass
-class _ShutdownSeen:
-    """The QMP SHUTDOWN event, if one came: did the guest ask to end (poweroff) or the host?"""
-
-    guest: bool | None = None
-
-    def on_event(self, event: dict[str, Any]) -> None:
-        if event.get("event") == "SHUTDOWN":
-            self.guest = bool(event.get("data", {}).get("guest"))
-
-
-@dataclass
-class _RunningVm:
-    vm_id: str
-    vm_dir: Path
-    vmm: VmmProcess
-    qmp: QmpClient
-    watch: ReadyWatch
-    accel: str
-    cpu_model: str
-    shutdown: _ShutdownSeen
-    stopping: bool = False  # set by stop(): the exit is ours, the exit listener is not told
-    monitor: asyncio.Task[None] | None = field(default=None, repr=False)
-
-
-def _write_boot_state(vm: _RunningVm) -> None:
-    data = {"console_offset": vm.watch.offset, "accel": vm.accel, "cpu_model": vm.cpu_model}
-    write_json_atomic(vm.vm_dir / layout.BOOT_STATE, data)
-
-
-def remove_runtime_files(vm_dir: Path) -> None:
-    for name in layout.RUNTIME_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            (vm_dir / name).unlink()
-
-
-def _vmm_failed(vm_id: str, message: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.INTERNAL, f"VM {vm_id}: {message}", reason="VMM_FAILED", metadata={"vm_id": vm_id}
-    )
 
 
 class QemuBackend:
     """Runs each VM as `qemu-system-x86_64 -M microvm` under a per-VM supervisor (vmm/supervisor.py).
 
     The daemon never is QEMU's parent: VMs survive a daemon restart and are re-adopted with adopt().
-    Exits are seen through pidfds (vmm/process.py); an exit that stop() did not cause goes to the
-    exit listener as "guest_poweroff" (the guest powered off), "oom_killed" (QEMU outgrew its
-    cgroup's memory limit) or "vmm_crashed" (anything else).
+    An exit that stop() did not cause goes to the exit listener as "guest_poweroff" (the guest
+    powered off), "oom_killed" (QEMU outgrew its cgroup's memory limit) or "vmm_crashed".
 
     Sandbox: QEMU runs as `vmm_user` (None: the daemon's own user) with seccomp (`-sandbox on`), in
     its own cgroup of `cgroups` (None: no limits) with the limits of vmm/cgroups.py, and opens no
@@ -120,15 +74,16 @@ class QemuBackend:
         vmm_user: VmmUser | None = None,
         cgroups: Cgroups | None = None,
         memory_overhead: int = VMM_MEMORY_OVERHEAD,
+        ram_dir: Path | None = None,
     ) -> None:
         self._binary = qemu_binary
         self._img_binary = qemu_img_binary
         self._user = vmm_user
         # Under KVM the VMM also needs /dev/kvm, through the group that may open it.
         self._kvm_user = vmm_user.with_group(kvm_group()) if vmm_user is not None else None
-        self._cgroups = cgroups
-        self._memory_overhead = memory_overhead
         self._tsc_khz = host_tsc_khz()
+        # Guest RAM in files of ram_dir (tmpfs) makes VMs snapshottable; None: anonymous memory.
+        self._ram = RamFile(ram_dir, vmm_user.uid if vmm_user else None) if ram_dir else None
         assets = (
             ProbeAssets(probe_kernel, probe_initrd, probe_rootfs)
             if probe_kernel is not None and probe_rootfs is not None
@@ -142,17 +97,18 @@ class QemuBackend:
             tsc_khz=self._tsc_khz,
             user=self._kvm_user,
         )
-        self._vms: dict[str, _RunningVm] = {}
-        self._last_exit: dict[str, str] = {}
-        self._listener: ExitListener | None = None
+        self._vms: VmmLifecycle[Qmp] = VmmLifecycle(
+            "QEMU", runtime_files=layout.RUNTIME_FILES, cgroups=cgroups, memory_overhead=memory_overhead
+        )
         self.capabilities = BackendCapabilities(
             backend_type="qemu",
             cpu_templates=dict(CPU_TEMPLATES),
             console_types=frozenset({"SERIAL", "VIRTIO_CONSOLE"}),
+            supports_snapshots=self._ram is not None,
         )
 
     def set_exit_listener(self, listener: ExitListener) -> None:
-        self._listener = listener
+        self._vms.set_exit_listener(listener)
 
     # ---- files ------------------------------------------------------------------------------
 
@@ -160,196 +116,169 @@ class QemuBackend:
         await prepare_vm_dir(spec, qemu_img=self._img_binary)
 
     async def destroy(self, vm_id: str, vm_dir: Path) -> None:
-        if vm_id in self._vms:
-            await self.stop(vm_id, graceful=False, timeout=0)
-        elif (
-            vmm := await VmmProcess.attach(vm_dir, functools.partial(name_matches, vm_id=vm_id))
-        ) is not None:
-            await self._kill_and_forget(vmm)
-        await self._remove_cgroup(vm_id, vm_dir)
-        self._last_exit.pop(vm_id, None)
+        await self._vms.kill_orphan(vm_id, vm_dir, functools.partial(name_matches, vm_id=vm_id))
         await asyncio.to_thread(shutil.rmtree, vm_dir, True)
-
-    async def _remove_cgroup(self, vm_id: str, vm_dir: Path) -> None:
-        """The VM's cgroup, if a crash left it (its supervisor removes it when QEMU ends)."""
-        if self._cgroups is not None:
-            await remove_cgroup(self._cgroups.dirs(cgroup_name(vm_id, vm_dir)))
-
-    async def _create_cgroup(self, spec: LaunchSpec) -> list[Path]:
-        if self._cgroups is None:
-            return []
-        limits = vmm_limits(spec.vcpu_count, spec.memory_bytes, self._memory_overhead)
-        try:
-            return await asyncio.to_thread(self._cgroups.create, cgroup_name(spec.vm_id, spec.vm_dir), limits)
-        except OSError as e:
-            raise _vmm_failed(spec.vm_id, f"cannot create its cgroup {e.filename}: {e.strerror}") from e
 
     # ---- starting and re-adopting ------------------------------------------------------------
 
     async def start(self, spec: LaunchSpec) -> VmRuntime:
         if (runtime := await self.adopt(spec)) is not None:
             return runtime  # already running (e.g. a retried BootVm): never a second QEMU
+        await self._vms.supersede(spec.vm_id)
         accel = self._accel.current()
         try:
-            model = cpu_model(spec.cpu_template, accel)
-        except KeyError:
-            raise MetaldError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"cpu_template {spec.cpu_template!r} is not supported by the qemu backend",
-                reason="INVALID_FIELD",
-                metadata={"field": "config.cpu.cpu_template"},
+            model = launch_cpu_model(spec, accel)
+        except KeyError:  # a hand-built spec: the service refuses unknown templates at create
+            raise invalid(
+                "config.cpu.cpu_template", f"{spec.cpu_template!r} is not offered by QEMU"
             ) from None
         await self.prepare(spec)
-        self._last_exit.pop(spec.vm_id, None)
         host = HostOptions(binary=self._binary, accel=accel, tsc_khz=self._tsc_khz)
         user = self._kvm_user if accel == "kvm" else self._user
         offset = await asyncio.to_thread(file_size, spec.console_path)
         try:
-            fds = await asyncio.to_thread(open_vmm_files, spec)
+            fds = await asyncio.to_thread(open_vmm_files, spec, self._ram)
         except VmmFileError as e:
-            raise _vmm_failed(spec.vm_id, str(e)) from e
+            raise vmm_failed(spec.vm_id, str(e)) from e
         try:
-            cgroup = await self._create_cgroup(spec)
+            cgroup = await self._vms.create_cgroup(spec)
             argv = wrap_argv(qemu_argv(spec, host, fds), netns=spec.netns, user=user)
             vmm = await VmmProcess.spawn(spec.vm_dir, argv, pass_fds=fds.all(), cgroup=cgroup)
+        except FileNotFoundError as e:
+            raise tool_missing(self._binary, e) from e
         except VmmStartError as e:
-            raise _vmm_failed(spec.vm_id, str(e)) from e
+            if not await asyncio.to_thread(shutil.which, self._binary):
+                raise tool_missing(self._binary, e) from e
+            raise vmm_failed(spec.vm_id, str(e)) from e
         finally:
             close_fds(fds)
         watch = ReadyWatch(spec.console_path, spec.vm_id, offset)
         try:
-            vm = await self._attach_qmp(spec, vmm, watch, accel, model)
+            vm = await self._connect(spec, vmm, watch, Qmp(accel, model, ram_fd=fds.ram))
         except BaseException:  # cancelled: no QEMU may run untracked
             vmm.kill()
             vmm.detach()
             raise
         if vm is None:
             tail = await asyncio.to_thread(read_log_tail, spec.vm_dir, vmm.log_offset)
-            raise _vmm_failed(spec.vm_id, f"QEMU did not come up: {tail}")
-        await asyncio.to_thread(_write_boot_state, vm)
+            raise vmm_failed(spec.vm_id, f"QEMU did not come up: {tail}")
+        if fds.incoming is not None and spec.restore_from is not None:
+            await self._restore(vm, fds.incoming, spec.restore_from)
+        await asyncio.to_thread(write_boot_state, vm)
         log.info("vm %s: qemu pid %d started (%s, cpu %s)", spec.vm_id, vmm.pid, accel, model)
         return await self._runtime(vm)
 
     async def adopt(self, spec: LaunchSpec) -> VmRuntime | None:
-        if (vm := self._vms.get(spec.vm_id)) is not None:
+        if (vm := self._vms.find(spec.vm_id)) is not None:
             return await self._runtime(vm)
-        vmm = await VmmProcess.attach(spec.vm_dir, functools.partial(name_matches, vm_id=spec.vm_id))
-        if vmm is None:  # ended while no daemon watched: keep why, for last_exit_reason()
-            if (info := await asyncio.to_thread(read_exit, spec.vm_dir)) is not None:
-                self._last_exit[spec.vm_id] = exit_reason(info)
-            await asyncio.to_thread(remove_runtime_files, spec.vm_dir)
-            await self._remove_cgroup(spec.vm_id, spec.vm_dir)
+        vmm = await self._vms.attach(spec, functools.partial(name_matches, vm_id=spec.vm_id))
+        if vmm is None:
             return None
         boot = await asyncio.to_thread(read_json, spec.vm_dir / layout.BOOT_STATE) or {}
         watch = ReadyWatch(spec.console_path, spec.vm_id, int(boot.get("console_offset", 0)))
-        accel = str(boot.get("accel", "tcg"))
-        model = str(boot.get("cpu_model", "unknown"))
-        vm = await self._attach_qmp(spec, vmm, watch, accel, model)
+        ram_fd = boot.get("ram_fd")
+        control = Qmp(
+            str(boot.get("accel", "tcg")),
+            str(boot.get("cpu_model", "unknown")),
+            ram_fd=ram_fd if isinstance(ram_fd, int) else None,
+            restored_ready=bool(boot.get("restored_ready")),
+        )
+        watch.ready = control.restored_ready
+        vm = await self._connect(spec, vmm, watch, control)
         if vm is None:
             return None
         log.info("vm %s: re-adopted qemu pid %d", spec.vm_id, vmm.pid)
         return await self._runtime(vm)
 
-    async def _attach_qmp(
-        self, spec: LaunchSpec, vmm: VmmProcess, watch: ReadyWatch, accel: str, model: str
-    ) -> _RunningVm | None:
+    async def _connect(
+        self, spec: LaunchSpec, vmm: VmmProcess, watch: ReadyWatch, control: Qmp
+    ) -> RunningVm[Qmp] | None:
         """Connect QMP and start watching the VM; a VMM that cannot be controlled is killed (None)."""
-        shutdown = _ShutdownSeen()
         try:
-            qmp = await QmpClient.connect(
+            control.client = await QmpClient.connect(
                 spec.vm_dir,
                 layout.QMP_SOCKET,
                 timeout=QMP_CONNECT_TIMEOUT,
-                on_event=shutdown.on_event,
+                on_event=control.on_event,
                 alive=lambda: vmm.running,
             )
         except (OSError, QmpError, TimeoutError, ValueError):
-            await self._kill_and_forget(vmm)
+            await self._vms.kill_untracked(vmm)
             return None
-        vm = _RunningVm(spec.vm_id, spec.vm_dir, vmm, qmp, watch, accel, model, shutdown)
-        vm.monitor = asyncio.create_task(self._monitor(vm))
-        self._vms[spec.vm_id] = vm
-        return vm
+        control.vm = self._vms.track(spec.vm_id, spec.vm_dir, vmm, control, watch)
+        return control.vm
 
-    async def _kill_and_forget(self, vmm: VmmProcess) -> None:
-        vmm.kill()
-        await asyncio.wait({vmm.exited}, timeout=KILL_TIMEOUT)
-        vmm.detach()
-        await asyncio.to_thread(remove_runtime_files, vmm.vm_dir)
+    # ---- snapshots (snapshot.py) ----------------------------------------------------------------
 
-    async def _monitor(self, vm: _RunningVm) -> None:
-        """Runs until the VMM ends: cleans up, and tells the listener if nobody asked for it."""
+    async def _restore(self, vm: RunningVm[Qmp], state_fd: int, snapshot_dir: Path) -> None:
+        """Load a clone's device state; a VMM that cannot be restored is not left running. A
+        snapshot of a guest that was up is up at once: it prints no new ready line."""
+        assert vm.control.client is not None
         try:
-            info = await vm.vmm.exited
-        except asyncio.CancelledError:
-            return  # detached (daemon shutdown): the VM runs on
-        await vm.qmp.close()
-        await asyncio.to_thread(remove_runtime_files, vm.vm_dir)
-        if self._vms.get(vm.vm_id) is vm:
-            del self._vms[vm.vm_id]
-        if vm.stopping:
-            return
-        reason = exit_reason(info, guest_poweroff=vm.shutdown.guest)
-        self._last_exit[vm.vm_id] = reason
-        log.info("vm %s: qemu exited (%s) without a stop request: %s", vm.vm_id, info, reason)
-        if self._listener is not None:
-            try:
-                await self._listener(vm.vm_id, reason)
-            except Exception:
-                log.exception("vm %s: exit listener failed", vm.vm_id)
+            await snapshot.restore(vm.control.client, state_fd)
+        except (snapshot.SnapshotError, QmpError, QmpClosedError, TimeoutError) as e:
+            await self.stop(vm.vm_id, graceful=False, timeout=0)
+            raise vmm_failed(vm.vm_id, f"cannot restore the snapshot: {e}") from e
+        vm.control.restored_ready = vm.watch.ready = await asyncio.to_thread(
+            snapshot.source_was_ready, snapshot_dir
+        )
+
+    async def snapshot(self, vm_id: str, dest: Path) -> SnapshotResult:
+        vm = self._vms.get(vm_id)
+        if vm.control.ram_fd is None or vm.control.client is None:
+            raise MetaldError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"VM {vm_id} was started without its RAM in a file; shut it down and boot it again",
+                reason="SNAPSHOT_UNSUPPORTED",
+                metadata={"vm_id": vm_id},
+            )
+        status = await vm.control.execute("query-status")
+        try:
+            saved = await snapshot.take(
+                vm.control.client,
+                ram=Path(f"/proc/{vm.vmm.pid}/fd/{vm.control.ram_fd}"),
+                vm_dir=vm.vm_dir,
+                dest=dest,
+                resume=status.get("status") == "running",
+                guest_ready=await vm.watch.poll(),
+                ram_owner=self._ram.owner if self._ram else None,
+            )
+        except (snapshot.SnapshotError, QmpError, QmpClosedError, TimeoutError) as e:
+            raise vmm_failed(vm_id, f"snapshot failed: {e}") from e
+        return SnapshotResult(saved.size_bytes, saved.paused_seconds)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def _get(self, vm_id: str) -> _RunningVm:
-        vm = self._vms.get(vm_id)
-        if vm is None:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"VM {vm_id} has no running VMM",
-                reason="VMM_NOT_RUNNING",
-                metadata={"vm_id": vm_id},
-            )
-        return vm
-
-    async def _qmp(self, vm: _RunningVm, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        try:
-            return await vm.qmp.execute(command, arguments)
-        except (QmpError, QmpClosedError, TimeoutError) as e:
-            raise _vmm_failed(vm.vm_id, f"QMP {command} failed: {e}") from e
-
     async def wait_ready(self, vm_id: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while (vm := self._vms.get(vm_id)) is not None:
-            if await vm.watch.poll():
-                return True
-            if time.monotonic() >= deadline or not vm.vmm.running:
-                return False
-            await asyncio.sleep(READY_POLL_INTERVAL)
-        return False
+        return await self._vms.wait_ready(vm_id, timeout)
 
     async def pause(self, vm_id: str) -> None:
-        await self._qmp(self._get(vm_id), "stop")
+        await self._vms.get(vm_id).control.execute("stop")
 
     async def resume(self, vm_id: str) -> None:
-        await self._qmp(self._get(vm_id), "cont")
+        await self._vms.get(vm_id).control.execute("cont")
 
     async def reboot(self, vm_id: str, *, force: bool) -> None:
-        """force: system_reset. Graceful: the guest agent's `reboot` if it answers a ping quickly,
-        else Ctrl-Alt-Del on the i8042 keyboard (the default guest's init reboots on it)."""
-        vm = self._get(vm_id)
+        """force, or a guest not up yet (it would miss any request): system_reset. Graceful: the
+        guest agent's `reboot` if it answers a ping quickly, else Ctrl-Alt-Del on the i8042
+        keyboard (the default guest's init reboots on it)."""
+        vm = self._vms.get(vm_id)
+        up = await vm.watch.poll()
         await self._new_boot(vm)
-        if force:
-            await self._qmp(vm, "system_reset")
+        if force or not up:
+            await vm.control.execute("system_reset")
         elif not await self._agent_command(vm, "reboot"):
-            await self._qmp(vm, "send-key", {"keys": [{"type": "qcode", "data": k} for k in _CTRL_ALT_DEL]})
+            keys = [{"type": "qcode", "data": k} for k in _CTRL_ALT_DEL]
+            await vm.control.execute("send-key", {"keys": keys})
 
-    async def _new_boot(self, vm: _RunningVm) -> None:
+    @staticmethod
+    async def _new_boot(vm: RunningVm[Qmp]) -> None:
         """The guest is about to boot again: watch for its ready line from the console's end."""
-        offset = await asyncio.to_thread(file_size, vm.watch.path)
-        vm.watch = ReadyWatch(vm.watch.path, vm.vm_id, offset)
-        await asyncio.to_thread(_write_boot_state, vm)
+        vm.watch.restart()
+        await save_boot_state(vm)
 
-    async def _agent_command(self, vm: _RunningVm, command: str) -> bool:
+    @staticmethod
+    async def _agent_command(vm: RunningVm[Qmp], command: str) -> bool:
         """True if the guest agent answered a ping in time and acknowledged `command`."""
         try:
             agent = await GuestAgent.connect(vm.vm_dir)
@@ -365,74 +294,55 @@ class QemuBackend:
     async def stop(self, vm_id: str, *, graceful: bool, timeout: float) -> str:
         """Graceful: ACPI power button if the guest is up, wait `timeout`, then QMP quit, then SIGKILL.
         Not graceful: SIGKILL. Returns "guest_poweroff", "quit", "killed" or "not_running"."""
-        vm = self._vms.get(vm_id)
-        if vm is None:
-            return "not_running"
-        vm.stopping = True
-        if graceful:
+
+        async def politely(vm: RunningVm[Qmp]) -> str | None:
             with contextlib.suppress(MetaldError):
                 if await vm.watch.poll():  # else the power button would be lost: quit at once
-                    status = await self._qmp(vm, "query-status")
+                    status = await vm.control.execute("query-status")
                     if status.get("status") == "paused":
-                        await self._qmp(vm, "cont")
-                    await self._qmp(vm, "system_powerdown")
-                    if await self._ended(vm, timeout):
+                        await vm.control.execute("cont")
+                    await vm.control.execute("system_powerdown")
+                    if await self._vms.ended(vm, timeout):
                         return "guest_poweroff"
             with contextlib.suppress(MetaldError):
-                await self._qmp(vm, "quit")
-            if await self._ended(vm, QUIT_TIMEOUT):
-                return "quit"
-        vm.vmm.kill()
-        if not await self._ended(vm, KILL_TIMEOUT):
-            raise _vmm_failed(vm_id, f"QEMU pid {vm.vmm.pid} survived SIGKILL")
-        return "killed"
+                await vm.control.execute("quit")
+            return "quit" if await self._vms.ended(vm, QUIT_TIMEOUT) else None
 
-    @staticmethod
-    async def _ended(vm: _RunningVm, timeout: float) -> bool:
-        """Wait up to `timeout` for the VMM to end and be cleaned up."""
-        assert vm.monitor is not None
-        try:
-            await asyncio.wait_for(asyncio.shield(vm.monitor), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await self._vms.stop(vm_id, politely if graceful else None)
 
     # ---- observing ----------------------------------------------------------------------------
 
-    async def _runtime(self, vm: _RunningVm) -> VmRuntime:
+    async def _runtime(self, vm: RunningVm[Qmp]) -> VmRuntime:
         status: dict[str, Any] = {}
-        with contextlib.suppress(QmpError, QmpClosedError, TimeoutError):
-            status = await vm.qmp.execute("query-status", timeout=2.0)
+        with contextlib.suppress(MetaldError):
+            status = await vm.control.execute("query-status", timeout=2.0)
         return VmRuntime(
             pid=vm.vmm.pid,
             socket_path=str(vm.vm_dir / layout.QMP_SOCKET),
             guest_ready=await vm.watch.poll(),
             paused=status.get("status") == "paused",
-            extra={"accelerator": vm.accel, "cpu_model": vm.cpu_model},
+            extra={"accelerator": vm.control.accel, "cpu_model": vm.control.cpu_model},
         )
 
     async def runtime(self, vm_id: str) -> VmRuntime | None:
-        vm = self._vms.get(vm_id)
+        vm = self._vms.find(vm_id)
         return None if vm is None else await self._runtime(vm)
 
     def last_exit_reason(self, vm_id: str) -> str | None:
-        return self._last_exit.get(vm_id)
+        return self._vms.last_exit_reason(vm_id)
 
     async def metrics(self, vm_id: str) -> VmMetrics:
-        vm = self._vms.get(vm_id)
+        vm = self._vms.find(vm_id)
         if vm is None:
             return VmMetrics()
         read = written = 0
-        with contextlib.suppress(QmpError, QmpClosedError, TimeoutError):
-            for device in await vm.qmp.execute("query-blockstats", timeout=2.0):
+        with contextlib.suppress(MetaldError):
+            for device in await vm.control.execute("query-blockstats", timeout=2.0):
                 read += int(device["stats"]["rd_bytes"])
                 written += int(device["stats"]["wr_bytes"])
-        stat = procfs.read_stat(vm.vmm.pid)
+        cpu, rss = self._vms.process_usage(vm)
         return VmMetrics(
-            cpu_time_nanos=stat.cpu_time_nanos if stat else 0,
-            memory_usage_bytes=procfs.read_rss_bytes(vm.vmm.pid),
-            disk_read_bytes=read,
-            disk_write_bytes=written,
+            cpu_time_nanos=cpu, memory_usage_bytes=rss, disk_read_bytes=read, disk_write_bytes=written
         )
 
     async def ping(self) -> CheckResult:
@@ -441,17 +351,15 @@ class QemuBackend:
             version = await qemu_version(self._binary)
         except OSError as e:
             return CheckResult("unhealthy", f"{self._binary}: {e}", (time.monotonic() - started) * 1000)
+        if not await asyncio.to_thread(shutil.which, self._img_binary):
+            detail = f"{self._img_binary} not found: VM disks cannot be made"
+            return CheckResult("unhealthy", detail, (time.monotonic() - started) * 1000)
         accel = self._accel.current()
         detail = f"{version}; accel={accel} ({self._accel.detail}); {len(self._vms)} VMs"
         return CheckResult("healthy", detail, (time.monotonic() - started) * 1000)
 
     async def close(self) -> None:
-        for vm in list(self._vms.values()):
-            if vm.monitor is not None:
-                vm.monitor.cancel()
-            vm.vmm.detach()
-            await vm.qmp.close()
-        self._vms.clear()
+        await self._vms.close()
         await self._accel.close()
 
     @property

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from metald.backends.qemu import layout
-from metald.ports import DiskSpec, LaunchSpec
+from metald.ports import LaunchSpec
 
 MIB = 1024 * 1024
 
@@ -60,6 +60,7 @@ class DiskFds:
 
     image: tuple[int, ...]
     base: int | None = None
+    frozen: tuple[int, ...] = ()  # a clone's: the snapshots' frozen overlays between image and base
 
 
 @dataclass(frozen=True)
@@ -68,16 +69,18 @@ class VmmFds:
 
     kernel: int
     initrd: int | None
-    disks: tuple[DiskFds, ...]  # in launch order (ordered_disks)
+    disks: tuple[DiskFds, ...]  # in launch order (spec.disks)
     console: int
     serial: int | None  # serial.log, when the console is the virtio console
     qmp: int  # listening sockets
     agent: int
     taps: tuple[int, ...] = ()  # one per NIC, in order
+    ram: int | None = None  # the guest RAM's file (snapshot.py); None: anonymous memory
+    incoming: int | None = None  # a clone's device state to load (snapshot.py)
 
     def all(self) -> list[int]:
-        disks = [fd for d in self.disks for fd in (*d.image, d.base) if fd is not None]
-        optional = [fd for fd in (self.initrd, self.serial) if fd is not None]
+        disks = [fd for d in self.disks for fd in (*d.image, *d.frozen, d.base) if fd is not None]
+        optional = [fd for fd in (self.initrd, self.serial, self.ram, self.incoming) if fd is not None]
         return [self.kernel, *disks, self.console, *optional, self.qmp, self.agent, *self.taps]
 
 
@@ -88,9 +91,12 @@ def cpu_model(template: str, accel: str) -> str:
     return "host" if accel == "kvm" else TCG_DEFAULT_CPU
 
 
-def ordered_disks(disks: Sequence[DiskSpec]) -> list[DiskSpec]:
-    """Launch order: the root device first (it becomes /dev/vda), the rest as given."""
-    return sorted(disks, key=lambda d: not d.is_root)
+def launch_cpu_model(spec: LaunchSpec, accel: str) -> str:
+    """The -cpu model of this launch: the one the service decided (spec.cpu_model), else the
+    template's; "" becomes the accelerator's default."""
+    if spec.cpu_model is None:
+        return cpu_model(spec.cpu_template, accel)
+    return spec.cpu_model or cpu_model("", accel)
 
 
 def _has_arg(args: Sequence[str], key: str) -> bool:
@@ -123,7 +129,7 @@ def _fdset(fds: Sequence[int]) -> tuple[list[str], str]:
 
 def _disk_args(spec: LaunchSpec, fds: VmmFds) -> list[str]:
     args: list[str] = []
-    for i, (disk, files) in enumerate(zip(ordered_disks(spec.disks), fds.disks, strict=True)):
+    for i, (disk, files) in enumerate(zip(spec.disks, fds.disks, strict=True)):
         add, image = _fdset(files.image)
         if disk.read_only:
             drive = f"file={image},format=raw,readonly=on"
@@ -131,7 +137,21 @@ def _disk_args(spec: LaunchSpec, fds: VmmFds) -> list[str]:
             assert files.base is not None, "a writable disk is an overlay over a base"
             add_base, base = _fdset((files.base,))
             add += add_base
-            drive = f"file={image},format=qcow2,discard=unmap,backing.driver=raw,backing.file.filename={base}"
+            chain = ""
+            for depth, fd in enumerate(files.frozen):  # clone -> frozen snapshot overlays -> raw base
+                add_frozen, frozen = _fdset((fd,))
+                add += add_frozen
+                chain += (
+                    "backing." * (depth + 1)
+                    + f"driver=qcow2,{'backing.' * (depth + 1)}file.filename={frozen},"
+                )
+            level = "backing." * (len(files.frozen) + 1)
+            # No image locks: the overlay is this VM's alone, and QEMU's own locks on its two
+            # descriptors of it conflict when a snapshot re-activates the disk after the save.
+            drive = (
+                f"file={image},file.locking=off,format=qcow2,discard=unmap,"
+                f"{chain}{level}driver=raw,{level}file.filename={base}"
+            )
         args += [
             *add,
             "-drive",
@@ -185,9 +205,27 @@ def _console_args(spec: LaunchSpec, fds: VmmFds) -> list[str]:
     ]
 
 
+def _memory_args(spec: LaunchSpec, fds: VmmFds) -> list[str]:
+    """RAM in a file: shared for a VM of its own (so a snapshot needs no RAM stream), private
+    copy-on-write over the snapshot's RAM for a clone; a clone then waits for its device state."""
+    mib = -(-spec.memory_bytes // MIB)
+    args = ["-m", str(mib)]
+    if fds.ram is not None:
+        share = "off" if fds.incoming is not None else "on"
+        args += [
+            "-object",
+            f"memory-backend-file,id=mem,size={mib}M,mem-path=/proc/self/fd/{fds.ram},share={share}",
+            "-machine",
+            "memory-backend=mem",
+        ]
+    if fds.incoming is not None:
+        args += ["-incoming", "defer"]
+    return args
+
+
 def qemu_argv(spec: LaunchSpec, host: HostOptions, fds: VmmFds) -> list[str]:
     """The QEMU command for one VM, whose files are the descriptors `fds`."""
-    model = cpu_model(spec.cpu_template, host.accel)
+    model = launch_cpu_model(spec, host.accel)
     argv = [
         host.binary,
         "-name",
@@ -208,8 +246,7 @@ def qemu_argv(spec: LaunchSpec, host: HostOptions, fds: VmmFds) -> list[str]:
     if host.sandbox:
         argv += ["-sandbox", _SANDBOX]
     argv += [
-        "-m",
-        str(-(-spec.memory_bytes // MIB)),
+        *_memory_args(spec, fds),
         "-smp",
         str(spec.vcpu_count),
         "-kernel",

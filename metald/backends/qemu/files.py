@@ -24,11 +24,13 @@ import socket
 import struct
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from metald.backends.qemu import layout
-from metald.backends.qemu.cmdline import DiskFds, VmmFds, ordered_disks
-from metald.backends.qemu.overlay import recorded_bases
+from metald.backends.qemu.cmdline import DiskFds, VmmFds
+from metald.backends.qemu.overlay import recorded_chains
+from metald.backends.qemu.snapshot import DEVICE_STATE, RAM_FILE
 from metald.ports import LaunchSpec
 
 _READ = os.O_RDONLY | os.O_CLOEXEC
@@ -115,22 +117,33 @@ def _enter_netns(netns: str) -> None:
         os.close(fd)
 
 
-def open_vmm_files(spec: LaunchSpec) -> VmmFds:
+@dataclass(frozen=True)
+class RamFile:
+    """Where a VM that boots keeps its RAM: an unnamed file in `directory` (tmpfs), given to `owner`
+    (the VMM user's uid, None: the daemon's), as QEMU reopens it through /proc/self/fd."""
+
+    directory: Path
+    owner: int | None = None
+
+
+def open_vmm_files(spec: LaunchSpec, ram: RamFile | None = None) -> VmmFds:
     """Open everything QEMU needs for `spec` (blocking: run in a thread). Close with close_fds()."""
     opener = _Opener()
     try:
-        bases = recorded_bases(spec.vm_dir)
+        chains = recorded_chains(spec.vm_dir)
         disks = []
-        for i, disk in enumerate(ordered_disks(spec.disks)):
+        for i, disk in enumerate(spec.disks):
             if disk.read_only:
                 disks.append(DiskFds((opener.file(disk.host_path, _READ),)))
                 continue
             overlay = layout.overlay_path(spec.vm_dir, i)
-            if overlay.name not in bases:
+            if overlay.name not in chains:
                 raise VmmFileError(f"{overlay.name} has no recorded base image")
             rw = opener.file(overlay, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             ro = opener.file(overlay, _READ | os.O_NOFOLLOW)
-            disks.append(DiskFds((rw, ro), opener.file(bases[overlay.name], _READ)))
+            *frozen, base = (opener.file(path, _READ) for path in chains[overlay.name])
+            disks.append(DiskFds((rw, ro), base, tuple(frozen)))
+        ram_fd, incoming = _memory_files(opener, spec, ram)
         return VmmFds(
             kernel=opener.file(spec.kernel, _READ),
             initrd=None if spec.initrd is None else opener.file(spec.initrd, _READ),
@@ -144,10 +157,33 @@ def open_vmm_files(spec: LaunchSpec) -> VmmFds:
             qmp=opener.listener(spec.vm_dir, layout.QMP_SOCKET),
             agent=opener.listener(spec.vm_dir, layout.AGENT_SOCKET),
             taps=opener.taps(spec.netns, [nic.tap_device for nic in spec.nics]) if spec.nics else (),
+            ram=ram_fd,
+            incoming=incoming,
         )
     except BaseException:
         opener.close()
         raise
+
+
+def _memory_files(opener: _Opener, spec: LaunchSpec, ram: RamFile | None) -> tuple[int | None, int | None]:
+    """(RAM file, device state to load): a clone's from its snapshot, else a new unnamed RAM file."""
+    if spec.restore_from is not None:
+        ram_fd = opener.file(spec.restore_from / RAM_FILE, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return ram_fd, opener.file(spec.restore_from / DEVICE_STATE, _READ | os.O_NOFOLLOW)
+    if ram is None:
+        return None, None
+    try:
+        ram.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise VmmFileError(f"cannot make {ram.directory}: {e.strerror}") from e
+    fd = opener.file(ram.directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if ram.owner is not None:
+            os.fchown(fd, ram.owner, -1)
+        os.ftruncate(fd, spec.memory_bytes)
+    except OSError as e:
+        raise VmmFileError(f"cannot size the RAM file in {ram.directory}: {e.strerror}") from e
+    return fd, None
 
 
 def close_fds(fds: VmmFds) -> None:

@@ -13,50 +13,33 @@ import os
 from pathlib import Path
 
 from metald.backends.qemu import layout
-from metald.backends.qemu.cmdline import ordered_disks
 from metald.backends.vmm.jsonfile import read_json, write_json_atomic
+from metald.backends.vmm.tools import run_tool
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import LaunchSpec
 
 
-async def create_overlay(qemu_img: str, base: Path, overlay: Path) -> Path:
-    """qcow2 overlay backed by the raw `base`, made under a temporary name (it exists whole or not);
+async def create_overlay(qemu_img: str, base: Path, overlay: Path, *, base_format: str = "raw") -> Path:
+    """qcow2 overlay backed by `base`, made under a temporary name (it exists whole or not);
     returns the base's canonical path."""
     tmp = overlay.with_name(overlay.name + ".tmp")
     backing = await asyncio.to_thread(base.resolve)
-    proc = await asyncio.create_subprocess_exec(
-        qemu_img,
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "-b",
-        str(backing),
-        str(tmp),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        text = out.decode(errors="replace").strip()
-        if "No space left" in text:
-            raise MetaldError(
-                ErrorCode.RESOURCE_EXHAUSTED, f"no space left for the VM's disk: {text}", reason="DISK_FULL"
-            )
-        raise MetaldError(
-            ErrorCode.INTERNAL, f"cannot create overlay over {base}: {text}", reason="OVERLAY_FAILED"
-        )
+    argv = [qemu_img, "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(backing), str(tmp)]
+    await run_tool(argv, failure=f"cannot create overlay over {base}", reason="OVERLAY_FAILED", partial=tmp)
     await asyncio.to_thread(os.replace, tmp, overlay)
     return backing
 
 
 def recorded_bases(vm_dir: Path) -> dict[str, str]:
-    """Overlay file name -> canonical path of the base it was made over."""
+    """Overlay file name -> canonical path of the (raw) base it was made over."""
+    return {name: chain[-1] for name, chain in recorded_chains(vm_dir).items()}
+
+
+def recorded_chains(vm_dir: Path) -> dict[str, list[str]]:
+    """Overlay file name -> the images under it, top down: [raw base], or for a clone
+    [the snapshot's frozen overlay, raw base]."""
     data = read_json(vm_dir / layout.DISKS_STATE) or {}
-    return {str(k): str(v) for k, v in data.items()}
+    return {str(k): [str(v)] if isinstance(v, str) else [str(x) for x in v] for k, v in data.items()}
 
 
 def _make_dirs(spec: LaunchSpec) -> None:
@@ -67,8 +50,8 @@ def _make_dirs(spec: LaunchSpec) -> None:
 
 async def prepare_vm_dir(spec: LaunchSpec, *, qemu_img: str) -> None:
     await asyncio.to_thread(_make_dirs, spec)
-    bases = await asyncio.to_thread(recorded_bases, spec.vm_dir)
-    for i, disk in enumerate(ordered_disks(spec.disks)):
+    bases: dict[str, str | list[str]] = dict(await asyncio.to_thread(recorded_chains, spec.vm_dir))
+    for i, disk in enumerate(spec.disks):
         if disk.read_only:
             continue
         overlay = layout.overlay_path(spec.vm_dir, i)
@@ -83,5 +66,11 @@ async def prepare_vm_dir(spec: LaunchSpec, *, qemu_img: str) -> None:
                 reason="OVERLAY_BASE_UNKNOWN",
                 metadata={"vm_id": spec.vm_id},
             )
-        bases[overlay.name] = str(await create_overlay(qemu_img, disk.host_path, overlay))
+        if spec.restore_from is not None:  # a clone: over the snapshot's frozen overlay
+            frozen = spec.restore_from / overlay.name
+            under = (await asyncio.to_thread(recorded_chains, spec.restore_from))[overlay.name]
+            made = await create_overlay(qemu_img, frozen, overlay, base_format="qcow2")
+            bases[overlay.name] = [str(made), *under]
+        else:
+            bases[overlay.name] = str(await create_overlay(qemu_img, disk.host_path, overlay))
         await asyncio.to_thread(write_json_atomic, spec.vm_dir / layout.DISKS_STATE, bases)

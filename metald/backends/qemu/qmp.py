@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ class QmpClient:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 0
         self._reader_task: asyncio.Task[None] | None = None
+        self._send_lock = asyncio.Lock()
 
     @classmethod
     async def connect(
@@ -84,6 +87,17 @@ class QmpClient:
     async def execute(
         self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float = 10.0
     ) -> Any:
+        return await self._call(command, arguments, timeout, fd=None)
+
+    async def execute_with_fd(
+        self, command: str, arguments: dict[str, Any] | None, fd: int, *, timeout: float = 10.0
+    ) -> Any:
+        """Send `command` with `fd` attached (SCM_RIGHTS), as `getfd` and `add-fd` need."""
+        return await self._call(command, arguments, timeout, fd=fd)
+
+    async def _call(
+        self, command: str, arguments: dict[str, Any] | None, timeout: float, fd: int | None
+    ) -> Any:
         if self._reader_task is not None and self._reader_task.done():
             raise QmpClosedError("QMP connection closed")
         self._next_id += 1
@@ -91,11 +105,16 @@ class QmpClient:
         msg: dict[str, Any] = {"execute": command, "id": msg_id}
         if arguments:
             msg["arguments"] = arguments
+        data = json.dumps(msg).encode() + b"\n"
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = fut
         try:
-            self._writer.write(json.dumps(msg).encode() + b"\n")
-            await self._writer.drain()
+            async with self._send_lock:
+                if fd is None:
+                    self._writer.write(data)
+                    await self._writer.drain()
+                else:
+                    await self._send_with_fd(data, fd)
             reply = await asyncio.wait_for(fut, timeout)
         except (ConnectionError, OSError) as e:
             raise QmpClosedError(str(e)) from e
@@ -105,6 +124,17 @@ class QmpClient:
             err = reply["error"]
             raise QmpError(f"{command}: {err.get('class')}: {err.get('desc')}")
         return reply.get("return")
+
+    async def _send_with_fd(self, data: bytes, fd: int) -> None:
+        """Ancillary data needs sendmsg on the socket itself: once the stream's buffer is empty (so
+        the order of commands holds), through a duplicate of the connection's descriptor."""
+        while self._writer.transport.get_write_buffer_size() > 0:
+            await self._writer.drain()
+            await asyncio.sleep(0)
+        raw = self._writer.get_extra_info("socket")
+        with socket.socket(fileno=os.dup(raw.fileno())) as sock:
+            sock.setblocking(True)
+            socket.send_fds(sock, [data], [fd])
 
     async def close(self) -> None:
         if self._reader_task is not None:

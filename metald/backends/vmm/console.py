@@ -26,14 +26,27 @@ class ReadyWatch:
         self._marker = f"{READY_MARKER}{vm_id} ".encode()
         self._position = offset
         self._tail = b""  # the end of the last read, in case the marker straddles two reads
+        self._restart = False
         self.ready = False
+
+    def restart(self) -> None:
+        """The guest starts again (a reset): not ready until a ready line after what is there now."""
+        self.ready = False
+        self._restart = True
 
     def _scan(self) -> bool:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
+            if self._restart:
+                self._restart = False
+                self._position = self.offset = 0
             return False
         try:
+            if self._restart:
+                self._restart = False
+                self._position = self.offset = os.fstat(fd).st_size
+                self._tail = b""
             while chunk := os.pread(fd, _CHUNK, self._position):
                 self._position += len(chunk)
                 data = self._tail + chunk

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import metald
 from metald.backends import procfs
 from metald.backends.vmm import cgroups, layout
 from metald.backends.vmm.jsonfile import read_json
+from metald.backends.vmm.relay import Relay
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ class VmmProcess:
         self.ident = ident
         self._vmm_fd = vmm_fd
         self._supervisor_fd = supervisor_fd
-        self._child: asyncio.subprocess.Process | None = None
+        self._child: subprocess.Popen[bytes] | None = None  # the supervisor, if this daemon started it
         self.log_offset = 0  # where this run's part of vmm.log begins
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[ExitInfo] = self._loop.create_future()
@@ -140,11 +142,13 @@ class VmmProcess:
         timeout: float = 10.0,
         pass_fds: Sequence[int] = (),
         cgroup: Sequence[Path] = (),
+        relays: Sequence[Relay] = (),
     ) -> VmmProcess:
         """Start the supervisor (own session: it outlives the daemon) and, through it, the VMM, which
-        inherits `pass_fds` and starts in the cgroup directories `cgroup` (removed on failure)."""
+        inherits `pass_fds` and starts in the cgroup directories `cgroup` (removed on failure); the
+        supervisor copies what the VMM writes into each relay's pipe to its bounded file."""
         try:
-            child, log_offset = await cls._start_supervisor(vm_dir, argv, pass_fds, cgroup)
+            child, log_offset = await cls._start_supervisor(vm_dir, argv, pass_fds, cgroup, relays)
         except BaseException:
             await remove_cgroup(cgroup)
             raise
@@ -153,15 +157,22 @@ class VmmProcess:
         except BaseException:  # failed or cancelled: leave nothing running
             with contextlib.suppress(ProcessLookupError):
                 child.kill()  # the VMM follows through its parent-death signal
-            await child.wait()
+            await asyncio.to_thread(child.wait)
             await remove_cgroup(cgroup)
             raise
 
     @staticmethod
     async def _start_supervisor(
-        vm_dir: Path, argv: Sequence[str], pass_fds: Sequence[int], cgroup: Sequence[Path]
-    ) -> tuple[asyncio.subprocess.Process, int]:
-        """The supervisor process, and where its part of vmm.log begins."""
+        vm_dir: Path,
+        argv: Sequence[str],
+        pass_fds: Sequence[int],
+        cgroup: Sequence[Path],
+        relays: Sequence[Relay],
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """The supervisor process, and where its part of vmm.log begins.
+
+        A plain Popen, not an asyncio subprocess: asyncio kills the subprocesses it still tracks when
+        its loop shuts down (a SIGTERM'd daemon), and the supervisor must outlive the daemon."""
         await asyncio.to_thread(remove_state_files, vm_dir)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
@@ -169,42 +180,46 @@ class VmmProcess:
             f"--vm-dir={vm_dir}",
             *(f"--fd={fd}" for fd in pass_fds),
             *(f"--cgroup={d}" for d in cgroup),
+            *(relay.option() for relay in relays),
         ]
-        log_fd = os.open(
-            vm_dir / layout.VMM_LOG,
-            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o640,
-        )
-        try:
-            log_offset = os.fstat(log_fd).st_size
-            child = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                _SUPERVISOR_MODULE,
-                *options,
-                "--",
-                *argv,
-                cwd=vm_dir,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log_fd,
-                start_new_session=True,
-                pass_fds=pass_fds,
+        command = [sys.executable, "-m", _SUPERVISOR_MODULE, *options, "--", *argv]
+
+        def start() -> tuple[subprocess.Popen[bytes], int]:
+            log_fd = os.open(
+                vm_dir / layout.VMM_LOG,
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o640,
             )
-        finally:
-            os.close(log_fd)
-        return child, log_offset
+            try:
+                log_offset = os.fstat(log_fd).st_size
+                child = subprocess.Popen(
+                    command,
+                    cwd=vm_dir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=log_fd,
+                    start_new_session=True,
+                    pass_fds=[*pass_fds, *(relay.source for relay in relays)],
+                )
+            finally:
+                os.close(log_fd)
+            return child, log_offset
+
+        return await asyncio.to_thread(start)
 
     @classmethod
     async def _await_start(
-        cls, vm_dir: Path, child: asyncio.subprocess.Process, timeout: float, log_offset: int
+        cls, vm_dir: Path, child: subprocess.Popen[bytes], timeout: float, log_offset: int
     ) -> VmmProcess:
         assert child.stdout is not None
-        try:
-            line = await asyncio.wait_for(child.stdout.readline(), timeout)
+        try:  # the reading thread ends when the supervisor does (killed on failure)
+            line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), timeout)
         except TimeoutError:
             line = b""
+        finally:
+            if line:
+                child.stdout.close()
         ident = await asyncio.to_thread(_read_identity, vm_dir) if line.strip() else None
         vmm = cls._open(vm_dir, ident) if ident is not None else None
         if vmm is None:
@@ -255,7 +270,7 @@ class VmmProcess:
             self.kill()  # its cgroup, which the supervisor did not get to remove, goes too
             await remove_cgroup(self.cgroup)
         if self._child is not None:
-            await self._child.wait()
+            await asyncio.to_thread(self._child.wait)  # it has ended: reaps it at once
         self._close_fds()
         if not self.exited.done():
             self.exited.set_result(info)

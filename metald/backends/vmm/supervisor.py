@@ -11,7 +11,8 @@ Trade-off: after a daemon restart the supervisor itself is an orphan of PID 1; w
 exits and may stay a zombie there. That costs a pid and a few KiB, not the VMM's memory, and the
 daemon never mistakes it for a live VM (it checks /proc state and start time, and watches pidfds).
 
-Protocol: starts CMD with the descriptors --fd (closing its own copies), inside each --cgroup
+Protocol: starts CMD with the descriptors --fd (closing its own copies), copies each --relay pipe
+into its bounded log file (vmm/relay.py) for as long as the VMM writes to it, inside each --cgroup
 directory (joined between fork and exec: the VMM never runs outside it), writes vmm.json (pids,
 start times, cgroup), prints the VMM's pid on stdout and closes it, waits for the VMM, removes the
 cgroup, writes exit.json {"returncode": rc, "oom_killed": bool} (rc < 0: killed by that signal) and
@@ -26,11 +27,13 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from metald.backends import procfs
 from metald.backends.vmm import cgroups, layout
 from metald.backends.vmm.jsonfile import write_json_atomic
+from metald.backends.vmm.relay import Relay
 
 
 def _identity(pid: int) -> int:
@@ -38,25 +41,34 @@ def _identity(pid: int) -> int:
     return stat.start_time if stat else 0
 
 
-def _parse(args: Sequence[str]) -> tuple[Path, list[int], list[Path], list[str]] | None:
+@dataclass
+class _Options:
+    vm_dir: Path
+    fds: list[int] = field(default_factory=list)
+    cgroups: list[Path] = field(default_factory=list)
+    relays: list[Relay] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)
+
+
+def _parse(args: Sequence[str]) -> _Options | None:
     if "--" not in args:
         return None
     split = list(args).index("--")
-    vm_dir: Path | None = None
-    fds: list[int] = []
-    dirs: list[Path] = []
+    parsed = _Options(Path(), command=list(args[split + 1 :]))
+    vm_dir = False
     for option in args[:split]:
         name, _, value = option.partition("=")
         if name == "--vm-dir":
-            vm_dir = Path(value)
+            parsed.vm_dir, vm_dir = Path(value), True
         elif name == "--fd":
-            fds.append(int(value))
+            parsed.fds.append(int(value))
         elif name == "--cgroup":
-            dirs.append(Path(value))
+            parsed.cgroups.append(Path(value))
+        elif name == "--relay":
+            parsed.relays.append(Relay.parse(value))
         else:
             return None
-    command = list(args[split + 1 :])
-    return (vm_dir, fds, dirs, command) if vm_dir is not None and command else None
+    return parsed if vm_dir and parsed.command else None
 
 
 def _child_setup(parent_pid: int, dirs: Sequence[Path]) -> None:
@@ -68,9 +80,12 @@ def _child_setup(parent_pid: int, dirs: Sequence[Path]) -> None:
 def main(args: Sequence[str]) -> int:
     parsed = _parse(args)
     if parsed is None:
-        print("usage: supervisor --vm-dir=DIR [--fd=N]... [--cgroup=DIR]... -- CMD [ARG...]", file=sys.stderr)
+        print(
+            "usage: supervisor --vm-dir=DIR [--fd=N]... [--cgroup=DIR]... [--relay=FD,MAX,FILE]... -- CMD [ARG...]",
+            file=sys.stderr,
+        )
         return 2
-    vm_dir, fds, dirs, command = parsed
+    vm_dir, fds, dirs, command = parsed.vm_dir, parsed.fds, parsed.cgroups, parsed.command
     parent = os.getpid()
     try:
         proc = subprocess.Popen(
@@ -86,6 +101,7 @@ def main(args: Sequence[str]) -> int:
         return 127
     for fd in fds:
         os.close(fd)
+    relays = [relay.start() for relay in parsed.relays]  # after the fork: no thread crosses it
     state = {
         "pid": proc.pid,
         "start_time": _identity(proc.pid),
@@ -97,6 +113,8 @@ def main(args: Sequence[str]) -> int:
     print(proc.pid, flush=True)
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the daemon may go away
     returncode = proc.wait()
+    for relay in relays:  # the VMM held the writing ends: the relays are at their end
+        relay.join()
     oom_killed = returncode == -signal.SIGKILL and cgroups.oom_kills(dirs) > 0
     try:
         cgroups.remove_dirs(dirs)

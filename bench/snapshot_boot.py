@@ -1,0 +1,249 @@
+"""Start from a snapshot: a clone's BootVm(wait_for_ready) against a cold boot and against the same
+restore done by hand, interleaved; N clones at once; Pss per clone; the pause SnapshotVm imposes.
+
+Sides of one round (the order rotates every round):
+- `cold`: CreateVm + BootVm(wait_for_ready) of the default guest (ready line on the console);
+- `clone`: CreateVm(snapshot_id) + BootVm(wait_for_ready) (ready = the restored guest's agent answers);
+- `hand`: the same QEMU argv the daemon runs for a clone, started by the benchmark on a clone
+  overlay made before the clock starts, restored over QMP (x-ignore-shared + migrate-incoming fd: +
+  cont), ready when its agent answers: the floor.
+Creates are outside the clock on every side (the overlay is made at CreateVm).
+
+    .venv/bin/python -m bench.snapshot_boot --runs 8 --counts 1,4,8,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    CUSTOMER,
+    HAND_RAM,
+    bench_daemon,
+    bench_rpc,
+    boot_vm,
+    delete_vms,
+    host_options,
+    launch_spec,
+    machine_context,
+    median,
+    parser,
+    percentile,
+    print_table,
+    pss_kib,
+    qemu_pids,
+    vm_config,
+    workdir,
+    write_results,
+)
+from metald.backends.qemu import layout, snapshot
+from metald.backends.qemu.agent import GuestAgent
+from metald.backends.qemu.cmdline import qemu_argv
+from metald.backends.qemu.files import close_fds, open_vmm_files
+from metald.backends.qemu.overlay import prepare_vm_dir
+from metald.backends.qemu.qmp import QmpClient
+from metald.domain import ids
+from tests.support.daemon import Daemon
+from tests.support.rpc import Rpc
+
+NAME = "snapshot_boot"
+SIDES = ("cold", "clone", "hand")
+QEMU_IMG = "qemu-img"
+TARGETS = {
+    "clone_over_hand": 1.3,
+    "clone_over_cold": 0.05,
+    "n16_over_hand": 1.2,
+    "pss_mib": 64,
+    "pause_ms": 50,
+}
+_PAUSE = re.compile(r"^\w*_snapshot_pause_seconds_(sum|count)\{[^}]*\} ([0-9.e+-]+)$", re.M)
+
+
+# ---- the API sides ---------------------------------------------------------------------------------
+
+
+def timed_boots(rpc: Rpc, vm_ids: Sequence[str], timeout: float) -> list[float]:
+    """BootVm(wait_for_ready) of every VM at once; seconds from the first call to each return."""
+    with ThreadPoolExecutor(max_workers=len(vm_ids)) as pool:
+        started = time.monotonic()
+        returned = list(pool.map(lambda vm_id: boot_vm(rpc, vm_id, timeout), vm_ids))
+    return sorted(t - started for t in returned)
+
+
+def api_boots(rpc: Rpc, count: int, body: dict[str, Any], timeout: float) -> list[float]:
+    vm_ids = [rpc.create(**body) for _ in range(count)]
+    try:
+        return timed_boots(rpc, vm_ids, timeout)
+    finally:
+        delete_vms(rpc, vm_ids)
+
+
+def pause_seconds(daemon: Daemon) -> tuple[float, int]:
+    """(sum, count) of the daemon's snapshot pause histogram."""
+    text = Rpc(daemon.url, CUSTOMER).client.get("/metrics").text
+    found = {kind: float(value) for kind, value in _PAUSE.findall(text)}
+    return found.get("sum", 0.0), int(found.get("count", 0))
+
+
+# ---- by hand ------------------------------------------------------------------------------------------
+
+
+async def _restore_by_hand(
+    root: Path, assets: Path, snapshot_dir: Path, memory_mib: int, timeout: float
+) -> float:
+    vm_id = ids.new_vm_id()
+    spec = dataclasses.replace(
+        launch_spec(assets, root / vm_id, vm_id, memory_mib), restore_from=snapshot_dir
+    )
+    await prepare_vm_dir(spec, qemu_img=QEMU_IMG)  # the clone overlay: CreateVm's work
+    started = time.monotonic()
+    fds = await asyncio.to_thread(open_vmm_files, spec, HAND_RAM)
+    try:
+        log = await asyncio.to_thread(open, spec.vm_dir / "vmm.log", "ab")
+        proc = await asyncio.create_subprocess_exec(
+            *qemu_argv(spec, host_options(), fds),
+            cwd=spec.vm_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            pass_fds=fds.all(),
+        )
+        log.close()
+    finally:
+        close_fds(fds)
+    try:
+        qmp = await QmpClient.connect(spec.vm_dir, layout.QMP_SOCKET, timeout=timeout)
+        assert fds.incoming is not None
+        await snapshot.restore(qmp, fds.incoming)
+        agent = await GuestAgent.connect(spec.vm_dir, timeout=timeout)
+        try:
+            if not await agent.ping(timeout):
+                raise SystemExit(f"restored guest {vm_id} never answered")
+        finally:
+            await agent.close()
+        ready = time.monotonic() - started
+        await qmp.close()
+        return ready
+    finally:
+        proc.kill()
+        await proc.wait()
+        shutil.rmtree(spec.vm_dir, ignore_errors=True)
+
+
+def hand_boots(root: Path, args: argparse.Namespace, snapshot_dir: Path, count: int) -> list[float]:
+    async def all_at_once() -> list[float]:
+        runs = [
+            _restore_by_hand(root, args.assets_dir, snapshot_dir, args.memory_mib, args.timeout)
+            for _ in range(count)
+        ]
+        return sorted(await asyncio.gather(*runs))
+
+    return asyncio.run(all_at_once())
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+
+
+def one_side(
+    side: str, rpc: Rpc, root: Path, args: argparse.Namespace, snap: tuple[str, Path], n: int
+) -> list[float]:
+    if side == "cold":
+        return api_boots(rpc, n, {"config": vm_config(args.memory_mib)}, args.timeout)
+    if side == "clone":
+        return api_boots(rpc, n, {"config": {}, "snapshot_id": snap[0]}, args.timeout)
+    return hand_boots(root / "hand", args, snap[1], n)
+
+
+def clone_pss(rpc: Rpc, snapshot_id: str, count: int, timeout: float) -> list[float]:
+    """MiB of Pss of each of `count` ready clones running at once."""
+    vm_ids = [rpc.create({}, snapshot_id=snapshot_id) for _ in range(count)]
+    try:
+        timed_boots(rpc, vm_ids, timeout)
+        time.sleep(1.0)
+        return [pss_kib(pid) / 1024 for pid in qemu_pids(vm_ids).values()]
+    finally:
+        delete_vms(rpc, vm_ids)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = parser(NAME, "Clone boots vs cold boots vs restores by hand (interleaved, medians).")
+    p.add_argument("--runs", type=int, default=8, help="measured rounds of single boots")
+    p.add_argument("--counts", default="1,4,8,16", help="clones started at once, by API and by hand")
+    p.add_argument("--snapshots", type=int, default=5, help="SnapshotVm calls to measure the pause")
+    p.add_argument("--memory-mib", type=int, default=256)
+    p.add_argument("--timeout", type=float, default=180.0)
+    args = p.parse_args(argv)
+    counts = [int(c) for c in args.counts.split(",") if c]
+    context = machine_context()
+    with workdir(args.workdir) as root, bench_daemon(root, args.assets_dir) as daemon:
+        rpc = bench_rpc(daemon)
+        template = rpc.create(vm_config(args.memory_mib))
+        rpc.ok("BootVm", {"vm_id": template, "wait_for_ready": True, "wait_timeout_seconds": args.timeout})
+        before = pause_seconds(daemon)
+        for i in range(args.snapshots):  # the pause of a running guest (extra snapshots deleted)
+            extra = rpc.ok("SnapshotVm", {"vm_id": template, "snapshot_id": f"snap-pause-{i}"})
+            rpc.ok("DeleteSnapshot", {"snapshot_id": extra["snapshot_id"]})
+        after = pause_seconds(daemon)
+        pause_ms = 1000 * (after[0] - before[0]) / max(1, after[1] - before[1])
+        taken = rpc.ok("SnapshotVm", {"vm_id": template, "snapshot_id": "snap-bench"})
+        snap = (str(taken["snapshot_id"]), daemon.data_dir / "snapshots" / str(taken["snapshot_id"]))
+        single: dict[str, list[float]] = {side: [] for side in SIDES}
+        for i in range(args.runs + 1):
+            for side in SIDES[i % 3 :] + SIDES[: i % 3]:
+                seconds = one_side(side, rpc, root, args, snap, 1)[0]
+                if i > 0:  # round 0 warms caches up
+                    single[side].append(seconds)
+                print(f"round {i} {side:>5}: {seconds:.3f} s", flush=True)
+        scaling: dict[int, dict[str, float]] = {}
+        for n in counts:
+            clone = one_side("clone", rpc, root, args, snap, n)
+            hand = one_side("hand", rpc, root, args, snap, n)
+            scaling[n] = {
+                "clone_all_ready_s": clone[-1],
+                "hand_all_ready_s": hand[-1],
+                "ratio": clone[-1] / hand[-1],
+            }
+            print(f"N={n}: clones all ready {clone[-1]:.2f} s, by hand {hand[-1]:.2f} s", flush=True)
+        pss = clone_pss(rpc, snap[0], max(counts), args.timeout)
+    med = {side: median(v) for side, v in single.items()}
+    figures = {
+        "median_s": med,
+        "p90_s": {side: percentile(v, 90) for side, v in single.items()},
+        "runs_s": single,
+        "clone_over_hand": med["clone"] / med["hand"],
+        "clone_over_cold": med["clone"] / med["cold"],
+        "scaling": scaling,
+        "pss_mib_per_clone": {"median": median(pss), "max": max(pss), "count": len(pss)},
+        "snapshot_pause_ms": pause_ms,
+        "snapshot_size_bytes": int(taken["size_bytes"]),
+        "targets": TARGETS,
+    }
+    print_table(
+        f"Start to ready, {args.runs} interleaved rounds (seconds)",
+        ["side", "median", "p90", "min", "max"],
+        [(s, med[s], figures["p90_s"][s], min(v), max(v)) for s, v in single.items()],
+    )
+    print(
+        f"\nclone / hand {figures['clone_over_hand']:.2f} (target <= 1.3); clone / cold "
+        f"{figures['clone_over_cold']:.3f} (target <= 0.05); N={max(counts)} clone / hand "
+        f"{scaling[max(counts)]['ratio']:.2f} (target <= 1.2); Pss {median(pss):.1f} MiB per clone "
+        f"(target <= 64); SnapshotVm pause {pause_ms:.1f} ms (target <= 50)"
+    )
+    write_results(NAME, argv, args, context, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
