@@ -436,8 +436,12 @@ class VmService:
         if self._network is not None and vm.config.network:
             attachment = await self._network.describe(vm)
             if attachment is not None:
-                rx, tx = await self._network.counters(vm)
-                metrics = dataclasses.replace(metrics, network_rx_bytes=rx, network_tx_bytes=tx)
+                counters = attachment.counters
+                metrics = dataclasses.replace(
+                    metrics,
+                    network_rx_bytes=counters.guest_rx_bytes,
+                    network_tx_bytes=counters.guest_tx_bytes,
+                )
         return VmDetails(vm, self.backend_type, runtime, metrics, attachment)
 
     async def list(

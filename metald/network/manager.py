@@ -7,6 +7,7 @@ each VM gets a namespace of its own (plumbing.py) where QEMU runs and opens its 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -16,8 +17,9 @@ from metald.domain.errors import ErrorCode, MetaldError
 from metald.domain.model import NicAddress, Vm
 from metald.network import ip, names, plumbing, walls
 from metald.network.ipam import CustomerNetwork, Ipam
+from metald.network.netlink import LinkReader
 from metald.network.plan import host_interface, plan_vm
-from metald.ports import CheckResult, InterfaceInfo, NetworkAttachment, NicSpec, VmStore
+from metald.ports import CheckResult, InterfaceInfo, NetworkAttachment, NicSpec, TrafficCounters, VmStore
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class LinuxNetwork:
         self._host_lock = asyncio.Lock()
         self._walls_lock = asyncio.Lock()
         self._bridge_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._links = LinkReader()
 
     # ---- addresses ----
 
@@ -93,25 +96,19 @@ class LinuxNetwork:
         )
 
     async def describe(self, vm: Vm) -> NetworkAttachment | None:
-        netns = names.vm_netns(vm.vm_id)
-        if not _planned(vm) or not ip.netns_exists(netns):
+        """The VM's NICs whose TAP exists, with the guest's counters (host tap tx = guest rx),
+        from one netlink dump of the VM's namespace; None if the namespace is gone."""
+        if not _planned(vm):
             return None
-        present = {link["ifname"] for link in await ip.links(netns)}
-        return self._attachment(vm, [nic for nic in plumbing.nic_links(vm) if nic.tap in present])
-
-    async def counters(self, vm: Vm) -> tuple[int, int]:
-        """(guest rx, guest tx) bytes: the TAPs' tx and rx as the host sees them."""
-        netns = names.vm_netns(vm.vm_id)
-        if not vm.config.network or not ip.netns_exists(netns):
-            return 0, 0
-        taps = {nic.tap for nic in plumbing.nic_links(vm)}
-        rx = tx = 0
-        for link in await ip.links(netns, stats=True):
-            if link["ifname"] in taps:
-                stats = link.get("stats64", {})
-                rx += int(stats.get("tx", {}).get("bytes", 0))
-                tx += int(stats.get("rx", {}).get("bytes", 0))
-        return rx, tx
+        links = await self._links.links(names.vm_netns(vm.vm_id))
+        if links is None:
+            return None
+        taps = {link.name: link for link in links}
+        nics = [nic for nic in plumbing.nic_links(vm) if nic.tap in taps]
+        counters = TrafficCounters(
+            sum(taps[nic.tap].tx_bytes for nic in nics), sum(taps[nic.tap].rx_bytes for nic in nics)
+        )
+        return dataclasses.replace(self._attachment(vm, nics), counters=counters)
 
     async def remove_orphans(self, live_vm_ids: set[str]) -> list[str]:
         """Remove VM namespaces (made for this host namespace) and host veths of VMs not alive."""
