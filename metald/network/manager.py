@@ -34,9 +34,11 @@ class LinuxNetwork:
         ipv6_pool: str,
         allow_egress: bool,
         blocked_ports: Collection[int] = (),
+        walls_check_seconds: float = 10.0,
     ) -> None:
         """host_netns "" is the root namespace; any other name is metald's own, created on first
-        use. blocked_ports (the API's) are refused to guests even on their gateway address."""
+        use. blocked_ports (the API's) are refused to guests even on their gateway address. The
+        nftables walls are checked (and restored if missing or altered) every walls_check_seconds."""
         if allow_egress:
             raise MetaldError(
                 ErrorCode.FAILED_PRECONDITION,
@@ -51,6 +53,8 @@ class LinuxNetwork:
         self._walls_lock = asyncio.Lock()
         self._bridge_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._links = LinkReader()
+        self._walls_period = walls_check_seconds
+        self._walls_tasks: dict[str, asyncio.Task[None]] = {}
 
     # ---- addresses ----
 
@@ -121,6 +125,7 @@ class LinuxNetwork:
                 if (owner := names.host_veth_id8(str(link["ifname"]))) and owner not in live
             ]
             removed += await plumbing.delete_links(self._host, stale)
+            self._keep_walls()
         for netns in await ip.netns_names():
             owner = names.netns_id8(netns)
             if owner and owner not in live and await plumbing.belongs_to(self._host, netns):
@@ -142,10 +147,44 @@ class LinuxNetwork:
         if not ip.netns_exists(self._host):
             return "healthy", f"{where} not created yet (the first BootVm with a NIC creates it)"
         bridges = await self._bridges()
-        if bridges and not await walls.present(self._host):
-            self._host_ready = False  # the next attach puts the walls back
-            return "unhealthy", f"{where}: nftables table inet {walls.TABLE} is missing"
+        if bridges and not await self._walls_intact(bridges):
+            self._restore_walls_now()
+            return "degraded", f"{where}: nftables table inet {walls.TABLE} is missing or altered; restoring"
         return "healthy", f"{where}: {len(bridges)} customer bridge(s)"
+
+    def _keep_walls(self) -> None:
+        """Start the periodic check of the walls (once; it runs until the daemon ends)."""
+        if "periodic" not in self._walls_tasks:
+            self._walls_tasks["periodic"] = asyncio.create_task(self._check_walls_forever())
+
+    def _restore_walls_now(self) -> None:
+        if "now" not in self._walls_tasks:
+            task = asyncio.create_task(self._check_walls())
+            self._walls_tasks["now"] = task
+            task.add_done_callback(lambda _: self._walls_tasks.pop("now", None))
+
+    async def _check_walls_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._walls_period)
+            try:
+                await self._check_walls()
+            except MetaldError as exc:
+                log.warning("checking the nftables walls failed: %s", exc.message)
+
+    async def _check_walls(self) -> None:
+        """Put the walls back if they are missing or were altered while VMs run."""
+        if not ip.netns_exists(self._host):
+            return
+        async with self._walls_lock:
+            bridges = await self._bridges()
+            if not bridges or await self._walls_intact(bridges):
+                return
+            log.warning("nftables walls in %s missing or altered: restoring", self._host or "(root)")
+            await walls.apply(self._host, bridges, self._blocked)
+
+    async def _walls_intact(self, bridges: list[str]) -> bool:
+        expected = walls.rule_count(walls.ruleset(bridges, self._blocked))
+        return await walls.installed_rules(self._host) == expected
 
     async def _ensure_host(self) -> None:
         async with self._host_lock:
@@ -158,6 +197,7 @@ class LinuxNetwork:
                 await walls.seal_own_namespace(self._host)
             await self._apply_walls()
             self._host_ready = True
+        self._keep_walls()
 
     async def _ensure_bridge(self, net: CustomerNetwork, vm: Vm) -> None:
         addresses = [f"{net.gateway(v)}/{net.subnet(v).prefixlen}" for v in (4, 6)]

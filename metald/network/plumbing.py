@@ -110,22 +110,29 @@ async def ensure_vm(host_netns: str, vm_netns: str, bridge: str, nics: Sequence[
 
 async def remove_vm(host_netns: str, vm_netns: str, host_veths: Iterable[str]) -> list[str]:
     """Delete the host-side veths (their VM ends go with them) and the VM namespace (its TAPs and
-    bridges go with it). Returns what existed and was removed."""
+    bridges go with it). Returns what existed and was removed; whatever is already gone (a host
+    reboot, a namespace deleted by hand) counts as removed."""
     removed = await delete_links(host_netns, host_veths)
     if ip.netns_exists(vm_netns):
-        await ip.check("ip", "netns", "del", vm_netns)
-        removed.append(vm_netns)
+        done = await ip.run("ip", "netns", "del", vm_netns)
+        if done.ok:
+            removed.append(vm_netns)
+        elif ip.netns_exists(vm_netns):
+            raise done.error()
     return removed
 
 
 async def delete_links(netns: str, devices: Iterable[str]) -> list[str]:
-    """Delete devices that exist; returns those deleted."""
+    """Delete devices that exist; returns those deleted. A namespace that does not exist (yet or
+    any more) has none to delete."""
     deleted = []
     for device in devices:
+        if not ip.netns_exists(netns):
+            break
         done = await ip.run(*ip.ip(netns, "link", "del", device))
         if done.ok:
             deleted.append(device)
-        elif "Cannot find device" not in done.stderr:
+        elif "Cannot find device" not in done.stderr and ip.netns_exists(netns):
             raise done.error()
     return deleted
 

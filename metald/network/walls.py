@@ -15,6 +15,7 @@ The table is rewritten whole in one nft transaction, never appended to, so re-ap
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from metald.network import ip
@@ -59,9 +60,27 @@ async def apply(netns: str, bridges: Iterable[str], blocked_ports: Iterable[int]
     await ip.check(*ip.in_netns(netns, "nft", "-f", "-"), stdin=ruleset(bridges, blocked_ports))
 
 
-async def present(netns: str) -> bool:
-    done = await ip.run(*ip.in_netns(netns, "nft", "list", "table", "inet", TABLE))
-    return done.ok
+def rule_count(script: str) -> int:
+    """Rules a script from ruleset() puts in the table (to tell a tampered table from ours)."""
+    inside, count = False, 0
+    for line in script.splitlines():
+        text = line.strip()
+        if text.startswith("chain "):
+            inside = True
+        elif text == "}":
+            inside = False
+        elif inside and text and not text.startswith("type "):
+            count += 1
+    return count
+
+
+async def installed_rules(netns: str) -> int | None:
+    """Rules in the namespace's `inet metald` table now; None if the table (or netns) is gone."""
+    done = await ip.run(*ip.in_netns(netns, "nft", "-j", "list", "table", "inet", TABLE))
+    if not done.ok:
+        return None
+    items = json.loads(done.stdout).get("nftables", [])
+    return sum(1 for item in items if "rule" in item)
 
 
 async def seal_own_namespace(netns: str) -> None:
