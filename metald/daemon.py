@@ -53,6 +53,7 @@ def build_network(settings: Settings, store: SqliteStore) -> Network | None:
         allow_egress=settings.network_allow_egress,
         blocked_ports=(settings.host_port[1],),
         walls_check_seconds=settings.network_walls_check_seconds,
+        egress_uplink=settings.network_egress_uplink,
     )
 
 

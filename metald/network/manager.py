@@ -15,8 +15,9 @@ from collections.abc import Collection, Sequence
 
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.domain.model import NicAddress, Vm
-from metald.network import ip, names, plumbing, walls
+from metald.network import egress, ip, names, plumbing, walls
 from metald.network.ipam import CustomerNetwork, Ipam
+from metald.network.keeper import WallKeeper
 from metald.network.netlink import LinkReader
 from metald.network.plan import host_interface, plan_vm
 from metald.ports import CheckResult, InterfaceInfo, NetworkAttachment, NicSpec, TrafficCounters, VmStore
@@ -35,30 +36,34 @@ class LinuxNetwork:
         allow_egress: bool,
         blocked_ports: Collection[int] = (),
         walls_check_seconds: float = 10.0,
+        egress_uplink: str = "",
     ) -> None:
         """host_netns "" is the root namespace; any other name is metald's own, created on first
         use. blocked_ports (the API's) are refused to guests even on their gateway address. The
-        nftables walls are checked (and restored if missing or altered) every walls_check_seconds."""
-        if allow_egress:
+        nftables walls are checked (and restored if missing or altered) every walls_check_seconds.
+        With allow_egress, interfaces' egress policies are opened toward egress_uplink, an
+        interface in the host namespace that the operator provides (egress.py)."""
+        if allow_egress and not egress_uplink:
             raise MetaldError(
                 ErrorCode.FAILED_PRECONDITION,
-                "network_allow_egress: routing/NAT guests to the outside is not implemented",
-                reason="NETWORK_EGRESS_UNSUPPORTED",
+                "network_allow_egress needs network_egress_uplink (an interface in the host namespace)",
+                reason="NETWORK_CONFIG_INVALID",
             )
         self._ipam = Ipam(store, ipv4_pool, ipv6_pool)
+        self._store = store
         self._host = host_netns
-        self._blocked = tuple(blocked_ports)
         self._host_ready = False
         self._host_lock = asyncio.Lock()
-        self._walls_lock = asyncio.Lock()
         self._bridge_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._links = LinkReader()
-        self._walls_period = walls_check_seconds
-        self._walls_tasks: dict[str, asyncio.Task[None]] = {}
+        self._walls = WallKeeper(
+            host_netns, blocked_ports, egress_uplink if allow_egress else "", walls_check_seconds
+        )
 
     # ---- addresses ----
 
     async def plan(self, vm: Vm) -> tuple[NicAddress, ...]:
+        egress.check_policies(vm.config.network, available=bool(self._walls.uplink))
         return await plan_vm(self._ipam, vm)
 
     async def release(self, vm: Vm) -> None:
@@ -83,6 +88,10 @@ class LinuxNetwork:
             await self._ensure_host()
             await self._ensure_bridge(net, vm)
             await plumbing.ensure_vm(self._host, names.vm_netns(vm.vm_id), net.bridge, nics)
+            if self._walls.uplink:
+                rules = egress.vm_rules(net.bridge, vm.config.network, vm.nics)
+                if self._walls.open_for(vm.vm_id, rules):
+                    await self._walls.apply()
         except BaseException:
             await asyncio.shield(self._detach_quietly(vm))
             raise
@@ -95,6 +104,8 @@ class LinuxNetwork:
         started = time.monotonic()
         veths = [names.host_veth(vm.vm_id, i) for i in range(len(vm.config.network))]
         await plumbing.remove_vm(self._host, names.vm_netns(vm.vm_id), veths)
+        if self._walls.close_for(vm.vm_id) and ip.netns_exists(self._host):
+            await self._walls.apply()
         log.info(
             "network detached in %.0f ms", (time.monotonic() - started) * 1000, extra={"vm_id": vm.vm_id}
         )
@@ -125,7 +136,8 @@ class LinuxNetwork:
                 if (owner := names.host_veth_id8(str(link["ifname"]))) and owner not in live
             ]
             removed += await plumbing.delete_links(self._host, stale)
-            self._keep_walls()
+            await self._reopen_egress(live_vm_ids)
+            self._walls.keep()
         for netns in await ip.netns_names():
             owner = names.netns_id8(netns)
             if owner and owner not in live and await plumbing.belongs_to(self._host, netns):
@@ -146,45 +158,23 @@ class LinuxNetwork:
         where = f"host namespace {self._host or '(root)'}"
         if not ip.netns_exists(self._host):
             return "healthy", f"{where} not created yet (the first BootVm with a NIC creates it)"
-        bridges = await self._bridges()
-        if bridges and not await self._walls_intact(bridges):
-            self._restore_walls_now()
-            return "degraded", f"{where}: nftables table inet {walls.TABLE} is missing or altered; restoring"
-        return "healthy", f"{where}: {len(bridges)} customer bridge(s)"
+        return await self._walls.health(where)
 
-    def _keep_walls(self) -> None:
-        """Start the periodic check of the walls (once; it runs until the daemon ends)."""
-        if "periodic" not in self._walls_tasks:
-            self._walls_tasks["periodic"] = asyncio.create_task(self._check_walls_forever())
-
-    def _restore_walls_now(self) -> None:
-        if "now" not in self._walls_tasks:
-            task = asyncio.create_task(self._check_walls())
-            self._walls_tasks["now"] = task
-            task.add_done_callback(lambda _: self._walls_tasks.pop("now", None))
-
-    async def _check_walls_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._walls_period)
-            try:
-                await self._check_walls()
-            except MetaldError as exc:
-                log.warning("checking the nftables walls failed: %s", exc.message)
-
-    async def _check_walls(self) -> None:
-        """Put the walls back if they are missing or were altered while VMs run."""
-        if not ip.netns_exists(self._host):
+    async def _reopen_egress(self, live_vm_ids: set[str]) -> None:
+        """After a restart: the egress rules of the VMs still running, from their stored configs."""
+        if not self._walls.uplink:
             return
-        async with self._walls_lock:
-            bridges = await self._bridges()
-            if not bridges or await self._walls_intact(bridges):
-                return
-            log.warning("nftables walls in %s missing or altered: restoring", self._host or "(root)")
-            await walls.apply(self._host, bridges, self._blocked)
-
-    async def _walls_intact(self, bridges: list[str]) -> bool:
-        expected = walls.rule_count(walls.ruleset(bridges, self._blocked))
-        return await walls.installed_rules(self._host) == expected
+        net_index = {}
+        for vm_id in sorted(live_vm_ids):
+            vm = await self._store.get(vm_id)
+            if vm is None or not any(egress.has_policy(nic) for nic in vm.config.network):
+                continue
+            if vm.customer_id not in net_index:
+                net_index[vm.customer_id] = (await self._ipam.customer_network(vm.customer_id)).bridge
+            self._walls.open_for(
+                vm_id, egress.vm_rules(net_index[vm.customer_id], vm.config.network, vm.nics)
+            )
+        await self._walls.apply()
 
     async def _ensure_host(self) -> None:
         async with self._host_lock:
@@ -194,30 +184,21 @@ class LinuxNetwork:
                 await ip.check("ip", "netns", "add", self._host)
             if self._host:
                 await ip.check(*ip.ip(self._host, "link", "set", "lo", "up"))
-                await walls.seal_own_namespace(self._host)
-            await self._apply_walls()
+                await walls.seal_own_namespace(self._host, egress=bool(self._walls.uplink))
+            await self._walls.apply()
             self._host_ready = True
-        self._keep_walls()
+        self._walls.keep()
 
     async def _ensure_bridge(self, net: CustomerNetwork, vm: Vm) -> None:
         addresses = [f"{net.gateway(v)}/{net.subnet(v).prefixlen}" for v in (4, 6)]
         for nic in vm.config.network:
             addresses += [str(i) for v in (4, 6) if (i := host_interface(nic, v)) is not None]
         async with self._bridge_locks[net.bridge]:
-            created = await plumbing.ensure_bridge(self._host, net.bridge, addresses)
+            created = await plumbing.ensure_bridge(
+                self._host, net.bridge, addresses, egress=bool(self._walls.uplink)
+            )
         if created:
-            await self._apply_walls()
-
-    async def _apply_walls(self) -> None:
-        async with self._walls_lock:  # list and apply together, so the last apply sees every bridge
-            await walls.apply(self._host, await self._bridges(), self._blocked)
-
-    async def _bridges(self) -> list[str]:
-        return [
-            str(link["ifname"])
-            for link in await ip.links(self._host)
-            if str(link["ifname"]).startswith(names.CUSTOMER_BRIDGE_PREFIX)
-        ]
+            await self._walls.apply()
 
     async def _detach_quietly(self, vm: Vm) -> None:
         try:

@@ -48,8 +48,11 @@ def marker(host_netns: str) -> str:
     return _MARKER + (host_netns or "/")
 
 
-async def ensure_bridge(host_netns: str, bridge: str, addresses: Iterable[str]) -> bool:
-    """The customer bridge, sealed (walls.seal_bridge) and carrying addresses ("addr/prefix").
+async def ensure_bridge(
+    host_netns: str, bridge: str, addresses: Iterable[str], *, egress: bool = False
+) -> bool:
+    """The customer bridge, sealed (walls.seal_bridge; forwarding only with egress) and carrying
+    addresses ("addr/prefix").
 
     The bridge goes up last, so "up" marks a finished set-up. Returns True if it was created."""
     shown = await ip.run(*ip.ip(host_netns, "-j", "addr", "show", "dev", bridge))
@@ -60,8 +63,8 @@ async def ensure_bridge(host_netns: str, bridge: str, addresses: Iterable[str]) 
     else:
         info = ip.parse_list(shown.stdout)[0]
     up = "UP" in info.get("flags", [])
-    if not up:
-        await walls.seal_bridge(host_netns, bridge)
+    if not up or egress:  # with egress: also a bridge made before egress was switched on
+        await walls.seal_bridge(host_netns, bridge, egress=egress)
     present = {f"{a['local']}/{a['prefixlen']}" for a in info.get("addr_info", [])}
     lines = [
         f"addr replace {a} dev {bridge}" + (" nodad" if ":" in a else "")
