@@ -15,7 +15,7 @@ from collections.abc import Collection, Sequence
 
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.domain.model import NicAddress, Vm
-from metald.network import egress, ip, names, plumbing, walls
+from metald.network import egress, ip, names, plumbing, sourceguard, walls
 from metald.network.ipam import CustomerNetwork, Ipam
 from metald.network.keeper import WallKeeper
 from metald.network.netlink import LinkReader
@@ -89,6 +89,7 @@ class LinuxNetwork:
             await self._ensure_bridge(net, vm)
             await plumbing.ensure_vm(self._host, names.vm_netns(vm.vm_id), net.bridge, nics)
             if self._walls.uplink:
+                await sourceguard.apply(names.vm_netns(vm.vm_id), _sources(vm, nics))
                 rules = egress.vm_rules(net.bridge, vm.config.network, vm.nics)
                 if self._walls.open_for(vm.vm_id, rules):
                     await self._walls.apply()
@@ -226,3 +227,12 @@ class LinuxNetwork:
 
 def _planned(vm: Vm) -> bool:
     return bool(vm.config.network) and len(vm.nics) == len(vm.config.network)
+
+
+def _sources(vm: Vm, nics: Sequence[plumbing.NicLinks]) -> list[sourceguard.GuestSource]:
+    return [
+        sourceguard.GuestSource(
+            nic.tap, address.mac, address.guest_ipv4.split("/")[0], address.guest_ipv6.split("/")[0]
+        )
+        for nic, address in zip(nics, vm.nics, strict=True)
+    ]

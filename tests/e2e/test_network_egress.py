@@ -155,6 +155,9 @@ async def test_egress_allowed_exactly_and_never_to_other_customers(
         a2 = await boot(egd, a_rpc, policy({"cidr": "203.0.113.0/28", "ports": [OTHER_PORT], "protocol": ""}))
         assert await a2.fetches(url(ALLOWED, OTHER_PORT)) and not await a2.fetches(url(ALLOWED, PORT))
         assert await a1.fetches(url(ALLOWED, PORT)) and not await a1.fetches(url(ALLOWED, OTHER_PORT))
+        # a2 posing as a1 (its MAC and address) gets nothing of a1's policy: the source guard drops it.
+        await pose_as(a2, await a1.nic())
+        assert not await a2.fetches(url(ALLOWED, PORT))
         await a2.forget_agent()
         await asyncio.to_thread(a_rpc.ok, "DeleteVm", {"vm_id": a2.vm_id, "force": True})
 
@@ -178,6 +181,21 @@ async def test_egress_allowed_exactly_and_never_to_other_customers(
         assert await a1.fetches(url(ALLOWED, PORT)) and not await a1.fetches(url(OTHER, PORT))
     for guest in (a1, b1):
         await guest.forget_agent()
+
+
+async def pose_as(guest: Guest, nic: dict[str, Any]) -> None:
+    address = nic["guest_ipv4"]
+    gateway = address.split("/")[0].rsplit(".", 1)[0] + ".1"
+    steps = [
+        "ip link set eth0 down",
+        f"ip link set eth0 address {nic['guest_mac']}",
+        "ip link set eth0 up",
+        "ip addr flush dev eth0",
+        f"ip addr add {address} dev eth0",
+        f"ip route add default via {gateway}",
+    ]
+    rc, out = await guest.sh(" && ".join(steps))
+    assert rc == 0, out
 
 
 def wait_healthy(daemon: Daemon, timeout: float) -> bool:

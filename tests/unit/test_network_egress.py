@@ -6,7 +6,7 @@ import pytest
 
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.domain.model import EgressPolicy, EgressRule, NetworkInterface, NicAddress
-from metald.network import egress, walls
+from metald.network import egress, sourceguard, walls
 
 
 def nic(*rules: EgressRule) -> NetworkInterface:
@@ -94,3 +94,17 @@ def test_what_no_policy_opens_comes_first() -> None:
     assert chain.index("8080 } drop") < chain.index("RULE accept")
     assert 'iifname "mb_*" oifname "up-out" masquerade' in script
     assert walls.rule_count(script) == walls.rule_count(walls.ruleset(["mb_1"], [8080])) + 2 + 4 + 1
+
+
+def test_source_guard_pins_mac_and_addresses_per_tap() -> None:
+    script = sourceguard.ruleset(
+        [
+            sourceguard.GuestSource("tap_1", "02:00:00:00:00:01", "10.240.3.2", "fd00::2"),
+            sourceguard.GuestSource("tap_1_1", "02:00:00:00:00:02", "", ""),
+        ]
+    )
+    assert script.startswith("table bridge metald_guard\ndelete table bridge metald_guard\n")
+    assert 'iifname "tap_1" ether saddr != 02:00:00:00:00:01 drop' in script
+    assert 'iifname "tap_1" arp saddr ip != 10.240.3.2 drop' in script
+    assert 'iifname "tap_1" ip6 saddr != { fd00::2, fe80::/10, :: } drop' in script
+    assert 'iifname "tap_1_1" ether type { ip, arp } drop' in script  # no IPv4: none sent
