@@ -33,6 +33,8 @@ pytestmark = [pytest.mark.e2e]
 UPLINK, FAR_END = "egr0", "out0"
 TRANSFER_NET = ("198.18.0.2/24", "198.18.0.1/24")  # (the host namespace's end, the outside's end)
 ALLOWED, OTHER = "203.0.113.10", "203.0.113.20"
+TRANSFER_NET6 = ("fd00:198::2/64", "fd00:198::1/64")
+ALLOWED6 = "2001:db8:10::10"
 PORT, OTHER_PORT = 8080, 8081
 
 
@@ -64,6 +66,10 @@ def egd(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Iterator[
         sh("ip", "-n", host, "addr", "add", TRANSFER_NET[0], "dev", UPLINK)
         sh("ip", "-n", host, "link", "set", UPLINK, "up")
         sh("ip", "-n", host, "route", "add", "default", "via", TRANSFER_NET[1].split("/")[0])
+        sh("ip", "-n", host, "addr", "add", TRANSFER_NET6[0], "dev", UPLINK, "nodad")
+        sh("ip", "-n", host, "-6", "route", "add", "default", "via", TRANSFER_NET6[1].split("/")[0])
+        sh("ip", "-n", outside, "addr", "add", TRANSFER_NET6[1], "dev", FAR_END, "nodad")
+        sh("ip", "-n", outside, "addr", "add", f"{ALLOWED6}/128", "dev", "lo")
         sh("ip", "-n", outside, "addr", "add", TRANSFER_NET[1], "dev", FAR_END)
         for address in (ALLOWED, OTHER):
             sh("ip", "-n", outside, "addr", "add", f"{address}/32", "dev", "lo")
@@ -139,6 +145,8 @@ async def test_egress_allowed_exactly_and_never_to_other_customers(
         {"cidr": f"{ALLOWED}/32", "ports": [egd.port]},  # the API port: never, whatever the policy
         {"cidr": "198.18.0.0/24"},  # the uplink's own network (the host side): never
         {"cidr": "10.0.0.0/8"},  # other customers' subnets (metald's pool): never
+        {"cidr": "2001:db8:10::/64", "ports": [PORT], "protocol": "tcp"},
+        {"cidr": "fd00::/8"},  # metald's IPv6 pool and the uplink's own network: never
     )
     a1 = await boot(egd, a_rpc, a1_policy)
     b1 = await boot(egd, b_rpc)
@@ -148,6 +156,10 @@ async def test_egress_allowed_exactly_and_never_to_other_customers(
         assert not await a1.fetches(url(OTHER, PORT))  # another destination
         assert not await a1.fetches(url(ALLOWED, egd.port))
         assert not await a1.fetches(url(TRANSFER_NET[1].split("/")[0], PORT))
+        assert await a1.fetches(url(ALLOWED6, PORT))  # IPv6 too, masqueraded behind fd00:198::2
+        assert not await a1.fetches(url(ALLOWED6, OTHER_PORT))
+        assert not await a1.fetches(url(TRANSFER_NET6[1].split("/")[0], PORT))
+        assert not await b1.fetches(url(ALLOWED6, PORT))
         assert not await b1.fetches(url(ALLOWED, PORT))  # no policy: default deny
         await check_other_customer_unreachable(a1, b1)
 
