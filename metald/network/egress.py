@@ -12,12 +12,15 @@ uplink), loopback, link-local (cloud metadata), multicast, and the API port on a
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 
 from metald.domain.errors import ErrorCode, MetaldError, invalid
 from metald.domain.model import EgressRule, NetworkInterface, NicAddress
 
 PROTOCOLS = ("", "tcp", "udp", "icmp")
+_TAG = "metald-vm:"
+_TAGGED = re.compile(r'comment "metald-vm:([0-9a-f]{8})"\s*$')
 MAX_RULES = 64  # per interface
 MAX_PORTS = 64  # per rule
 # Never egress destinations, whatever a policy says.
@@ -73,15 +76,28 @@ def _check_rule(rule: EgressRule, field: str) -> None:
         raise invalid(f"{field}.ports", "icmp has no ports")
 
 
-def vm_rules(bridge: str, nics: Sequence[NetworkInterface], addresses: Sequence[NicAddress]) -> list[str]:
-    """nft rules (for walls' egress chain) opening each interface's policy for its own addresses."""
+def vm_rules(
+    vm_tag: str, bridge: str, nics: Sequence[NetworkInterface], addresses: Sequence[NicAddress]
+) -> list[str]:
+    """nft rules (for walls' egress chain) opening each interface's policy for its own addresses,
+    each commented with vm_tag so that a restarted daemon can take them over (tagged_rules)."""
     lines: list[str] = []
     for nic, address in zip(nics, addresses, strict=True):
         if nic.egress is None:
             continue
         sources = [a.split("/")[0] for a in (address.guest_ipv4, address.guest_ipv6) if a]
         lines += [line for rule in nic.egress.allow for line in _rule_lines(bridge, sources, rule)]
-    return lines
+    return [f'{line} comment "{_TAG}{vm_tag}"' for line in lines]
+
+
+def tagged_rules(listing: str) -> dict[str, list[str]]:
+    """vm_tag -> its rules, from `nft list chain` output (which nft reads back as it writes it)."""
+    found: dict[str, list[str]] = {}
+    for line in listing.splitlines():
+        match = _TAGGED.search(line)
+        if match:
+            found.setdefault(match.group(1), []).append(line.strip())
+    return found
 
 
 def _rule_lines(bridge: str, sources: Iterable[str], rule: EgressRule) -> list[str]:

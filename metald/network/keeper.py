@@ -43,6 +43,16 @@ class WallKeeper:
     def close_for(self, vm_id: str) -> bool:
         return self._open.pop(vm_id, None) is not None
 
+    async def take_over(self, live: dict[str, str]) -> None:
+        """After a daemon restart: keep the installed egress rules of the VMs still running
+        (live: rule tag -> vm id), drop the others'."""
+        done = await ip.run(*ip.in_netns(self._host, "nft", "list", "chain", "inet", walls.TABLE, "egress"))
+        if done.ok:
+            for tag, rules in egress.tagged_rules(done.stdout).items():
+                if tag in live:
+                    self.open_for(live[tag], rules)
+        await self.apply()
+
     async def apply(self) -> None:
         async with self._lock:
             await walls.apply(self._host, await self._ruleset(await self.bridges()))

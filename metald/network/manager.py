@@ -50,7 +50,6 @@ class LinuxNetwork:
                 reason="NETWORK_CONFIG_INVALID",
             )
         self._ipam = Ipam(store, ipv4_pool, ipv6_pool)
-        self._store = store
         self._host = host_netns
         self._host_ready = False
         self._host_lock = asyncio.Lock()
@@ -90,7 +89,7 @@ class LinuxNetwork:
             await plumbing.ensure_vm(self._host, names.vm_netns(vm.vm_id), net.bridge, nics)
             if self._walls.uplink:
                 await sourceguard.apply(names.vm_netns(vm.vm_id), _sources(vm, nics))
-                rules = egress.vm_rules(net.bridge, vm.config.network, vm.nics)
+                rules = egress.vm_rules(names.id8(vm.vm_id), net.bridge, vm.config.network, vm.nics)
                 if self._walls.open_for(vm.vm_id, rules):
                     await self._walls.apply()
         except BaseException:
@@ -162,20 +161,9 @@ class LinuxNetwork:
         return await self._walls.health(where)
 
     async def _reopen_egress(self, live_vm_ids: set[str]) -> None:
-        """After a restart: the egress rules of the VMs still running, from their stored configs."""
-        if not self._walls.uplink:
-            return
-        net_index = {}
-        for vm_id in sorted(live_vm_ids):
-            vm = await self._store.get(vm_id)
-            if vm is None or not any(egress.has_policy(nic) for nic in vm.config.network):
-                continue
-            if vm.customer_id not in net_index:
-                net_index[vm.customer_id] = (await self._ipam.customer_network(vm.customer_id)).bridge
-            self._walls.open_for(
-                vm_id, egress.vm_rules(net_index[vm.customer_id], vm.config.network, vm.nics)
-            )
-        await self._walls.apply()
+        """After a restart: the running VMs keep their egress rules (tagged with their id8)."""
+        if self._walls.uplink:
+            await self._walls.take_over({names.id8(vm_id): vm_id for vm_id in live_vm_ids})
 
     async def _ensure_host(self) -> None:
         async with self._host_lock:

@@ -54,6 +54,7 @@ def test_too_many_rules_and_a_host_without_egress() -> None:
 def test_rules_are_per_source_address_and_family() -> None:
     address = NicAddress("eth0", "02:00:00:00:00:01", "10.240.3.2/24", "10.240.3.1", "fd00::2/64", "fd00::1")
     rules = egress.vm_rules(
+        "0a1b2c3d",
         "mb_3",
         [
             nic(
@@ -67,7 +68,8 @@ def test_rules_are_per_source_address_and_family() -> None:
         ],
         [address],
     )
-    assert rules == [
+    assert all(r.endswith(' comment "metald-vm:0a1b2c3d"') for r in rules)
+    assert [r.removesuffix(' comment "metald-vm:0a1b2c3d"') for r in rules] == [
         'iifname "mb_3" ip saddr 10.240.3.2 ip daddr 203.0.113.10/32 tcp dport { 80, 8080 } accept',
         'iifname "mb_3" ip saddr 10.240.3.2 ip daddr 198.51.100.0/24 accept',
         'iifname "mb_3" ip6 saddr fd00::2 ip6 daddr 2001:db8::/32 meta l4proto { tcp, udp } th dport { 53 } accept',
@@ -75,7 +77,24 @@ def test_rules_are_per_source_address_and_family() -> None:
         'iifname "mb_3" ip6 saddr fd00::2 ip6 daddr 2001:db8::/32 meta l4proto ipv6-icmp accept',
         'iifname "mb_3" ip saddr 10.240.3.2 ip daddr 192.0.2.0/24 meta l4proto udp accept',
     ]
-    assert egress.vm_rules("mb_3", [NetworkInterface("eth0")], [address]) == []
+    assert egress.vm_rules("0a1b2c3d", "mb_3", [NetworkInterface("eth0")], [address]) == []
+
+
+def test_a_restarted_daemon_finds_each_vms_rules_by_tag() -> None:
+    listing = """table inet metald {
+	chain egress {
+		ip daddr { 0.0.0.0/8, 127.0.0.0/8 } drop
+		iifname "mb_3" ip saddr 10.240.3.2 ip daddr 203.0.113.10 tcp dport 8080 accept comment "metald-vm:0a1b2c3d"
+		iifname "mb_3" ip saddr 10.240.3.3 ip daddr 203.0.113.0/24 accept comment "metald-vm:99999999"
+		iifname "mb_3" ip saddr 10.240.3.2 meta l4proto icmp accept comment "metald-vm:0a1b2c3d"
+	}
+}"""
+    found = egress.tagged_rules(listing)
+    assert sorted(found) == ["0a1b2c3d", "99999999"]
+    assert (
+        found["0a1b2c3d"][1]
+        == 'iifname "mb_3" ip saddr 10.240.3.2 meta l4proto icmp accept comment "metald-vm:0a1b2c3d"'
+    )
 
 
 def test_what_no_policy_opens_comes_first() -> None:
