@@ -55,6 +55,8 @@ def build_network(settings: Settings, addresses: AddressBook) -> Network | None:
         ipv6_pool=settings.network_ipv6_pool,
         allow_egress=settings.network_allow_egress,
         blocked_ports=(settings.host_port[1],),
+        walls_check_seconds=settings.network_walls_check_seconds,
+        egress_uplink=settings.network_egress_uplink,
     )
 
 

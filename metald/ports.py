@@ -350,10 +350,20 @@ class InterfaceInfo:
 
 
 @dataclass(frozen=True)
+class TrafficCounters:
+    """Bytes the guest received and sent, summed over its interfaces."""
+
+    guest_rx_bytes: int = 0
+    guest_tx_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class NetworkAttachment:
     namespace: str
     nics: tuple[NicSpec, ...]
     interfaces: tuple[InterfaceInfo, ...]
+    # A reading taken with the link state (describe()), not part of what the attachment is.
+    counters: TrafficCounters = field(default=TrafficCounters(), compare=False)
 
 
 class Network(Protocol):
@@ -370,10 +380,8 @@ class Network(Protocol):
         """When the VMM is gone: remove all of the above. Idempotent."""
 
     async def describe(self, vm: Vm) -> NetworkAttachment | None:
-        """What really exists for this VM now (None if nothing)."""
-
-    async def counters(self, vm: Vm) -> tuple[int, int]:
-        """(guest rx bytes, guest tx bytes) summed over the VM's interfaces."""
+        """What really exists for this VM now, with its traffic counters, from one read that
+        spawns nothing (None if nothing exists, also while the VM's namespace is vanishing)."""
 
     async def remove_orphans(self, live_vm_ids: set[str]) -> list[str]:
         """Remove namespaces/devices of VMs not in the set; returns what was removed."""

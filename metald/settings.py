@@ -82,7 +82,15 @@ class Settings(BaseSettings):
     )
     network_ipv4_pool: str = Field("10.240.0.0/16", description="carved into one /24 per customer")
     network_ipv6_pool: str = Field("fd6d:6574:616c::/48", description="carved into one /64 per customer")
-    network_allow_egress: bool = Field(False, description="route/NAT guests to the outside (never in tests)")
+    network_allow_egress: bool = Field(
+        False, description="open interfaces' egress policies (route + NAT) toward network_egress_uplink"
+    )
+    network_egress_uplink: str = Field(
+        "", description="interface in the host namespace that egress leaves by (the operator's)"
+    )
+    network_walls_check_seconds: float = Field(
+        10.0, gt=0, description="how often the nftables walls are checked and restored if missing"
+    )
 
     # --- state store ---
     store: Literal["sqlite", "memory"] = Field(

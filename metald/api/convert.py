@@ -28,6 +28,8 @@ _NESTED: dict[tuple[type[Any], str], tuple[type[Any], type[Message]]] = {
     (model.NetworkInterface, "guest_ipv4"): (model.IpConfig, pb.IPv4Config),
     (model.NetworkInterface, "host_ipv6"): (model.IpConfig, pb.IPv6Config),
     (model.NetworkInterface, "guest_ipv6"): (model.IpConfig, pb.IPv6Config),
+    (model.NetworkInterface, "egress"): (model.EgressPolicy, pb.EgressPolicy),
+    (model.EgressPolicy, "allow"): (model.EgressRule, pb.EgressRule),
 }
 _DOMAIN_CLASSES: list[type[Any]] = [model.VmConfig, *{domain for domain, _ in _NESTED.values()}]
 _FIELDS = {cls: [f.name for f in dataclasses.fields(cls)] for cls in _DOMAIN_CLASSES}

@@ -61,6 +61,20 @@ class IpConfig:
 
 
 @dataclass(frozen=True)
+class EgressRule:
+    cidr: str = ""
+    ports: tuple[int, ...] = ()
+    protocol: str = ""  # "tcp", "udp", "icmp" or "" (any)
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """Destinations beyond the customer network the guest may reach; empty: none."""
+
+    allow: tuple[EgressRule, ...] = ()
+
+
+@dataclass(frozen=True)
 class NetworkInterface:
     interface_id: str = ""
     type: str = ""
@@ -70,6 +84,7 @@ class NetworkInterface:
     guest_ipv4: IpConfig | None = None
     host_ipv6: IpConfig | None = None
     guest_ipv6: IpConfig | None = None
+    egress: EgressPolicy | None = None
 
 
 @dataclass(frozen=True)

@@ -97,9 +97,9 @@ async def batch(argv: tuple[str, ...], lines: list[str]) -> None:
         await check(*argv, "-batch", "-", stdin="\n".join(lines) + "\n")
 
 
-async def links(netns: str, *, stats: bool = False) -> list[dict[str, Any]]:
-    """`ip -j link show` of a namespace (with counters if stats)."""
-    out = await check(*ip(netns, "-j", *(("-s",) if stats else ()), "link", "show"))
+async def links(netns: str) -> list[dict[str, Any]]:
+    """`ip -j link show` of a namespace (for set-up; reads per request use netlink.LinkReader)."""
+    out = await check(*ip(netns, "-j", "link", "show"))
     return parse_list(out)
 
 

@@ -7,6 +7,7 @@ each VM gets a namespace of its own (plumbing.py) where QEMU runs and opens its 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -14,10 +15,12 @@ from collections.abc import Collection, Sequence
 
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.domain.model import NicAddress, Vm
-from metald.network import ip, names, plumbing, walls
+from metald.network import egress, ip, names, plumbing, sourceguard, walls
 from metald.network.ipam import CustomerNetwork, Ipam
+from metald.network.keeper import WallKeeper
+from metald.network.netlink import LinkReader
 from metald.network.plan import host_interface, plan_vm
-from metald.ports import AddressBook, CheckResult, InterfaceInfo, NetworkAttachment, NicSpec
+from metald.ports import AddressBook, CheckResult, InterfaceInfo, NetworkAttachment, NicSpec, TrafficCounters
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +35,34 @@ class LinuxNetwork:
         ipv6_pool: str,
         allow_egress: bool,
         blocked_ports: Collection[int] = (),
+        walls_check_seconds: float = 10.0,
+        egress_uplink: str = "",
     ) -> None:
         """host_netns "" is the root namespace; any other name is metald's own, created on first
-        use. blocked_ports (the API's) are refused to guests even on their gateway address."""
-        if allow_egress:
+        use. blocked_ports (the API's) are refused to guests even on their gateway address. The
+        nftables walls are checked (and restored if missing or altered) every walls_check_seconds.
+        With allow_egress, interfaces' egress policies are opened toward egress_uplink, an
+        interface in the host namespace that the operator provides (egress.py)."""
+        if allow_egress and not egress_uplink:
             raise MetaldError(
                 ErrorCode.FAILED_PRECONDITION,
-                "network_allow_egress: routing/NAT guests to the outside is not implemented",
-                reason="NETWORK_EGRESS_UNSUPPORTED",
+                "network_allow_egress needs network_egress_uplink (an interface in the host namespace)",
+                reason="NETWORK_CONFIG_INVALID",
             )
         self._ipam = Ipam(addresses, ipv4_pool, ipv6_pool)
         self._host = host_netns
-        self._blocked = tuple(blocked_ports)
         self._host_ready = False
         self._host_lock = asyncio.Lock()
-        self._walls_lock = asyncio.Lock()
         self._bridge_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._links = LinkReader()
+        self._walls = WallKeeper(
+            host_netns, blocked_ports, egress_uplink if allow_egress else "", walls_check_seconds
+        )
 
     # ---- addresses ----
 
     async def plan(self, vm: Vm) -> tuple[NicAddress, ...]:
+        egress.check_policies(vm.config.network, available=bool(self._walls.uplink))
         return await plan_vm(self._ipam, vm)
 
     async def release(self, vm: Vm) -> None:
@@ -82,6 +93,11 @@ class LinuxNetwork:
             await self._ensure_host()
             await self._ensure_bridge(net, vm)
             await plumbing.ensure_vm(self._host, names.vm_netns(vm.vm_id), net.bridge, nics)
+            if self._walls.uplink:
+                await sourceguard.apply(names.vm_netns(vm.vm_id), _sources(vm, nics))
+                rules = egress.vm_rules(names.id8(vm.vm_id), net.bridge, vm.config.network, vm.nics)
+                if self._walls.open_for(vm.vm_id, rules):
+                    await self._walls.apply()
         except BaseException:
             await asyncio.shield(self._detach_quietly(vm))
             raise
@@ -94,30 +110,26 @@ class LinuxNetwork:
         started = time.monotonic()
         veths = [names.host_veth(vm.vm_id, i) for i in range(len(vm.config.network))]
         await plumbing.remove_vm(self._host, names.vm_netns(vm.vm_id), veths)
+        if self._walls.close_for(vm.vm_id) and ip.netns_exists(self._host):
+            await self._walls.apply()
         log.info(
             "network detached in %.0f ms", (time.monotonic() - started) * 1000, extra={"vm_id": vm.vm_id}
         )
 
     async def describe(self, vm: Vm) -> NetworkAttachment | None:
-        netns = names.vm_netns(vm.vm_id)
-        if not _planned(vm) or not ip.netns_exists(netns):
+        """The VM's NICs whose TAP exists, with the guest's counters (host tap tx = guest rx),
+        from one netlink dump of the VM's namespace; None if the namespace is gone."""
+        if not _planned(vm):
             return None
-        present = {link["ifname"] for link in await ip.links(netns)}
-        return self._attachment(vm, [nic for nic in plumbing.nic_links(vm) if nic.tap in present])
-
-    async def counters(self, vm: Vm) -> tuple[int, int]:
-        """(guest rx, guest tx) bytes: the TAPs' tx and rx as the host sees them."""
-        netns = names.vm_netns(vm.vm_id)
-        if not vm.config.network or not ip.netns_exists(netns):
-            return 0, 0
-        taps = {nic.tap for nic in plumbing.nic_links(vm)}
-        rx = tx = 0
-        for link in await ip.links(netns, stats=True):
-            if link["ifname"] in taps:
-                stats = link.get("stats64", {})
-                rx += int(stats.get("tx", {}).get("bytes", 0))
-                tx += int(stats.get("rx", {}).get("bytes", 0))
-        return rx, tx
+        links = await self._links.links(names.vm_netns(vm.vm_id))
+        if links is None:
+            return None
+        taps = {link.name: link for link in links}
+        nics = [nic for nic in plumbing.nic_links(vm) if nic.tap in taps]
+        counters = TrafficCounters(
+            sum(taps[nic.tap].tx_bytes for nic in nics), sum(taps[nic.tap].rx_bytes for nic in nics)
+        )
+        return dataclasses.replace(self._attachment(vm, nics), counters=counters)
 
     async def remove_orphans(self, live_vm_ids: set[str]) -> list[str]:
         """Remove VM namespaces (made for this host namespace) and host veths of VMs not alive."""
@@ -130,6 +142,8 @@ class LinuxNetwork:
                 if (owner := names.host_veth_id8(str(link["ifname"]))) and owner not in live
             ]
             removed += await plumbing.delete_links(self._host, stale)
+            await self._reopen_egress(live_vm_ids)
+            self._walls.keep()
         for netns in await ip.netns_names():
             owner = names.netns_id8(netns)
             if owner and owner not in live and await plumbing.belongs_to(self._host, netns):
@@ -150,11 +164,12 @@ class LinuxNetwork:
         where = f"host namespace {self._host or '(root)'}"
         if not ip.netns_exists(self._host):
             return "healthy", f"{where} not created yet (the first BootVm with a NIC creates it)"
-        bridges = await self._bridges()
-        if bridges and not await walls.present(self._host):
-            self._host_ready = False  # the next attach puts the walls back
-            return "unhealthy", f"{where}: nftables table inet {walls.TABLE} is missing"
-        return "healthy", f"{where}: {len(bridges)} customer bridge(s)"
+        return await self._walls.health(where)
+
+    async def _reopen_egress(self, live_vm_ids: set[str]) -> None:
+        """After a restart: the running VMs keep their egress rules (tagged with their id8)."""
+        if self._walls.uplink:
+            await self._walls.take_over({names.id8(vm_id): vm_id for vm_id in live_vm_ids})
 
     async def _ensure_host(self) -> None:
         async with self._host_lock:
@@ -164,29 +179,21 @@ class LinuxNetwork:
                 await ip.check("ip", "netns", "add", self._host)
             if self._host:
                 await ip.check(*ip.ip(self._host, "link", "set", "lo", "up"))
-                await walls.seal_own_namespace(self._host)
-            await self._apply_walls()
+                await walls.seal_own_namespace(self._host, egress=bool(self._walls.uplink))
+            await self._walls.apply()
             self._host_ready = True
+        self._walls.keep()
 
     async def _ensure_bridge(self, net: CustomerNetwork, vm: Vm) -> None:
         addresses = [f"{net.gateway(v)}/{net.subnet(v).prefixlen}" for v in (4, 6)]
         for nic in vm.config.network:
             addresses += [str(i) for v in (4, 6) if (i := host_interface(nic, v)) is not None]
         async with self._bridge_locks[net.bridge]:
-            created = await plumbing.ensure_bridge(self._host, net.bridge, addresses)
+            created = await plumbing.ensure_bridge(
+                self._host, net.bridge, addresses, egress=bool(self._walls.uplink)
+            )
         if created:
-            await self._apply_walls()
-
-    async def _apply_walls(self) -> None:
-        async with self._walls_lock:  # list and apply together, so the last apply sees every bridge
-            await walls.apply(self._host, await self._bridges(), self._blocked)
-
-    async def _bridges(self) -> list[str]:
-        return [
-            str(link["ifname"])
-            for link in await ip.links(self._host)
-            if str(link["ifname"]).startswith(names.CUSTOMER_BRIDGE_PREFIX)
-        ]
+            await self._walls.apply()
 
     async def _detach_quietly(self, vm: Vm) -> None:
         try:
@@ -214,3 +221,12 @@ class LinuxNetwork:
 
 def _planned(vm: Vm) -> bool:
     return bool(vm.config.network) and len(vm.nics) == len(vm.config.network)
+
+
+def _sources(vm: Vm, nics: Sequence[plumbing.NicLinks]) -> list[sourceguard.GuestSource]:
+    return [
+        sourceguard.GuestSource(
+            nic.tap, address.mac, address.guest_ipv4.split("/")[0], address.guest_ipv6.split("/")[0]
+        )
+        for nic, address in zip(nics, vm.nics, strict=True)
+    ]

@@ -48,8 +48,11 @@ def marker(host_netns: str) -> str:
     return _MARKER + (host_netns or "/")
 
 
-async def ensure_bridge(host_netns: str, bridge: str, addresses: Iterable[str]) -> bool:
-    """The customer bridge, sealed (walls.seal_bridge) and carrying addresses ("addr/prefix").
+async def ensure_bridge(
+    host_netns: str, bridge: str, addresses: Iterable[str], *, egress: bool = False
+) -> bool:
+    """The customer bridge, sealed (walls.seal_bridge; forwarding only with egress) and carrying
+    addresses ("addr/prefix").
 
     The bridge goes up last, so "up" marks a finished set-up. Returns True if it was created."""
     shown = await ip.run(*ip.ip(host_netns, "-j", "addr", "show", "dev", bridge))
@@ -60,8 +63,8 @@ async def ensure_bridge(host_netns: str, bridge: str, addresses: Iterable[str]) 
     else:
         info = ip.parse_list(shown.stdout)[0]
     up = "UP" in info.get("flags", [])
-    if not up:
-        await walls.seal_bridge(host_netns, bridge)
+    if not up or egress:  # with egress: also a bridge made before egress was switched on
+        await walls.seal_bridge(host_netns, bridge, egress=egress)
     present = {f"{a['local']}/{a['prefixlen']}" for a in info.get("addr_info", [])}
     lines = [
         f"addr replace {a} dev {bridge}" + (" nodad" if ":" in a else "")
@@ -110,22 +113,29 @@ async def ensure_vm(host_netns: str, vm_netns: str, bridge: str, nics: Sequence[
 
 async def remove_vm(host_netns: str, vm_netns: str, host_veths: Iterable[str]) -> list[str]:
     """Delete the host-side veths (their VM ends go with them) and the VM namespace (its TAPs and
-    bridges go with it). Returns what existed and was removed."""
+    bridges go with it). Returns what existed and was removed; whatever is already gone (a host
+    reboot, a namespace deleted by hand) counts as removed."""
     removed = await delete_links(host_netns, host_veths)
     if ip.netns_exists(vm_netns):
-        await ip.check("ip", "netns", "del", vm_netns)
-        removed.append(vm_netns)
+        done = await ip.run("ip", "netns", "del", vm_netns)
+        if done.ok:
+            removed.append(vm_netns)
+        elif ip.netns_exists(vm_netns):
+            raise done.error()
     return removed
 
 
 async def delete_links(netns: str, devices: Iterable[str]) -> list[str]:
-    """Delete devices that exist; returns those deleted."""
+    """Delete devices that exist; returns those deleted. A namespace that does not exist (yet or
+    any more) has none to delete."""
     deleted = []
     for device in devices:
+        if not ip.netns_exists(netns):
+            break
         done = await ip.run(*ip.ip(netns, "link", "del", device))
         if done.ok:
             deleted.append(device)
-        elif "Cannot find device" not in done.stderr:
+        elif "Cannot find device" not in done.stderr and ip.netns_exists(netns):
             raise done.error()
     return deleted
 

@@ -15,7 +15,9 @@ The table is rewritten whole in one nft transaction, never appended to, so re-ap
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from metald.network import ip
 from metald.network.names import CUSTOMER_BRIDGE_PREFIX
@@ -23,7 +25,18 @@ from metald.network.names import CUSTOMER_BRIDGE_PREFIX
 TABLE = "metald"
 
 
-def ruleset(bridges: Iterable[str], blocked_ports: Iterable[int] = ()) -> str:
+@dataclass(frozen=True)
+class EgressWalls:
+    """The way out (egress.py): the uplink, what no policy opens, and each VM's open rules."""
+
+    uplink: str
+    denied: tuple[str, ...]
+    allowed: tuple[str, ...]
+
+
+def ruleset(
+    bridges: Iterable[str], blocked_ports: Iterable[int] = (), egress: EgressWalls | None = None
+) -> str:
     """The complete `inet metald` table as an atomic nft script (create, delete, recreate)."""
     guests = f'"{CUSTOMER_BRIDGE_PREFIX}*"'
     same_bridge = ", ".join(f'"{b}" . "{b}"' for b in sorted(set(bridges)))
@@ -32,6 +45,12 @@ def ruleset(bridges: Iterable[str], blocked_ports: Iterable[int] = ()) -> str:
     if ports:
         from_guests += [f"tcp dport {{ {ports} }} drop", f"udp dport {{ {ports} }} drop"]
     forward = [f"iifname . oifname {{ {same_bridge} }} accept"] if same_bridge else []
+    if egress is not None:
+        uplink = f'"{egress.uplink}"'
+        forward += [
+            f"iifname {uplink} oifname {guests} ct state established,related accept",
+            f"iifname {guests} oifname {uplink} jump egress",
+        ]
     forward += [f"iifname {guests} drop", f"oifname {guests} drop"]
     return "\n".join(
         [
@@ -49,40 +68,74 @@ def ruleset(bridges: Iterable[str], blocked_ports: Iterable[int] = ()) -> str:
             "    type filter hook forward priority filter; policy accept;",
             *(f"    {rule}" for rule in forward),
             "  }",
+            *(_egress_chains(egress, guests) if egress is not None else []),
             "}",
             "",
         ]
     )
 
 
-async def apply(netns: str, bridges: Iterable[str], blocked_ports: Iterable[int] = ()) -> None:
-    await ip.check(*ip.in_netns(netns, "nft", "-f", "-"), stdin=ruleset(bridges, blocked_ports))
+def _egress_chains(egress: EgressWalls, guests: str) -> list[str]:
+    return [
+        "  chain egress {",
+        *(f"    {rule}" for rule in (*egress.denied, *egress.allowed)),
+        "  }",
+        "  chain postrouting {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+        f'    iifname {guests} oifname "{egress.uplink}" masquerade',
+        "  }",
+    ]
 
 
-async def present(netns: str) -> bool:
-    done = await ip.run(*ip.in_netns(netns, "nft", "list", "table", "inet", TABLE))
-    return done.ok
+async def apply(netns: str, script: str) -> None:
+    """Install a ruleset() script."""
+    await ip.check(*ip.in_netns(netns, "nft", "-f", "-"), stdin=script)
 
 
-async def seal_own_namespace(netns: str) -> None:
-    """Sysctls for a host namespace metald owns: a dead end, not a router."""
+def rule_count(script: str) -> int:
+    """Rules a script from ruleset() puts in the table (to tell a tampered table from ours)."""
+    inside, count = False, 0
+    for line in script.splitlines():
+        text = line.strip()
+        if text.startswith("chain "):
+            inside = True
+        elif text == "}":
+            inside = False
+        elif inside and text and not text.startswith("type "):
+            count += 1
+    return count
+
+
+async def installed_rules(netns: str) -> int | None:
+    """Rules in the namespace's `inet metald` table now; None if the table (or netns) is gone."""
+    done = await ip.run(*ip.in_netns(netns, "nft", "-j", "list", "table", "inet", TABLE))
+    if not done.ok:
+        return None
+    items = json.loads(done.stdout).get("nftables", [])
+    return sum(1 for item in items if "rule" in item)
+
+
+async def seal_own_namespace(netns: str, *, egress: bool = False) -> None:
+    """Sysctls for a host namespace metald owns: a dead end, not a router (unless egress is
+    offered: then it routes, and the forward chain decides what)."""
+    forwarding = "1" if egress else "0"
     await ip.sysctl(
         netns,
         {
-            "net.ipv4.ip_forward": "0",
-            "net.ipv6.conf.all.forwarding": "0",
+            "net.ipv4.ip_forward": forwarding,
+            "net.ipv6.conf.all.forwarding": forwarding,
             "net.ipv6.conf.default.accept_ra": "0",
         },
     )
 
 
-async def seal_bridge(netns: str, bridge: str) -> None:
-    """Per-bridge sysctls, safe in the root namespace too: no routing in from the bridge, no RAs
-    accepted from guests, ARP answered only for the bridge's own addresses."""
+async def seal_bridge(netns: str, bridge: str, *, egress: bool = False) -> None:
+    """Per-bridge sysctls, safe in the root namespace too: no routing in from the bridge (unless
+    egress is offered), no RAs accepted from guests, ARP answered only for the bridge's own addresses."""
     await ip.sysctl(
         netns,
         {
-            f"net.ipv4.conf.{bridge}.forwarding": "0",
+            f"net.ipv4.conf.{bridge}.forwarding": "1" if egress else "0",
             f"net.ipv4.conf.{bridge}.arp_ignore": "1",
             f"net.ipv6.conf.{bridge}.accept_ra": "0",
         },

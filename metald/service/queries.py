@@ -38,8 +38,12 @@ class Queries(Launch):
         if network is not None:
             attachment = await _known(vm_id, "network", lambda: network.describe(vm), None)
             if attachment is not None:
-                rx, tx = await _known(vm_id, "counters", lambda: network.counters(vm), (0, 0))
-                metrics = dataclasses.replace(metrics, network_rx_bytes=rx, network_tx_bytes=tx)
+                counters = attachment.counters
+                metrics = dataclasses.replace(
+                    metrics,
+                    network_rx_bytes=counters.guest_rx_bytes,
+                    network_tx_bytes=counters.guest_tx_bytes,
+                )
         return VmDetails(vm, self.backend_type, runtime, metrics, attachment)
 
     async def list(

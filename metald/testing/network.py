@@ -6,8 +6,10 @@ VM's devices. Failures are injected per operation through `faults`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from metald.domain.model import NicAddress, Vm
-from metald.ports import CheckResult, InterfaceInfo, NetworkAttachment, NicSpec
+from metald.ports import CheckResult, InterfaceInfo, NetworkAttachment, NicSpec, TrafficCounters
 from metald.testing.faults import Faults
 
 
@@ -55,12 +57,13 @@ class FakeNetwork:
         self.attached.pop(vm.vm_id, None)
 
     async def describe(self, vm: Vm) -> NetworkAttachment | None:
+        """What is attached, with the counters a test set (one read, like the real one)."""
         await self.faults.step("describe")
-        return self.attached.get(vm.vm_id)
-
-    async def counters(self, vm: Vm) -> tuple[int, int]:
-        await self.faults.step("counters")
-        return self.counters_by_vm.get(vm.vm_id, (0, 0))
+        attachment = self.attached.get(vm.vm_id)
+        if attachment is None:
+            return None
+        rx, tx = self.counters_by_vm.get(vm.vm_id, (0, 0))
+        return dataclasses.replace(attachment, counters=TrafficCounters(rx, tx))
 
     async def remove_orphans(self, live_vm_ids: set[str]) -> list[str]:
         await self.faults.step("remove_orphans")

@@ -316,8 +316,9 @@ async def test_walls_rate_limits_and_cleanup(lab: Lab, foreign_vm_netns: str) ->
     assert rx is not None and 0.8 * LIMIT <= rx <= 1.2 * LIMIT
     assert tx is not None and 0.8 * LIMIT <= tx <= 1.2 * LIMIT
     assert free is not None and free > 3 * LIMIT
-    guest_rx, guest_tx = await lab.network.counters(a1)
-    assert guest_rx >= TRANSFER and guest_tx >= TRANSFER
+    described = await lab.network.describe(a1)  # one netlink read: the links and their counters
+    assert described is not None and described == lab.attachments["a1"]
+    assert described.counters.guest_rx_bytes >= TRANSFER and described.counters.guest_tx_bytes >= TRANSFER
 
     # Detach removes the VM's namespace and host veth; the orphan sweep takes what a crash left.
     await lab.detach("a2")

@@ -23,7 +23,7 @@ async def test_info_of_a_running_vm(world: World) -> None:
 
 @pytest.mark.parametrize(
     ("fakes", "step"),
-    [("backend", "runtime"), ("backend", "metrics"), ("network", "describe"), ("network", "counters")],
+    [("backend", "runtime"), ("backend", "metrics"), ("network", "describe")],
 )
 async def test_info_answers_what_is_known_when_a_read_fails(world: World, fakes: str, step: str) -> None:
     """Issue 11: `ip -n ns_vm… link show: Cannot open network namespace` while a VM is being shut
