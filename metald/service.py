@@ -30,6 +30,7 @@ from metald.domain.paging import PageTokens
 from metald.domain.quotas import Quotas, Usage, check_boot, check_create
 from metald.domain.states import ACTIVE_STATES, TARGET, Operation, VmState, require_allowed
 from metald.domain.validation import Defaults, Limits, validate_config, with_defaults
+from metald.guestwork import GuestWork
 from metald.ports import (
     Backend,
     DiskSpec,
@@ -73,7 +74,9 @@ class VmService:
         page_tokens: PageTokens,
         events: ServiceEvents,
         options: ServiceOptions,
+        guest_work: GuestWork | None = None,
     ) -> None:
+        self._guest_work = guest_work
         self._store = store
         self._backend = backend
         self._network = network
@@ -466,14 +469,21 @@ class VmService:
         raise _unimplemented("WatchVms")
         yield  # pragma: no cover
 
+    # ---- inside the guest (metald/guestwork.py) ---------------------------------------------
+
+    def _guest(self, rpc: str) -> GuestWork:
+        if self._guest_work is None:
+            raise _unimplemented(rpc)
+        return self._guest_work
+
     async def exec(self, customer_id: str, vm_id: str, command: ExecCommand) -> ExecResult:
-        raise _unimplemented("ExecVm")
+        return await self._guest("ExecVm").exec(customer_id, vm_id, command)
 
     async def write_file(self, customer_id: str, vm_id: str, path: str, content: bytes, mode: int) -> None:
-        raise _unimplemented("WriteFile")
+        await self._guest("WriteFile").write_file(customer_id, vm_id, path, content, mode)
 
     async def read_file(self, customer_id: str, vm_id: str, path: str) -> GuestFile:
-        raise _unimplemented("ReadFile")
+        return await self._guest("ReadFile").read_file(customer_id, vm_id, path)
 
     # ---- events and recovery -------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from metald.api.convert import config_from_proto, config_to_proto, state_from_pr
 from metald.api.interceptor import current_customer
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmService as VmServiceProtocol
-from metald.usecases import VmDetails, VmUseCases
+from metald.usecases import ExecCommand, VmDetails, VmUseCases
 
 Ctx = RequestContext[Any, Any]
 
@@ -82,6 +82,33 @@ class VmServiceHandler(VmServiceProtocol):
             next_page_token=page.next_page_token,
             total_count=page.total_count,
         )
+
+    async def exec_vm(self, request: pb.ExecVmRequest, ctx: Ctx, /) -> pb.ExecVmResponse:
+        command = ExecCommand(
+            argv=tuple(request.command),
+            env=dict(request.env),
+            stdin=request.stdin,
+            working_dir=request.working_dir,
+            timeout_seconds=float(request.timeout_seconds),
+        )
+        result = await self._svc.exec(current_customer.get(), request.vm_id, command)
+        return pb.ExecVmResponse(
+            exit_code=result.exit_code,
+            stdout=result.stdout,
+            stderr=result.stderr,
+            timed_out=result.timed_out,
+            truncated=result.truncated,
+        )
+
+    async def write_file(self, request: pb.WriteFileRequest, ctx: Ctx, /) -> pb.WriteFileResponse:
+        await self._svc.write_file(
+            current_customer.get(), request.vm_id, request.path, request.content, request.mode
+        )
+        return pb.WriteFileResponse(success=True)
+
+    async def read_file(self, request: pb.ReadFileRequest, ctx: Ctx, /) -> pb.ReadFileResponse:
+        file = await self._svc.read_file(current_customer.get(), request.vm_id, request.path)
+        return pb.ReadFileResponse(content=file.content, mode=file.mode, size_bytes=file.size_bytes)
 
 
 def info_to_proto(details: VmDetails) -> pb.GetVmInfoResponse:

@@ -285,7 +285,11 @@ static pid_t spawn(char **argv, char **env, const char *cwd, int in_fd, int out_
     _exit(errno == ENOENT ? 127 : 126);
 }
 
-static int nonblocking_pipe(int p[2]) { return pipe2(p, O_CLOEXEC | O_NONBLOCK); }
+/* A pipe whose end `ours` does not block; the child's end stays blocking, as programs expect. */
+static int pipe_for_us(int p[2], int ours) {
+    if (pipe2(p, O_CLOEXEC) < 0) return -1;
+    return fcntl(p[ours], F_SETFL, O_NONBLOCK);
+}
 
 /* Start argv as job `id`; line mode merges stderr into stdout and collects it. */
 static void start_job(uint32_t id, struct exec_req *r, int line_mode) {
@@ -297,8 +301,8 @@ static void start_job(uint32_t id, struct exec_req *r, int line_mode) {
         return;
     }
     int o[2], e[2] = {-1, -1}, in[2] = {-1, -1};
-    if (nonblocking_pipe(o) < 0 || (!line_mode && nonblocking_pipe(e) < 0) ||
-        (r->in.len && nonblocking_pipe(in) < 0)) {
+    if (pipe_for_us(o, 0) < 0 || (!line_mode && pipe_for_us(e, 0) < 0) ||
+        (r->in.len && pipe_for_us(in, 1) < 0)) {
         send_error(id, errno, "pipe", strerror(errno));
         return;
     }
