@@ -225,6 +225,14 @@ class GuestAgentPool:
                 await asyncio.sleep(min(PING_RETRY_INTERVAL, max(0.0, deadline - time.monotonic())))
         return False
 
+    async def clock_offset(self, vm_id: str) -> float:
+        """Seconds the guest's wall clock is ahead of the host's (negative: behind), measured
+        against the middle of one ping's round trip."""
+        sent = time.time()
+        frame = await self._call(vm_id, MsgType.PING, (), answers=(MsgType.PONG,), timeout=CONTROL_TIMEOUT)
+        received = time.time()
+        return frame.integer(Tag.TIME_NS) / 1e9 - (sent + received) / 2
+
     async def set_clock(self, vm_id: str) -> None:
         fields = [(Tag.TIME_NS, time.time_ns())]
         await self._call(vm_id, MsgType.CLOCK, fields, answers=(MsgType.OK,), timeout=CONTROL_TIMEOUT)

@@ -178,6 +178,9 @@ static void send_pong(uint32_t id) {
     field_str(&o, F_VERSION, AGENT_VERSION);
     field_str(&o, F_BOOT_ID, bid);
     field_int(&o, F_UPTIME_MS, now_ms());
+    struct timespec wall;
+    clock_gettime(CLOCK_REALTIME, &wall);
+    field_int(&o, F_TIME_NS, (int64_t)wall.tv_sec * 1000000000 + wall.tv_nsec);
     frame_send(&o);
     free(o.p);
 }
