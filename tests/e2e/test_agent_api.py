@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,10 +19,12 @@ import pytest
 from connectrpc.codec import proto_binary_codec
 from connectrpc.errors import ConnectError
 
+from metald.client import AsyncClient, Client, NotFoundError
 from metald.gen.google.rpc.error_details_pb import ErrorInfo
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceClient
 from tests.conftest import stop_and_sweep
+from tests.ops.support import METALCTL
 from tests.support.daemon import Daemon
 from tests.support.rpc import Rpc, token
 
@@ -292,3 +295,41 @@ def test_a_hostile_guest_agent_hurts_only_its_own_vm(agent_daemon: Daemon, owner
     health = owner.client.get("/health")
     assert health.status_code == 200
     owner.ok("DeleteVm", {"vm_id": bad, "force": True})
+
+
+def test_metalctl_exec_and_cp_both_ways(agent_daemon: Daemon, vm: str, tmp_path: Path) -> None:
+    env = {**os.environ, "METALD_URL": agent_daemon.url, "METALD_TOKEN": token("agentowner")}
+
+    def metalctl(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*METALCTL, *args], input=stdin, capture_output=True, env=env, timeout=120)
+
+    run = metalctl("exec", vm, "-e", "X=1", "--", "sh", "-c", 'echo "x=$X"; echo oops >&2; exit 7')
+    assert (run.returncode, run.stdout, run.stderr) == (7, b"x=1\n", b"oops\n")
+    assert metalctl("exec", vm, "-i", "--", "wc", "-c", stdin=b"12345").stdout.strip() == b"5"
+    local = tmp_path / "script.sh"
+    local.write_bytes(b"#!/bin/sh\necho from-cp\n")
+    local.chmod(0o750)
+    assert metalctl("cp", str(local), f"{vm}:/root/script.sh").returncode == 0
+    assert metalctl("exec", vm, "--", "/root/script.sh").stdout == b"from-cp\n"
+    back = tmp_path / "back"
+    assert metalctl("cp", f"{vm}:/root/script.sh", str(back)).returncode == 0
+    assert back.read_bytes() == local.read_bytes() and back.stat().st_mode & 0o777 == 0o750
+    missing = metalctl("cp", f"{vm}:/no/such", str(back))
+    assert missing.returncode == 5 and b"not_found" in missing.stderr.lower() + missing.stdout.lower()
+
+
+def test_sdk_clients(agent_daemon: Daemon, vm: str) -> None:
+    with Client(agent_daemon.url, token("agentowner")) as client:
+        client.write_file(vm, "/tmp/sdk", b"\x00sync\xff", mode=0o640)
+        got = client.read_file(vm, "/tmp/sdk")
+        assert (got.content, got.mode, got.size_bytes) == (b"\x00sync\xff", 0o640, 6)
+        assert client.exec_vm(vm, ["cat", "/tmp/sdk"]).stdout == b"\x00sync\xff"
+
+    async def scenario() -> None:
+        async with AsyncClient(agent_daemon.url, token("agentowner"), protocol="grpc") as client:
+            result = await client.exec_vm(vm, ["sh", "-c", "cat; exit 4"], stdin=b"async")
+            assert (result.exit_code, result.stdout) == (4, b"async")
+            with pytest.raises(NotFoundError):
+                await client.read_file(vm, "/no/such")
+
+    asyncio.run(scenario())
