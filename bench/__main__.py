@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from bench import api_load, boot_overhead, cost_per_vm, parallel_boots
+from bench import api_load, boot_overhead, cost_per_vm, guest_exec, parallel_boots
 
 
 def main() -> int:
-    for bench in (boot_overhead, parallel_boots, api_load, cost_per_vm):
+    for bench in (boot_overhead, parallel_boots, api_load, cost_per_vm, guest_exec):
         print(f"\n===== {bench.__name__} =====", flush=True)
         bench.main([])
     return 0

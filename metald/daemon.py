@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 
 from connectrpc.codec import proto_binary_codec
 
+from metald.agent.pool import GuestAgentPool
 from metald.api.app import RootApp, Route
 from metald.api.auth import build_authenticator
 from metald.api.codec import SnakeCaseJsonCodec
@@ -25,6 +26,7 @@ from metald.api.serve import serve_api
 from metald.api.status import ReferenceStatusMiddleware
 from metald.assets import AssetResolver
 from metald.backends.factory import build_backend
+from metald.backends.qemu.agent import agent_connector
 from metald.domain.model import Vm
 from metald.domain.paging import PageTokens
 from metald.domain.quotas import Quotas
@@ -33,6 +35,7 @@ from metald.domain.validation import Defaults, Limits
 from metald.gen.grpc.health.v1.health_connect import Health
 from metald.gen.vmprovisioner.v1.vm_connect import VmService as VmServiceDesc
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
+from metald.guestwork import GuestWork
 from metald.logs import configure_logging
 from metald.ports import AddressBook, CheckResult, Network, VmRecords
 from metald.service import ServiceOptions, VmService
@@ -100,6 +103,16 @@ async def run(settings: Settings) -> None:
         stack.push_async_callback(backend.close)
         network = build_network(settings, store.addresses)
         metrics = Metrics()
+        guest_work = None
+        if backend.capabilities.backend_type == "qemu":  # Firecracker guests have no agent channel yet
+            agent = GuestAgentPool(agent_connector(settings.vms_dir))
+            stack.push_async_callback(agent.close)
+            guest_work = GuestWork(
+                store.vms,
+                agent,
+                default_timeout=settings.exec_default_timeout_seconds,
+                max_timeout=settings.exec_max_timeout_seconds,
+            )
         service = VmService(
             store=tracing.port(store.vms, "store"),
             event_log=store.events,
@@ -112,6 +125,7 @@ async def run(settings: Settings) -> None:
             events=metrics,
             options=service_options(settings),
             snapshots=store.snapshots,
+            guest_work=guest_work,
         )
         await service.recover()
         checks: dict[str, Callable[[], Awaitable[CheckResult]]] = {

@@ -9,12 +9,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from metald.domain.events import VmEvent
 from metald.domain.model import NicAddress, RateLimit, Vm
 from metald.domain.snapshots import Snapshot
 from metald.domain.states import VmState
+
+if TYPE_CHECKING:  # usecases imports this module
+    from metald.usecases import ExecCommand, ExecResult, GuestFile
 
 # ---- health ---------------------------------------------------------------------------------
 
@@ -387,3 +390,33 @@ class Network(Protocol):
         """Remove namespaces/devices of VMs not in the set; returns what was removed."""
 
     async def ping(self) -> CheckResult: ...
+
+
+# ---- guest agent ----------------------------------------------------------------------------
+
+
+class GuestAgent(Protocol):
+    """The agent inside a running guest (adapter: metald/agent). Errors are MetaldError:
+    UNAVAILABLE with reason AGENT_UNAVAILABLE when it does not answer."""
+
+    async def exec(self, vm_id: str, command: ExecCommand, timeout: float) -> ExecResult:
+        """Run argv; past `timeout` seconds the command is killed in the guest (timed_out)."""
+
+    async def write_file(self, vm_id: str, path: str, content: bytes, mode: int) -> None: ...
+
+    async def read_file(self, vm_id: str, path: str) -> GuestFile: ...
+
+    async def ping(self, vm_id: str, timeout: float) -> bool:
+        """True as soon as the agent answers (the guest is up), False after `timeout`."""
+
+    async def set_clock(self, vm_id: str) -> None:
+        """Set the guest's wall clock to the host's."""
+
+    async def add_entropy(self, vm_id: str, data: bytes) -> None:
+        """Credit `data` to the guest's entropy pool and force a reseed of its CRNG."""
+
+    async def set_identity(self, vm_id: str, guest_vm_id: str, nics: Sequence[NicAddress]) -> None:
+        """Hostname and vm_id, then each NIC's MAC and addresses (in order: eth0, eth1, ...)."""
+
+    async def forget(self, vm_id: str) -> None:
+        """Close the VM's channel (its VMM is gone or going)."""

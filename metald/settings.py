@@ -116,6 +116,12 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1 * MIB, ge=1024, description="largest accepted request body")
     max_metadata_entries: int = Field(64, ge=0, description="metadata entries per VM")
     max_kernel_args_length: int = Field(2048, ge=64, description="longest accepted kernel_args")
+    exec_default_timeout_seconds: float = Field(
+        60.0, gt=0, description="ExecVm timeout for timeout_seconds 0"
+    )
+    exec_max_timeout_seconds: float = Field(
+        3600.0, gt=0, description="longest accepted ExecVm timeout_seconds"
+    )
 
     config_file: Path | None = Field(None, description="TOML file with these settings")
 

@@ -11,7 +11,7 @@ from metald.api.interceptor import current_customer
 from metald.domain.snapshots import Snapshot
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmService as VmServiceProtocol
-from metald.usecases import VmDetails, VmUseCases
+from metald.usecases import ExecCommand, VmDetails, VmUseCases
 
 Ctx = RequestContext[Any, Any]
 
@@ -115,6 +115,33 @@ class VmServiceHandler(VmServiceProtocol):
     ) -> pb.DeleteSnapshotResponse:
         await self._svc.delete_snapshot(current_customer.get(), request.snapshot_id)
         return pb.DeleteSnapshotResponse(success=True)
+
+    async def exec_vm(self, request: pb.ExecVmRequest, ctx: Ctx, /) -> pb.ExecVmResponse:
+        command = ExecCommand(
+            argv=tuple(request.command),
+            env=dict(request.env),
+            stdin=request.stdin,
+            working_dir=request.working_dir,
+            timeout_seconds=float(request.timeout_seconds),
+        )
+        result = await self._svc.exec(current_customer.get(), request.vm_id, command)
+        return pb.ExecVmResponse(
+            exit_code=result.exit_code,
+            stdout=result.stdout,
+            stderr=result.stderr,
+            timed_out=result.timed_out,
+            truncated=result.truncated,
+        )
+
+    async def write_file(self, request: pb.WriteFileRequest, ctx: Ctx, /) -> pb.WriteFileResponse:
+        await self._svc.write_file(
+            current_customer.get(), request.vm_id, request.path, request.content, request.mode
+        )
+        return pb.WriteFileResponse(success=True)
+
+    async def read_file(self, request: pb.ReadFileRequest, ctx: Ctx, /) -> pb.ReadFileResponse:
+        file = await self._svc.read_file(current_customer.get(), request.vm_id, request.path)
+        return pb.ReadFileResponse(content=file.content, mode=file.mode, size_bytes=file.size_bytes)
 
 
 def snapshot_to_proto(snapshot: Snapshot) -> pb.Snapshot:

@@ -169,3 +169,9 @@ def health_body(response: FullResponse) -> dict[str, Any]:
 def unavailable(exc: Exception) -> ApiError:
     """A transport failure (connection refused, reset, timeout) as an UNAVAILABLE ApiError."""
     return api_error(Code.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
+
+
+def exec_timeout(timeout_seconds: int, default: float) -> float:
+    """How long an ExecVm call may take: the command's timeout (0: the daemon's, up to its 60 s
+    default) plus a margin for the answer."""
+    return max(default, float(timeout_seconds or 60) + 15.0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -118,6 +118,32 @@ class Client:
             state_filter=[common.state(s) for s in states], page_size=page_size, page_token=page_token
         )
         return self._call(self._rpc.list_vms, request, read=True)
+
+    def exec_vm(
+        self,
+        vm_id: str,
+        command: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes = b"",
+        working_dir: str = "",
+        timeout_seconds: int = 0,
+    ) -> pb.ExecVmResponse:
+        """Run argv in the running guest; the call waits for the command (+ a margin)."""
+        request = pb.ExecVmRequest(
+            vm_id=vm_id, command=list(command), env=dict(env or {}), stdin=stdin,
+            working_dir=working_dir, timeout_seconds=timeout_seconds,
+        )  # fmt: skip
+        return self._call(
+            self._rpc.exec_vm, request, timeout=common.exec_timeout(timeout_seconds, self.options.timeout)
+        )
+
+    def write_file(self, vm_id: str, path: str, content: bytes, *, mode: int = 0) -> pb.WriteFileResponse:
+        request = pb.WriteFileRequest(vm_id=vm_id, path=path, content=content, mode=mode)
+        return self._call(self._rpc.write_file, request)
+
+    def read_file(self, vm_id: str, path: str) -> pb.ReadFileResponse:
+        return self._call(self._rpc.read_file, pb.ReadFileRequest(vm_id=vm_id, path=path), read=True)
 
     # ---- conveniences --------------------------------------------------------------------------
 

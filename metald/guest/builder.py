@@ -44,10 +44,13 @@ from metald.guest.proc import REQUIRED_TOOLS, GuestBuildError, require_tools, ru
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "2"  # 2: content-addressed versions behind symlinks
+BUILDER_VERSION = "3"  # 2: content-addressed versions behind symlinks; 3: compiled guest agent
 FILES_DIR = Path(__file__).parent / "files"
 OUTPUTS = ("vmlinux", "initrd", "rootfs.ext4", "data.ext4")
 MANIFEST = "manifest.json"
+AGENT_SOURCE = "src/metald-agent.c"  # compiled into the rootfs as /sbin/metald-agentd
+# Static, stripped, without build paths: the same source and compiler give the same bytes.
+AGENT_CFLAGS = ("-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror", "-ffile-prefix-map=/=/")
 ROOTFS_SIZE = "64M"
 DATA_SIZE = "16M"
 # Loaded by the initramfs, each after its dependencies; built-in ones are skipped.
@@ -216,7 +219,8 @@ async def _build(
 
     work = await asyncio.to_thread(_fresh_workdir, assets_dir)
     try:
-        await asyncio.to_thread(_write_trees, work, vmlinux, busybox, applets, modules, files)
+        agent = await _compile_agent(work, files[AGENT_SOURCE])
+        await asyncio.to_thread(_write_trees, work, vmlinux, busybox, applets, modules, files, agent)
         await _mkfs(work / "rootfs.ext4", ROOTFS_SIZE, "vmroot", work / "rootfs")
         await _mkfs(work / "data.ext4", DATA_SIZE, "data")
         outputs = {}
@@ -236,6 +240,15 @@ async def _build(
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
     await asyncio.to_thread(prune_cache, cache_dir, debs)
+
+
+async def _compile_agent(work: Path, source: bytes) -> bytes:
+    """The guest agent as a static binary (the guest has no libc of its own)."""
+    src = work / "metald-agent.c"
+    await asyncio.to_thread(src.write_bytes, source)
+    out = work / "metald-agentd"
+    await run("gcc", *AGENT_CFLAGS, "-o", str(out), str(src))
+    return await asyncio.to_thread(out.read_bytes)
 
 
 def _fresh_workdir(assets_dir: Path) -> Path:
@@ -277,11 +290,13 @@ def _write_trees(
     applets: list[str],
     modules: Mapping[str, bytes],
     files: Mapping[str, bytes],
+    agent: bytes,
 ) -> None:
     busybox = busybox_path.read_bytes()
     _install(work / "vmlinux", vmlinux, 0o644)
     _install(work / "initrd", _initramfs(busybox, applets, modules, files["initramfs/init"]), 0o644)
     _rootfs_tree(work / "rootfs", busybox, applets, files)
+    _install(work / "rootfs" / "sbin" / "metald-agentd", agent, 0o755)
 
 
 def _initramfs(busybox: bytes, applets: list[str], modules: Mapping[str, bytes], init: bytes) -> bytes:

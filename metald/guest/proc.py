@@ -19,6 +19,7 @@ REQUIRED_TOOLS: Mapping[str, str] = {
     "dpkg-deb": "dpkg",
     "depmod": "kmod",
     "mkfs.ext4": "e2fsprogs",
+    "gcc": "gcc libc6-dev",  # the guest agent is compiled statically (libc.a is in libc6-dev)
 }
 
 

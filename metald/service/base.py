@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from metald.assets import AssetResolver
 from metald.domain import ids
@@ -23,6 +23,9 @@ from metald.domain.quotas import Quotas
 from metald.domain.validation import Defaults, Limits
 from metald.ports import Backend, EventLog, Network, ServiceEvents, SnapshotRecords, VmRecords
 from metald.service.transitions import Transitions
+
+if TYPE_CHECKING:
+    from metald.guestwork import GuestWork
 
 log = logging.getLogger("metald.service")
 T = TypeVar("T")
@@ -58,7 +61,9 @@ class ServiceBase:
         events: ServiceEvents,
         options: ServiceOptions,
         snapshots: SnapshotRecords | None = None,
+        guest_work: GuestWork | None = None,
     ) -> None:
+        self._guest_work = guest_work
         self._vms = store
         self._snapshots = snapshots
         self._event_log = event_log

@@ -1,4 +1,5 @@
-"""Client of the guest agent on virtio-serial port org.metald.agent (line protocol).
+"""Client of the guest agent on virtio-serial port org.metald.agent (version 0: line protocol),
+and the connector the v1 channel pool (metald/agent) reaches a QEMU VM's agent socket with.
 
 `ping TOK` -> `pong TOK`; `reboot` / `poweroff` -> `ok`; `exec CMD` -> output lines, then `EXIT rc`.
 The guest agent polls its port about once a second while no host client is connected, so the first
@@ -13,6 +14,7 @@ import contextlib
 import itertools
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from metald.backends.qemu import layout
@@ -20,6 +22,23 @@ from metald.backends.qemu.sockets import open_in_dir
 
 _tokens = itertools.count(1)
 _PING_INTERVAL = 0.5
+
+
+AGENT_CONNECT_TIMEOUT = 1.0
+AGENT_READ_LIMIT = 1 << 16  # StreamReader's buffer mark; frames are read with readexactly
+
+
+def agent_connector(
+    vms_dir: Path,
+) -> Callable[[str], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
+    """Connects to vms_dir/<vm_id>/agent.sock (the listening socket QEMU accepts on)."""
+
+    async def connect(vm_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await open_in_dir(
+            vms_dir / vm_id, layout.AGENT_SOCKET, timeout=AGENT_CONNECT_TIMEOUT, limit=AGENT_READ_LIMIT
+        )
+
+    return connect
 
 
 class GuestAgent:

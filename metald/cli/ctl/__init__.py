@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from metald import __version__
+from metald.cli.ctl import guest
 from metald.cli.ctl.commands import COMMANDS
 from metald.cli.ctl.render import Output
 from metald.cli.ctl.vmspec import metadata_pair, parse_size
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--tail", type=int, default=0, metavar="BYTES", help="start this many bytes from the end"
     )
     command("health", "the daemon's health (exit 14 when unhealthy)", vm=False)
+    guest.add_flags(
+        command("exec", "run a command in a running guest; exits with the command's status"),
+        command("cp", "copy a file into (LOCAL VM:/PATH) or out of (VM:/PATH LOCAL) a guest", vm=False),
+    )
     return parser
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from metald.cli.ctl import vmspec
+from metald.cli.ctl import guest, vmspec
 from metald.cli.ctl.render import Output
 from metald.client import Client
 from metald.client.common import state, state_name
@@ -135,4 +135,6 @@ COMMANDS: dict[str, Command] = {
     "wait": wait,
     "console": console,
     "health": health,
+    "exec": guest.exec_,
+    "cp": guest.cp,
 }
