@@ -127,11 +127,17 @@ class LoadResult:
 # ---- the load generator -------------------------------------------------------------------------
 
 
-def h2load_argv(url: str, rpc: str, proto: Protocol, body: Path, shape: Shape, seconds: float) -> list[str]:
+def h2load_argv(
+    url: str, rpc: str, proto: Protocol, body: Path, shape: Shape, seconds: float, warm_up: float = 1
+) -> list[str]:
     headers = [f"authorization: Bearer {token(CUSTOMER)}", *proto.headers]
     return [
         "h2load",
-        *("-D", f"{seconds:g}", "--warm-up-time", "1"),
+        *(
+            "-D",
+            f"{round(seconds * 1000)}ms",
+            *(("--warm-up-time", f"{round(warm_up * 1000)}ms") if warm_up else ()),
+        ),
         *("-c", str(shape.clients), "-m", str(shape.streams), "-t", "1"),
         *(arg for h in headers for arg in ("-H", h)),
         *("-d", str(body)),
@@ -186,16 +192,16 @@ def run_load(
 # ---- requests, checked once by independent clients before any load ------------------------------------
 
 
-def check_request(daemon: Daemon, rpc: str, proto: Protocol, request: Any, response_type: Any) -> Any:
+def check_request(url: str, rpc: str, proto: Protocol, request: Any, response_type: Any) -> Any:
     """Send the exact request body once (grpcio for gRPC, httpx for Connect); return the decoded response."""
     metadata = (("authorization", f"Bearer {token(CUSTOMER)}"),)
     if proto.name == "grpc":
-        with grpc.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
+        with grpc.insecure_channel(url.removeprefix("http://")) as channel:
             call = channel.unary_unary(f"/{SERVICE}/{rpc}")
             return response_type.from_binary(call(request.to_binary(), metadata=metadata, timeout=30))
     content_type = proto.headers[0].split(": ", 1)[1]
     resp = httpx.post(
-        f"{daemon.url}/{SERVICE}/{rpc}",
+        f"{url}/{SERVICE}/{rpc}",
         content=proto.encode(request),
         headers={"authorization": metadata[0][1], "content-type": content_type},
         timeout=30,
@@ -224,7 +230,7 @@ def write_bodies(daemon: Daemon, root: Path, vm_id: str, stored: int) -> dict[tu
     bodies = {}
     for rpc, (request, response_type, good) in cases.items():
         for proto in PROTOCOLS:
-            if not good(check_request(daemon, rpc, proto, request, response_type)):
+            if not good(check_request(daemon.url, rpc, proto, request, response_type)):
                 raise RuntimeError(f"{rpc} over {proto.name} gave an unexpected answer")
             path = root / f"{rpc}-{proto.name}.body"
             path.write_bytes(proto.encode(request))
