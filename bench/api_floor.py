@@ -22,6 +22,7 @@ ratio pairs runs of one round, which ran back to back.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sqlite3
@@ -35,7 +36,18 @@ from typing import Any
 
 import httpx
 
-from bench.api_load import PROTOCOLS, SEED_CONFIG, Protocol, Shape, check_request, h2load_argv, parse_h2load
+from bench.api_load import (
+    PROFILE_RATE,
+    PROTOCOLS,
+    SEED_CONFIG,
+    Protocol,
+    Shape,
+    check_request,
+    h2load_argv,
+    parse_h2load,
+    record_profile,
+    summarise_profile,
+)
 from bench.common import (
     MIB,
     bench_rpc,
@@ -47,6 +59,7 @@ from bench.common import (
     workdir,
     write_results,
 )
+from bench.layers import layer_shares
 from metald.domain import ids
 from metald.domain.states import VmState
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
@@ -269,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=4, help="HTTP/2 connections of the `load` shape")
     p.add_argument("--streams", type=int, default=4, help="requests in flight per connection (`load`)")
     p.add_argument("--quick", action="store_true", help="10,000 stored, 1 round, 1 s runs")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True, help="py-spy by layer")
+    p.add_argument("--profile-seconds", type=float, default=5.0)
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.rounds, args.duration = "10000", 1, 1.0
@@ -277,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shapes = (Shape("load", args.clients, args.streams), Shape("1 client", 1, 1))
     context = machine_context()
     runs: list[Run] = []
+    profiles: list[dict[str, Any]] = []
     sizes_bytes: dict[int, dict[str, int]] = {}
     limits = ("--max-vms-per-customer", "0", "--max-vms", "0")
     with (
@@ -322,8 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     f"  failed {r.failed}  load {r.loadavg_1m:.1f}",
                                     flush=True,
                                 )
+                if args.profile and stored == sizes[-1]:
+                    profiles = profile_all(root, servers, bodies, shapes[0], args.profile_seconds)
     summary = summarise(runs, sides)
-    report(summary)
+    attach_costs(profiles, summary)
+    report(summary, profiles)
     write_results(
         NAME,
         argv,
@@ -333,10 +352,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             "runs": [asdict(r) for r in runs],
             "response_bytes": sizes_bytes,
             "summary": summary,
+            "profiles": profiles,
             "targets": targets(summary, max(sizes)),
         },
     )
     return 0
+
+
+def profile_all(
+    root: Path, servers: Sequence[Server], bodies: dict[tuple[str, str], Path], shape: Shape, seconds: float
+) -> list[dict[str, Any]]:
+    """py-spy on every server under the `load` shape, per rpc and protocol: layer shares and the
+    hottest functions."""
+    out = []
+    for (rpc, proto_name), body in bodies.items():
+        proto = next(x for x in PROTOCOLS if x.name == proto_name)
+        for server in servers:
+            raw = root / f"profile-{server.name}-{rpc}-{proto_name}.txt"
+            text = record_profile(server.url, server.pid, raw, rpc, proto, body, shape, seconds)
+            top = summarise_profile(text, seconds, PROFILE_RATE, 25)
+            out.append({"side": server.name, "rpc": rpc, "protocol": proto_name, **layer_shares(text), **top})
+            print(f"  profiled {server.name} {rpc} {proto_name}: {out[-1]['pct']}", flush=True)
+    return out
+
+
+def attach_costs(profiles: list[dict[str, Any]], summary: Sequence[dict[str, Any]]) -> None:
+    """ms of CPU per request of each layer: its share of samples x the side's CPU per request
+    (own process only: reaped children, the `ip` processes, are not sampled and listed apart)."""
+    largest = max((s["stored"] for s in summary), default=0)
+    for prof in profiles:
+        row = next(
+            (
+                s
+                for s in summary
+                if (s["stored"], s["rpc"], s["protocol"], s["shape"])
+                == (largest, prof["rpc"], prof["protocol"], "load")
+            ),
+            None,
+        )
+        if row is None or f"{prof['side']}_cpu_ms_per_req" not in row:
+            continue
+        own = row[f"{prof['side']}_cpu_ms_per_req"] - row[f"{prof['side']}_child_cpu_ms_per_req"]
+        prof["ms_per_req"] = {layer: round(own * pct / 100, 4) for layer, pct in prof["pct"].items()}
+        prof["children_ms_per_req"] = row[f"{prof['side']}_child_cpu_ms_per_req"]
 
 
 def summarise(runs: Sequence[Run], sides: Sequence[str]) -> list[dict[str, Any]]:
@@ -395,7 +453,7 @@ def targets(summary: Sequence[dict[str, Any]], largest: int) -> dict[str, Any]:
     }
 
 
-def report(summary: Sequence[dict[str, Any]]) -> None:
+def report(summary: Sequence[dict[str, Any]], profiles: Sequence[dict[str, Any]]) -> None:
     headers = ["stored", "rpc", "protocol", "shape", "daemon req/s", "p50 ms", "p99 ms", "CPU ms/req"]
     headers += ["floor req/s", "floor p50", "floor CPU ms", "floor/daemon CPU", "load"]
     print_table(
@@ -420,6 +478,14 @@ def report(summary: Sequence[dict[str, Any]]) -> None:
             for s in summary
         ],
     )
+    for prof in profiles:
+        costs = prof.get("ms_per_req", {})
+        print_table(
+            f"py-spy: {prof['side']} {prof['rpc']} {prof['protocol']} ({prof['samples']} samples;"
+            f" children {prof.get('children_ms_per_req', 0)} ms/req not sampled)",
+            ["layer", "% samples", "ms/req"],
+            [(layer, pct, costs.get(layer, "")) for layer, pct in prof["pct"].items()],
+        )
 
 
 if __name__ == "__main__":

@@ -297,14 +297,15 @@ def py_spy() -> str:
     return found
 
 
-def profile_load(
-    daemon: Daemon, root: Path, rpc: str, proto: Protocol, body: Path, shape: Shape, seconds: float, top: int
-) -> dict[str, Any]:
-    """py-spy on the daemon for `seconds` while h2load keeps it busy."""
-    rate = 250
-    raw = root / f"profile-{rpc}-{proto.name}.txt"
+PROFILE_RATE = 250  # py-spy samples per second
+
+
+def record_profile(
+    url: str, pid: int, raw: Path, rpc: str, proto: Protocol, body: Path, shape: Shape, seconds: float
+) -> str:
+    """py-spy on process `pid` for `seconds` while h2load keeps it busy; its collapsed stacks."""
     load = subprocess.Popen(
-        h2load_argv(daemon.url, rpc, proto, body, shape, seconds + 2),
+        h2load_argv(url, rpc, proto, body, shape, seconds + 2),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -315,11 +316,11 @@ def profile_load(
                 py_spy(),
                 "record",
                 "--pid",
-                str(daemon_pid(daemon)),
+                str(pid),
                 "--duration",
                 f"{seconds:g}",
                 "--rate",
-                str(rate),
+                str(PROFILE_RATE),
                 "--format",
                 "raw",
                 "--nonblocking",
@@ -332,7 +333,16 @@ def profile_load(
         )
     finally:
         load.wait(timeout=seconds + 60)
-    return {"rpc": rpc, "protocol": proto.name, **summarise_profile(raw.read_text(), seconds, rate, top)}
+    return raw.read_text()
+
+
+def profile_load(
+    daemon: Daemon, root: Path, rpc: str, proto: Protocol, body: Path, shape: Shape, seconds: float, top: int
+) -> dict[str, Any]:
+    """py-spy on the daemon for `seconds` while h2load keeps it busy."""
+    raw = root / f"profile-{rpc}-{proto.name}.txt"
+    text = record_profile(daemon.url, daemon_pid(daemon), raw, rpc, proto, body, shape, seconds)
+    return {"rpc": rpc, "protocol": proto.name, **summarise_profile(text, seconds, PROFILE_RATE, top)}
 
 
 # ---- the benchmark --------------------------------------------------------------------------------
