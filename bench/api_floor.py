@@ -78,7 +78,7 @@ RUNNING_CONFIG = {
     "network": [{"interface_id": "eth0"}],
     "metadata": {"team": "bench", "purpose": "api-floor"},
 }
-SIDES = ("daemon", "floor", "bare")
+SIDES = ("daemon", "floor", "bare", "floor-pyvoy", "bare-pyvoy")
 
 
 @dataclass(frozen=True)
@@ -120,17 +120,19 @@ def process_cpu(pid: int) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def floor_server(root: Path, responses: Path, *, bare: bool) -> Iterator[Server]:
+def floor_server(root: Path, responses: Path, name: str) -> Iterator[Server]:
+    """A floor side: `floor` or `bare`, on hypercorn or (`-pyvoy`) on pyvoy, whose Envoy child
+    process is the one measured."""
     port = free_port()
-    name = "bare" if bare else "floor"
+    kind, _, server = name.partition("-")
     argv = [sys.executable, "-m", "bench.floor_app", "--listen", f"127.0.0.1:{port}", "--responses"]
-    argv += [str(responses), *(["--bare"] if bare else [])]
+    argv += [str(responses), *(["--bare"] if kind == "bare" else []), "--server", server or "hypercorn"]
     with (root / f"{name}.log").open("ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_listening(proc, url)
-        yield Server(name, url, proc.pid)
+        yield Server(name, url, only_child(proc.pid) if server else proc.pid)
     finally:
         proc.terminate()
         try:
@@ -138,6 +140,13 @@ def floor_server(root: Path, responses: Path, *, bare: bool) -> Iterator[Server]
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def only_child(pid: int) -> int:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    if len(children) != 1:
+        raise RuntimeError(f"expected one child process of {pid}, found {children}")
+    return int(children[0])
 
 
 def wait_listening(proc: subprocess.Popen[bytes], url: str, timeout: float = 30.0) -> None:
@@ -266,7 +275,7 @@ def servers_for(
             if side == "daemon":
                 out.append(daemon_server)
             else:
-                server = stack.enter_context(floor_server(root, responses, bare=side == "bare"))
+                server = stack.enter_context(floor_server(root, responses, side))
                 check_floor(server, responses)
                 out.append(server)
         yield out

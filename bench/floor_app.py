@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,11 +88,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen", required=True, help="HOST:PORT")
     p.add_argument("--responses", type=Path, required=True, help="dir with GetVmInfo.bin and ListVms.bin")
     p.add_argument("--bare", action="store_true", help="connectrpc alone: no middleware, no interceptors")
+    p.add_argument("--server", choices=("hypercorn", "pyvoy"), default="hypercorn")
     args = p.parse_args(argv)
+    if args.server == "pyvoy":
+        asyncio.run(serve_pyvoy(args.listen, args.responses.resolve(), bare=args.bare))
+        return 0
     settings = load_settings(listen=args.listen)
     configure_logging("json", "info")  # as the benchmark's daemon logs: one line per call
     asyncio.run(serve_api(build_app(args.responses, bare=args.bare), settings))
     return 0
+
+
+async def serve_pyvoy(listen: str, responses: Path, *, bare: bool) -> None:
+    """The same application inside pyvoy's Envoy (a child process: its CPU is the floor's), on
+    the standard asyncio loop and one worker thread, until SIGTERM."""
+    from pyvoy import PyvoyServer
+
+    host, _, port = listen.rpartition(":")
+    env = {"BENCH_FLOOR_RESPONSES": str(responses), "BENCH_FLOOR_BARE": "1" if bare else "0"}
+    server = PyvoyServer(
+        "bench.floor_pyvoy:app",
+        address=host,
+        port=int(port),
+        loop="asyncio",
+        worker_threads=1,
+        env=env,
+        stdout=None,
+        stderr=None,
+    )
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with server:
+        await stop.wait()
 
 
 if __name__ == "__main__":
