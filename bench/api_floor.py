@@ -316,7 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         bodies = write_bodies(root, running)
         daemon_server = Server("daemon", daemon.url, daemon.proc.pid)
         for stored in sizes:
+            # Seeded with the daemon stopped (it re-adopts the running VM at start): a daemon reading
+            # while another process writes its file may keep reading an older snapshot.
+            daemon.stop()
             shutdown = seed_rows(daemon.data_dir / "metald.db", template, stored)
+            daemon.start()
+            assert daemon.proc is not None
+            daemon_server.pid = daemon.proc.pid
+            rpc.info(running)  # re-adopted and answering
             responses = root / f"responses-{stored}"
             sizes_bytes[stored] = capture(daemon.url, running, shutdown, responses)
             print(
@@ -376,7 +383,7 @@ def profile_all(
     out = []
     for (rpc, proto_name), body in bodies.items():
         proto = next(x for x in PROTOCOLS if x.name == proto_name)
-        for server in servers:
+        for server in (s for s in servers if not s.name.endswith("-pyvoy")):  # py-spy: hypercorn sides
             raw = root / f"profile-{server.name}-{rpc}-{proto_name}.txt"
             text = record_profile(server.url, server.pid, raw, rpc, proto, body, shape, seconds)
             top = summarise_profile(text, seconds, PROFILE_RATE, 25)
