@@ -255,6 +255,23 @@ def rotated(sides: Sequence[Server], i: int) -> list[Server]:
 # ---- the benchmark --------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def stocked_daemon(
+    data_dir: Path, assets: Path, stored: int, index: int
+) -> Iterator[tuple[Server, str, int]]:
+    """A daemon of its own for one size: one RUNNING VM with a NIC (booted through the API), a
+    CreateVm'd template, and copies of the template written into its SQLite file before any load
+    (a daemon that has been reading may keep an older snapshot of a file others write)."""
+    limits = ("--max-vms-per-customer", "0", "--max-vms", "0")
+    with own_daemon(data_dir, assets.resolve(), *limits, name=f"bench-{index:03d}") as daemon:
+        assert daemon.proc is not None
+        rpc = bench_rpc(daemon)
+        running = rpc.create(RUNNING_CONFIG)
+        rpc.ok("BootVm", {"vm_id": running, "wait_for_ready": True, "wait_timeout_seconds": 300})
+        shutdown = seed_rows(daemon.data_dir / "metald.db", rpc.create(dict(SEED_CONFIG)), stored)
+        yield Server("daemon", daemon.url, daemon.proc.pid), running, shutdown
+
+
 def write_bodies(root: Path, vm_id: str) -> dict[tuple[str, str], Path]:
     bodies = {}
     for rpc, request in requests_for(vm_id).items():
@@ -303,59 +320,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[Run] = []
     profiles: list[dict[str, Any]] = []
     sizes_bytes: dict[int, dict[str, int]] = {}
-    limits = ("--max-vms-per-customer", "0", "--max-vms", "0")
-    with (
-        workdir(args.workdir) as root,
-        own_daemon(root / "daemon", args.assets_dir.resolve(), *limits, name="bench-api") as daemon,
-    ):
-        assert daemon.proc is not None
-        rpc = bench_rpc(daemon)
-        running = rpc.create(RUNNING_CONFIG)
-        rpc.ok("BootVm", {"vm_id": running, "wait_for_ready": True, "wait_timeout_seconds": 300})
-        template = rpc.create(dict(SEED_CONFIG))
-        bodies = write_bodies(root, running)
-        daemon_server = Server("daemon", daemon.url, daemon.proc.pid)
-        for stored in sizes:
-            # Seeded with the daemon stopped (it re-adopts the running VM at start): a daemon reading
-            # while another process writes its file may keep reading an older snapshot.
-            daemon.stop()
-            shutdown = seed_rows(daemon.data_dir / "metald.db", template, stored)
-            daemon.start()
-            assert daemon.proc is not None
-            daemon_server.pid = daemon.proc.pid
-            rpc.info(running)  # re-adopted and answering
-            responses = root / f"responses-{stored}"
-            sizes_bytes[stored] = capture(daemon.url, running, shutdown, responses)
-            print(
-                f"stored {stored} VMs ({shutdown} SHUTDOWN); response bytes {sizes_bytes[stored]}", flush=True
-            )
-            with servers_for(root, responses, daemon_server, sides) as servers:
-                for server in servers:  # warm every path once, unmeasured
-                    for (rpc_name, proto_name), body in bodies.items():
-                        proto = next(x for x in PROTOCOLS if x.name == proto_name)
-                        subprocess.run(
-                            h2load_argv(server.url, rpc_name, proto, body, shapes[0], 0.3, warm_up=0),
-                            capture_output=True,
-                            check=True,
-                        )
-                for rnd in range(args.rounds):
-                    for (rpc_name, proto_name), body in bodies.items():
-                        proto = next(x for x in PROTOCOLS if x.name == proto_name)
-                        for shape in shapes:
-                            meta = {"stored": stored, "rpc": rpc_name, "protocol": proto_name}
-                            meta |= {"shape": shape.name, "round": rnd}
-                            for server in rotated(servers, rnd + len(runs)):
-                                r = measure(server, rpc_name, proto, body, shape, args.duration, meta)
-                                runs.append(r)
-                                print(
-                                    f"  {stored:>6} {rpc_name:<9} {proto_name:<13} {shape.name:<8}"
-                                    f" {server.name:<6} {r.req_per_s:7.0f} req/s  p50 {r.p50_ms:6.2f} ms"
-                                    f"  CPU {r.cpu_ms_per_req:6.3f} ms/req (children {r.child_cpu_ms_per_req:.3f})"
-                                    f"  failed {r.failed}  load {r.loadavg_1m:.1f}",
-                                    flush=True,
-                                )
-                if args.profile and stored == sizes[-1]:
-                    profiles = profile_all(root, servers, bodies, shapes[0], args.profile_seconds)
+    with workdir(args.workdir) as root:
+        for i, stored in enumerate(sizes):
+            with stocked_daemon(root / f"daemon-{stored}", args.assets_dir, stored, i) as (
+                daemon_server,
+                running,
+                shutdown,
+            ):
+                bodies = write_bodies(root, running)
+                responses = root / f"responses-{stored}"
+                sizes_bytes[stored] = capture(daemon_server.url, running, shutdown, responses)
+                print(
+                    f"stored {stored} VMs ({shutdown} SHUTDOWN); response bytes {sizes_bytes[stored]}",
+                    flush=True,
+                )
+                with servers_for(root, responses, daemon_server, sides) as servers:
+                    for server in servers:  # warm every path once, unmeasured
+                        for (rpc_name, proto_name), body in bodies.items():
+                            proto = next(x for x in PROTOCOLS if x.name == proto_name)
+                            subprocess.run(
+                                h2load_argv(server.url, rpc_name, proto, body, shapes[0], 0.3, warm_up=0),
+                                capture_output=True,
+                                check=True,
+                            )
+                    for rnd in range(args.rounds):
+                        for (rpc_name, proto_name), body in bodies.items():
+                            proto = next(x for x in PROTOCOLS if x.name == proto_name)
+                            for shape in shapes:
+                                meta = {"stored": stored, "rpc": rpc_name, "protocol": proto_name}
+                                meta |= {"shape": shape.name, "round": rnd}
+                                for server in rotated(servers, rnd + len(runs)):
+                                    r = measure(server, rpc_name, proto, body, shape, args.duration, meta)
+                                    runs.append(r)
+                                    print(
+                                        f"  {stored:>6} {rpc_name:<9} {proto_name:<13} {shape.name:<8}"
+                                        f" {server.name:<6} {r.req_per_s:7.0f} req/s  p50 {r.p50_ms:6.2f} ms"
+                                        f"  CPU {r.cpu_ms_per_req:6.3f} ms/req (children {r.child_cpu_ms_per_req:.3f})"
+                                        f"  failed {r.failed}  load {r.loadavg_1m:.1f}",
+                                        flush=True,
+                                    )
+                    if args.profile and stored == sizes[-1]:
+                        profiles = profile_all(root, servers, bodies, shapes[0], args.profile_seconds)
     summary = summarise(runs, sides)
     attach_costs(profiles, summary)
     report(summary, profiles)
