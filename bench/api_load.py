@@ -127,11 +127,17 @@ class LoadResult:
 # ---- the load generator -------------------------------------------------------------------------
 
 
-def h2load_argv(url: str, rpc: str, proto: Protocol, body: Path, shape: Shape, seconds: float) -> list[str]:
+def h2load_argv(
+    url: str, rpc: str, proto: Protocol, body: Path, shape: Shape, seconds: float, warm_up: float = 1
+) -> list[str]:
     headers = [f"authorization: Bearer {token(CUSTOMER)}", *proto.headers]
     return [
         "h2load",
-        *("-D", f"{seconds:g}", "--warm-up-time", "1"),
+        *(
+            "-D",
+            f"{round(seconds * 1000)}ms",
+            *(("--warm-up-time", f"{round(warm_up * 1000)}ms") if warm_up else ()),
+        ),
         *("-c", str(shape.clients), "-m", str(shape.streams), "-t", "1"),
         *(arg for h in headers for arg in ("-H", h)),
         *("-d", str(body)),
@@ -186,16 +192,16 @@ def run_load(
 # ---- requests, checked once by independent clients before any load ------------------------------------
 
 
-def check_request(daemon: Daemon, rpc: str, proto: Protocol, request: Any, response_type: Any) -> Any:
+def check_request(url: str, rpc: str, proto: Protocol, request: Any, response_type: Any) -> Any:
     """Send the exact request body once (grpcio for gRPC, httpx for Connect); return the decoded response."""
     metadata = (("authorization", f"Bearer {token(CUSTOMER)}"),)
     if proto.name == "grpc":
-        with grpc.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
+        with grpc.insecure_channel(url.removeprefix("http://")) as channel:
             call = channel.unary_unary(f"/{SERVICE}/{rpc}")
             return response_type.from_binary(call(request.to_binary(), metadata=metadata, timeout=30))
     content_type = proto.headers[0].split(": ", 1)[1]
     resp = httpx.post(
-        f"{daemon.url}/{SERVICE}/{rpc}",
+        f"{url}/{SERVICE}/{rpc}",
         content=proto.encode(request),
         headers={"authorization": metadata[0][1], "content-type": content_type},
         timeout=30,
@@ -224,7 +230,7 @@ def write_bodies(daemon: Daemon, root: Path, vm_id: str, stored: int) -> dict[tu
     bodies = {}
     for rpc, (request, response_type, good) in cases.items():
         for proto in PROTOCOLS:
-            if not good(check_request(daemon, rpc, proto, request, response_type)):
+            if not good(check_request(daemon.url, rpc, proto, request, response_type)):
                 raise RuntimeError(f"{rpc} over {proto.name} gave an unexpected answer")
             path = root / f"{rpc}-{proto.name}.body"
             path.write_bytes(proto.encode(request))
@@ -291,14 +297,15 @@ def py_spy() -> str:
     return found
 
 
-def profile_load(
-    daemon: Daemon, root: Path, rpc: str, proto: Protocol, body: Path, shape: Shape, seconds: float, top: int
-) -> dict[str, Any]:
-    """py-spy on the daemon for `seconds` while h2load keeps it busy."""
-    rate = 250
-    raw = root / f"profile-{rpc}-{proto.name}.txt"
+PROFILE_RATE = 250  # py-spy samples per second
+
+
+def record_profile(
+    url: str, pid: int, raw: Path, rpc: str, proto: Protocol, body: Path, shape: Shape, seconds: float
+) -> str:
+    """py-spy on process `pid` for `seconds` while h2load keeps it busy; its collapsed stacks."""
     load = subprocess.Popen(
-        h2load_argv(daemon.url, rpc, proto, body, shape, seconds + 2),
+        h2load_argv(url, rpc, proto, body, shape, seconds + 2),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -309,11 +316,11 @@ def profile_load(
                 py_spy(),
                 "record",
                 "--pid",
-                str(daemon_pid(daemon)),
+                str(pid),
                 "--duration",
                 f"{seconds:g}",
                 "--rate",
-                str(rate),
+                str(PROFILE_RATE),
                 "--format",
                 "raw",
                 "--nonblocking",
@@ -326,7 +333,16 @@ def profile_load(
         )
     finally:
         load.wait(timeout=seconds + 60)
-    return {"rpc": rpc, "protocol": proto.name, **summarise_profile(raw.read_text(), seconds, rate, top)}
+    return raw.read_text()
+
+
+def profile_load(
+    daemon: Daemon, root: Path, rpc: str, proto: Protocol, body: Path, shape: Shape, seconds: float, top: int
+) -> dict[str, Any]:
+    """py-spy on the daemon for `seconds` while h2load keeps it busy."""
+    raw = root / f"profile-{rpc}-{proto.name}.txt"
+    text = record_profile(daemon.url, daemon_pid(daemon), raw, rpc, proto, body, shape, seconds)
+    return {"rpc": rpc, "protocol": proto.name, **summarise_profile(text, seconds, PROFILE_RATE, top)}
 
 
 # ---- the benchmark --------------------------------------------------------------------------------

@@ -45,7 +45,18 @@ from tests.support.rpc import Rpc
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
-DEFAULT_ASSETS = REPO / "var" / "test-assets"
+
+
+def _default_assets() -> Path:
+    """As the tests find it: METALD_TEST_ASSETS, var/test-assets, or the daemon's default image dir."""
+    given = os.environ.get("METALD_TEST_ASSETS")
+    if given:
+        return Path(given)
+    local = REPO / "var" / "test-assets"
+    return local if local.is_dir() else Path("/var/lib/metald/assets")
+
+
+DEFAULT_ASSETS = _default_assets()
 QEMU = "qemu-system-x86_64"  # the daemon's defaults (--qemu-binary, --qemu-img-binary)
 QEMU_IMG = "qemu-img"
 HAND_RAM = RamFile(Path("/dev/shm/metald-bench"))

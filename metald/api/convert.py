@@ -4,6 +4,7 @@ walk over the dataclass fields; only the message class of each nested field is n
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -81,9 +82,23 @@ def config_from_proto(message: pb.VmConfig | None) -> model.VmConfig:
     return config
 
 
+# id(config) -> (config, its message). The store hands out one VmConfig object per stored row (a
+# config is frozen and never changes after CreateVm), so a listing converts each config once, not
+# on every page. The entry holds the config, so its id cannot be reused while the entry lives.
+_CONFIG_MESSAGES: OrderedDict[int, tuple[model.VmConfig, pb.VmConfig]] = OrderedDict()
+_CONFIG_MESSAGES_MAX = 20_000
+
+
 def config_to_proto(config: model.VmConfig) -> pb.VmConfig:
+    """The message of a config; the same object for the same config: never mutate it."""
+    entry = _CONFIG_MESSAGES.get(id(config))
+    if entry is not None and entry[0] is config:
+        return entry[1]
     message = _to_proto(config, pb.VmConfig)
     assert isinstance(message, pb.VmConfig)
+    _CONFIG_MESSAGES[id(config)] = (config, message)
+    if len(_CONFIG_MESSAGES) > _CONFIG_MESSAGES_MAX:
+        _CONFIG_MESSAGES.popitem(last=False)
     return message
 
 
