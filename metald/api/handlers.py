@@ -96,6 +96,7 @@ def info_to_proto(details: VmDetails) -> pb.GetVmInfoResponse:
         )
     if vm.shutdown_reason:
         backend_info["shutdown_reason"] = vm.shutdown_reason
+    backend_info.update(details.backend_info)
     network_info = None
     if network is not None:
         network_info = pb.VmNetworkInfo(
