@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -150,3 +151,49 @@ class Fleet:
             proxy.close()
         self.net.destroy()
         self.pg.destroy()
+
+
+class FleetRpc:
+    """Connect-JSON calls to a gateway as a customer, or to a host as the gateway would."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.http = httpx.Client(timeout=60)
+
+    def call(self, url: str, method: str, body: dict[str, Any], token: str) -> httpx.Response:
+        return self.http.post(
+            f"{url}/vmprovisioner.v1.VmService/{method}",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+
+    def gw(self, i: int, method: str, body: dict[str, Any], customer: str) -> httpx.Response:
+        return self.call(self.fleet.gateways[i].url, method, body, f"dev_customer_{customer}")
+
+    def ok(self, i: int, method: str, body: dict[str, Any], customer: str) -> dict[str, Any]:
+        response = self.gw(i, method, body, customer)
+        assert response.status_code == 200, f"{method} -> {response.status_code} {response.text}"
+        result: dict[str, Any] = response.json()
+        return result
+
+    def list_all(self, i: int, customer: str, page_size: int = 1000) -> list[str]:
+        ids: list[str] = []
+        token = ""
+        while True:
+            page = self.ok(i, "ListVms", {"page_size": page_size, "page_token": token}, customer)
+            ids += [vm["vm_id"] for vm in page.get("vms", [])]
+            token = page.get("next_page_token", "")
+            if not token:
+                return ids
+
+    def on_host(self, host: FleetProcess, customer: str) -> list[str]:
+        """The host's own truth: the customer's VMs in its SQLite, asked with a gateway token."""
+        response = self.call(host.url, "ListVms", {"page_size": 1000}, self.fleet.host_token(host, customer))
+        assert response.status_code == 200, response.text
+        return [vm["vm_id"] for vm in response.json().get("vms", [])]
+
+    def truth(self, customer: str) -> dict[str, list[str]]:
+        """host name -> the customer's VM ids there (live hosts only)."""
+        return {
+            h.name: self.on_host(h, customer) for h in self.fleet.hosts if h.proc and h.proc.poll() is None
+        }
