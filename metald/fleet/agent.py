@@ -45,7 +45,8 @@ class HostAgent:
         self._id = identity
         self._heartbeat = heartbeat
         self._lease = lease
-        self._synced: dict[str, Fingerprint] | None = None  # None: write everything at the next beat
+        self._synced: dict[str, Fingerprint] | None = None  # as of the last full success; None: never
+        self._resync = True  # write every record at the next beat (start-up, after a failure)
         self._beats = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -72,7 +73,7 @@ class HostAgent:
                 if connected:
                     log.warning("fleet heartbeat failed (%s); the host runs on and retries", exc)
                 connected = False
-                self._synced = None
+                self._resync = True
             await asyncio.sleep(self._heartbeat)
 
     async def sync_once(self) -> None:
@@ -88,13 +89,15 @@ class HostAgent:
         await inventory.heartbeat(self._db, self._id.host_id, self._id.url, capacity, self._lease)
         current = {vm.vm_id: _fingerprint(vm) for vm in vms}
         previous = self._synced
-        changed = [vm for vm in vms if previous is None or previous.get(vm.vm_id) != current[vm.vm_id]]
+        known = {} if self._resync or previous is None else previous
+        changed = [vm for vm in vms if known.get(vm.vm_id) != current[vm.vm_id]]
         await inventory.upsert_vms(self._db, self._id.host_id, changed)
         if previous is not None:
             await inventory.remove_vms(self._db, self._id.host_id, [i for i in previous if i not in current])
         if previous is None or self._beats % SWEEP_EVERY_BEATS == 0:
             await inventory.sweep_vms(self._db, self._id.host_id, list(current), SWEEP_GRACE_SECONDS)
         self._synced = current
+        self._resync = False
         self._beats += 1
 
 

@@ -31,7 +31,7 @@ def host_unreachable(host_id: str, exc: BaseException) -> MetaldError:
     return MetaldError(
         ErrorCode.UNAVAILABLE,
         f"host {host_id} did not answer ({type(exc).__name__}); the outcome is unknown, retry",
-        reason="HOST_UNREACHABLE",
+        reason="HOST_UNAVAILABLE",  # to a caller the same as a lapsed lease
         metadata={"host_id": host_id},
     )
 
