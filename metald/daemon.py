@@ -12,13 +12,13 @@ from connectrpc.codec import proto_binary_codec
 
 from metald.agent.pool import GuestAgentPool
 from metald.api.app import RootApp, Route
-from metald.api.auth import build_authenticator
+from metald.api.auth import Authenticator, build_host_authenticator
 from metald.api.codec import SnakeCaseJsonCodec
 from metald.api.grpc_health import health_app
 from metald.api.handlers import VmServiceHandler
 from metald.api.health import HealthReporter
 from metald.api.interceptor import AuthInterceptor, ErrorInterceptor
-from metald.api.metrics import Metrics
+from metald.api.metrics import Metrics, StateCounts
 from metald.api.openapi import render as render_openapi
 from metald.api.reflection import reflection_apps
 from metald.api.rest import RestApi
@@ -32,6 +32,9 @@ from metald.domain.paging import PageTokens
 from metald.domain.quotas import Quotas
 from metald.domain.states import ACTIVE_STATES
 from metald.domain.validation import Defaults, Limits
+from metald.fleet.agent import HostAgent, HostIdentity
+from metald.fleet.config import host_fleet_secret
+from metald.fleet.db import FleetDb
 from metald.gen.grpc.health.v1.health_connect import Health
 from metald.gen.vmprovisioner.v1.vm_connect import VmService as VmServiceDesc
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
@@ -42,6 +45,7 @@ from metald.service import ServiceOptions, VmService
 from metald.settings import MIB, Settings
 from metald.store.factory import open_store
 from metald.tracing import Tracing
+from metald.usecases import VmUseCases
 
 log = logging.getLogger("metald")
 
@@ -90,9 +94,60 @@ def service_options(settings: Settings) -> ServiceOptions:
     )
 
 
+def build_app(
+    *,
+    usecases: VmUseCases,
+    authenticator: Authenticator,
+    metrics: Metrics,
+    health: HealthReporter,
+    counts: StateCounts,
+    settings: Settings,
+    tracing: Tracing,
+) -> RootApp:
+    """The API around any VmUseCases (a host's service, a fleet gateway): Connect, gRPC, gRPC-Web,
+    REST, gRPC health, reflection, /health, /metrics and /openapi.json."""
+    connect_app = VmServiceASGIApplication(
+        VmServiceHandler(usecases),
+        interceptors=tracing.around([AuthInterceptor(authenticator, metrics), ErrorInterceptor()]),
+        read_max_bytes=settings.max_request_bytes,
+        codecs=[proto_binary_codec(), SnakeCaseJsonCodec()],
+    )
+    vm_app = ReferenceStatusMiddleware(connect_app)
+    rest = RestApi(
+        rpc_app=vm_app,
+        authenticator=authenticator,
+        usecases=usecases,
+        max_request_bytes=settings.max_request_bytes,
+    )
+    return RootApp(
+        routes=[
+            Route.service(connect_app, vm_app),
+            Route.service(health_app(health, [VmServiceDesc.desc().type_name])),
+            *map(Route.service, reflection_apps(VmServiceDesc.desc(), Health.desc())),
+            Route("/v1/", rest),
+        ],
+        health=health,
+        metrics=metrics,
+        store=counts,
+        openapi=render_openapi().encode(),
+    )
+
+
+def host_identity(settings: Settings) -> HostIdentity:
+    quotas = service_options(settings).quotas
+    return HostIdentity(
+        settings.fleet_host_id,
+        settings.fleet_advertise_url.rstrip("/"),
+        quotas.max_host_vcpus,
+        quotas.max_host_memory_bytes,
+        quotas.max_vms,
+    )
+
+
 async def run(settings: Settings) -> None:
     configure_logging(settings.log_format, settings.log_level)
-    authenticator = build_authenticator(settings)
+    fleet_secret = host_fleet_secret(settings)
+    authenticator = build_host_authenticator(settings, fleet_secret)
     settings.vms_dir.mkdir(parents=True, exist_ok=True)
     tracing = Tracing.from_env(os.environ)
     async with AsyncExitStack() as stack:
@@ -134,33 +189,29 @@ async def run(settings: Settings) -> None:
         }
         if network is not None:
             checks["network"] = network.ping
-        connect_app = VmServiceASGIApplication(
-            VmServiceHandler(service),
-            interceptors=tracing.around([AuthInterceptor(authenticator, metrics), ErrorInterceptor()]),
-            read_max_bytes=settings.max_request_bytes,
-            codecs=[proto_binary_codec(), SnakeCaseJsonCodec()],
-        )
         health = HealthReporter(
             backend_type=backend.capabilities.backend_type, checks=checks, data_dir=settings.data_dir
         )
-        vm_app = ReferenceStatusMiddleware(connect_app)
-        rest = RestApi(
-            rpc_app=vm_app,
-            authenticator=authenticator,
+        if fleet_secret is not None:
+            fleet_agent = HostAgent(
+                FleetDb(
+                    settings.fleet_dsn, max_size=2, application_name=f"metald-host-{settings.fleet_host_id}"
+                ),
+                store.vms,
+                host_identity(settings),
+                heartbeat=settings.fleet_heartbeat_seconds,
+                lease=settings.fleet_lease_seconds,
+            )
+            await fleet_agent.start()
+            stack.push_async_callback(fleet_agent.close)
+        app = build_app(
             usecases=service,
-            max_request_bytes=settings.max_request_bytes,
-        )
-        app = RootApp(
-            routes=[
-                Route.service(connect_app, vm_app),
-                Route.service(health_app(health, [VmServiceDesc.desc().type_name])),
-                *map(Route.service, reflection_apps(VmServiceDesc.desc(), Health.desc())),
-                Route("/v1/", rest),
-            ],
-            health=health,
+            authenticator=authenticator,
             metrics=metrics,
-            store=store.vms,
-            openapi=render_openapi().encode(),
+            health=health,
+            counts=store.vms,
+            settings=settings,
+            tracing=tracing,
         )
         await serve_api(app, settings)
         if settings.stop_vms_on_exit:

@@ -123,6 +123,19 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="longest accepted ExecVm timeout_seconds"
     )
 
+    # --- fleet (docs/fleet.md) ---
+    fleet_dsn: str = Field("", description="PostgreSQL DSN of the fleet inventory; empty: a lone host")
+    fleet_host_id: str = Field("", description="this host's name in the fleet (fleet mode)")
+    fleet_advertise_url: str = Field("", description="http://ADDR:PORT gateways reach this host at")
+    fleet_secret_file: Path | None = Field(
+        None, description="file with the shared fleet secret (>= 32 bytes)"
+    )
+    fleet_allow_direct_calls: bool = Field(
+        False, description="in fleet mode, also accept customer credentials sent straight to this host"
+    )
+    fleet_heartbeat_seconds: float = Field(5.0, gt=0, description="how often a host renews its lease")
+    fleet_lease_seconds: float = Field(15.0, gt=0, description="a host without a heartbeat this long is down")
+
     config_file: Path | None = Field(None, description="TOML file with these settings")
 
     @property

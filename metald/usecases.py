@@ -24,6 +24,8 @@ class VmDetails:
     runtime: VmRuntime | None
     metrics: VmMetrics
     network: NetworkAttachment | None
+    # More backend_info entries: a fleet gateway passes on the host's and adds the host id.
+    backend_info: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

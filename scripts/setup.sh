@@ -13,6 +13,7 @@ APT_PACKAGES=(
   e2fsprogs kmod lz4 xz-utils zstd      # guest image: mkfs.ext4 -d, depmod, kernel decompression
   python3 python3-venv python3-dev gcc  # the daemon
   curl ca-certificates nghttp2-client   # health checks, tests, h2load for bench/
+  postgresql                            # the fleet inventory; tests run their own throwaway cluster
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

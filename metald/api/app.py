@@ -10,8 +10,7 @@ from connectrpc.server import ConnectASGIApplication
 
 from metald.api.asgi import ASGIApp, Receive, Scope, Send, send_bytes, send_json
 from metald.api.health import HealthReporter
-from metald.api.metrics import Metrics
-from metald.ports import VmRecords
+from metald.api.metrics import Metrics, StateCounts
 
 CONTENT_TYPE_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -36,7 +35,7 @@ class RootApp:
         routes: list[Route],
         health: HealthReporter,
         metrics: Metrics,
-        store: VmRecords,
+        store: StateCounts,
         openapi: bytes,
     ) -> None:
         self._routes = routes

@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.domain.ids import CUSTOMER_ID_PATTERN
+from metald.fleet.tokens import GATEWAY_TOKEN_PREFIX, GatewayTokens, InvalidGatewayToken
 from metald.settings import Settings
 
 log = logging.getLogger("metald.auth")
@@ -294,3 +295,39 @@ def build_authenticator(settings: Settings) -> Authenticator:
         customer_claim=settings.jwt_customer_claim,
         leeway=settings.jwt_leeway_seconds,
     )
+
+
+# ---- fleet hosts --------------------------------------------------------------------------------
+
+
+class FleetHostAuthenticator:
+    """A host in fleet mode: a gateway token (signed with the fleet secret, for this host) names the
+    customer; customer credentials count only when direct calls are allowed (`direct`), and are
+    never taken for a gateway token."""
+
+    def __init__(self, tokens: GatewayTokens, host_id: str, direct: Authenticator | None) -> None:
+        self._tokens = tokens
+        self._host_id = host_id
+        self._direct = direct
+
+    def authenticate(self, headers: Mapping[str, str], peer: Peer) -> str:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip().startswith(GATEWAY_TOKEN_PREFIX):
+            try:
+                return self._tokens.verify(token.strip()[:MAX_TOKEN_LENGTH], self._host_id)
+            except InvalidGatewayToken as exc:
+                log.debug("gateway token refused: %s", exc)
+                raise unauthenticated() from None
+        if self._direct is None:
+            raise unauthenticated()
+        return self._direct.authenticate(headers, peer)
+
+
+def build_host_authenticator(settings: Settings, fleet_secret: bytes | None) -> Authenticator:
+    """build_authenticator's, or in fleet mode (a fleet secret) the FleetHostAuthenticator around it."""
+    if fleet_secret is None:
+        return build_authenticator(settings)
+    direct = build_authenticator(settings) if settings.fleet_allow_direct_calls else None
+    if direct is None:
+        _check_tls_settings(settings)
+    return FleetHostAuthenticator(GatewayTokens(fleet_secret), settings.fleet_host_id, direct)

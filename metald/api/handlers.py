@@ -170,6 +170,7 @@ def info_to_proto(details: VmDetails) -> pb.GetVmInfoResponse:
         backend_info["shutdown_reason"] = vm.shutdown_reason
     if vm.snapshot_id:
         backend_info["restored_from"] = vm.snapshot_id
+    backend_info.update(details.backend_info)
     network_info = None
     if network is not None:
         network_info = pb.VmNetworkInfo(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -16,7 +18,13 @@ from prometheus_client import (
 
 from metald import __version__
 from metald.domain.states import VmState
-from metald.ports import VmRecords
+
+
+class StateCounts(Protocol):
+    """What /metrics reads VM counts from: a host's store, or the fleet inventory."""
+
+    async def state_counts(self) -> dict[tuple[str, VmState], int]: ...
+
 
 PREFIX = "unkey_metald"
 # RPC name -> the metric stem: unkey_metald_vm_<stem>_{requests_total,failures_total,duration_seconds}
@@ -113,7 +121,7 @@ class Metrics:
         self._snapshot_pause.labels(backend=backend_type).observe(paused_seconds)
 
     # ---- scrape ----
-    async def render(self, store: VmRecords) -> bytes:
+    async def render(self, store: StateCounts) -> bytes:
         counts = await store.state_counts()
         per_state = dict.fromkeys(VmState, 0)
         per_customer: dict[str, int] = {}

@@ -29,8 +29,20 @@ def _flag_type(annotation: object) -> object:
     return annotation if annotation in (int, float, Path) else str
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+# The settings a fleet gateway uses (it runs no VMs: no backend, store or network settings).
+GATEWAY_SETTINGS = (
+    "listen", "log_format", "log_level", "auth_mode", "insecure_dev_auth", "jwt_secret", "jwt_jwks_file",
+    "jwt_audience", "jwt_issuer", "jwt_customer_claim", "jwt_leeway_seconds", "tls_cert", "tls_key",
+    "tls_client_ca", "default_vcpus", "default_memory_mib", "max_vms_per_customer",
+    "max_vcpus_per_customer", "max_memory_mib_per_customer", "max_request_bytes", "max_metadata_entries",
+    "max_kernel_args_length", "fleet_dsn", "fleet_secret_file", "config_file",
+)  # fmt: skip
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, only: Sequence[str] = ()) -> None:
     for name, field in Settings.model_fields.items():
+        if only and name not in only:
+            continue
         flag = "--" + name.replace("_", "-")
         env = "METALD_" + name.upper()
         default = field.default
@@ -62,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the VmService API (Connect, gRPC, gRPC-Web, REST)")
     _add_settings_flags(serve)
+    gateway = sub.add_parser(
+        "gateway", help="serve the VmService of a whole fleet (docs/fleet.md): place and forward to hosts"
+    )
+    _add_settings_flags(gateway, GATEWAY_SETTINGS)
     image = sub.add_parser("image", help="guest images")
     image_sub = image.add_subparsers(dest="image_command", required=True)
     build = image_sub.add_parser("build", help="build the default guest from Debian packages")
@@ -75,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
+    if args.command in ("serve", "gateway"):
         overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
         try:
             settings = load_settings(**overrides)
@@ -84,12 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from metald.api.auth import ConfigError
         from metald.daemon import run
+        from metald.fleet.serve import run_gateway
         from metald.store.sqlite_schema import SchemaTooNewError
 
         # One pidfd per VMM supervisor instead of one waiting thread each (Python 3.11's default).
         asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
         try:
-            asyncio.run(run(settings))
+            asyncio.run(run(settings) if args.command == "serve" else run_gateway(settings))
         except (ConfigError, SchemaTooNewError) as exc:
             print(f"metald: {exc}", file=sys.stderr)
             return 2

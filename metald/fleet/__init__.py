@@ -1,0 +1,1 @@
+"""Many hosts behind one API: the shared inventory in PostgreSQL, the host agent, the gateway."""

@@ -1,0 +1,290 @@
+"""The fleet gateway's use cases: VmUseCases over many hosts. Creates are placed and reserved in
+the fleet inventory, then sent to the chosen host; by-id calls go to the owning host; ListVms
+reads the fleet view (every host, one keyset order, last known states of hosts that are down)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
+
+from metald.api.convert import config_from_proto, config_to_proto, state_from_proto
+from metald.client import common
+from metald.domain import ids
+from metald.domain.errors import ErrorCode, MetaldError, invalid, not_found, not_owned
+from metald.domain.model import Vm, VmConfig
+from metald.domain.paging import PageTokens
+from metald.domain.quotas import Quotas, Usage, check_boot
+from metald.domain.states import ACTIVE_STATES, VmState
+from metald.domain.validation import Defaults, Limits, validate_config, with_defaults
+from metald.fleet import inventory
+from metald.fleet.db import FleetDb
+from metald.fleet.forward import HostClients
+from metald.fleet.inventory import VmLocation
+from metald.fleet.metrics import FleetMetrics
+from metald.fleet.placement import host_unavailable, reserve
+from metald.gen.vmprovisioner.v1 import vm_pb as pb
+from metald.ports import InterfaceInfo, NetworkAttachment, VmMetrics
+from metald.service.queries import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from metald.usecases import (
+    ConsoleChunk,
+    ExecCommand,
+    ExecResult,
+    GuestFile,
+    Page,
+    SnapshotPage,
+    SnapshotTaken,
+    VmDetails,
+    WatchItem,
+)
+
+log = logging.getLogger("metald.fleet")
+# Outcomes of a forwarded create after which the VM may exist on the host: keep the reservation
+# (a retry with the same vm_id finishes it there; the host's sweep drops it if it never arrived).
+_UNKNOWN_OUTCOME = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INTERNAL})
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    limits: Limits
+    defaults: Defaults
+    quotas: Quotas  # per-customer limits only: they hold fleet-wide
+
+
+def _datetime(value: Timestamp | None) -> datetime:
+    if value is None:
+        return datetime.now(UTC)
+    return datetime.fromtimestamp(value.seconds + value.nanos / 1e9, UTC)
+
+
+def _unimplemented(rpc: str) -> MetaldError:
+    return MetaldError(
+        ErrorCode.UNIMPLEMENTED,
+        f"{rpc} is not available through the fleet gateway yet",
+        reason="UNIMPLEMENTED",
+    )
+
+
+class FleetGateway:
+    def __init__(
+        self,
+        db: FleetDb,
+        hosts: HostClients,
+        page_tokens: PageTokens,
+        options: GatewayOptions,
+        metrics: FleetMetrics,
+    ) -> None:
+        self._db = db
+        self._hosts = hosts
+        self._tokens = page_tokens
+        self._opts = options
+        self._metrics = metrics
+
+    # ---- routing -------------------------------------------------------------------------------
+
+    async def _route(self, customer_id: str, vm_id: str) -> VmLocation:
+        if not ids.VM_ID_PATTERN.fullmatch(vm_id):
+            raise invalid("vm_id", "must match [A-Za-z0-9_-]{1,64}")
+        location = await inventory.locate(self._db, vm_id)
+        if location is None:
+            raise not_found(vm_id)
+        if location.customer_id != customer_id:
+            raise not_owned(vm_id, customer_id)
+        if not location.host_live:
+            raise host_unavailable(location.host_id, vm_id)
+        return location
+
+    async def _note_state(self, location: VmLocation, state: VmState) -> None:
+        """Keep the fleet view current at once (the host's own sync would within a heartbeat)."""
+        with contextlib.suppress(MetaldError):
+            await inventory.set_state(self._db, location.vm_id, location.host_id, state)
+
+    async def _forward(
+        self, location: VmLocation, customer_id: str, rpc: str, request: Any, **kw: Any
+    ) -> Any:
+        client = self._hosts.rpc(location.url)
+        return await self._hosts.call(location.host_id, customer_id, getattr(client, rpc), request, **kw)
+
+    async def _lifecycle(
+        self, customer_id: str, vm_id: str, rpc: str, request: Any, timeout: float = 60.0
+    ) -> Vm:
+        location = await self._route(customer_id, vm_id)
+        response = await self._forward(location, customer_id, rpc, request, timeout=timeout)
+        state = state_from_proto(response.state)
+        await self._note_state(location, state)
+        now = datetime.now(UTC)
+        return Vm(vm_id, customer_id, VmConfig(), state, now, now)
+
+    # ---- use cases -----------------------------------------------------------------------------
+
+    async def create(
+        self, customer_id: str, vm_id: str, config: VmConfig, claimed_customer: str, snapshot_id: str = ""
+    ) -> Vm:
+        if snapshot_id:
+            raise _unimplemented("CreateVm of a clone")
+        if claimed_customer and claimed_customer != customer_id:
+            raise MetaldError(
+                ErrorCode.PERMISSION_DENIED,
+                "customer_id does not match the authenticated customer",
+                reason="CUSTOMER_MISMATCH",
+                metadata={"customer_id": customer_id},
+            )
+        vm_id = ids.check_vm_id(vm_id) if vm_id else ids.new_vm_id()
+        validate_config(config, self._opts.limits)
+        now = datetime.now(UTC)
+        sized = Vm(vm_id, customer_id, with_defaults(config, self._opts.defaults), VmState.CREATED, now, now)
+        try:
+            placement = await reserve(self._db, sized, self._opts.quotas)
+        except MetaldError as exc:
+            self._metrics.placed("", exc.reason.lower() or exc.code.value)
+            raise
+        location = VmLocation(vm_id, customer_id, placement.host_id, placement.url, True, True)
+        request = pb.CreateVmRequest(vm_id=vm_id, config=config_to_proto(config))
+        try:
+            response = await self._forward(location, customer_id, "create_vm", request)
+        except MetaldError as exc:
+            self._metrics.placed(placement.host_id, exc.code.value)
+            if exc.code not in _UNKNOWN_OUTCOME and exc.reason != "VM_EXISTS":
+                with contextlib.suppress(MetaldError):  # it was refused: nothing to keep
+                    await inventory.forget_reservation(self._db, vm_id, placement.host_id)
+            raise
+        self._metrics.placed(placement.host_id, "retried" if placement.retried else "placed")
+        state = state_from_proto(response.state)
+        await self._note_state(location, state)
+        return replace(sized, state=state)
+
+    async def boot(self, customer_id: str, vm_id: str, *, wait_for_ready: bool, wait_timeout: float) -> Vm:
+        location = await self._route(customer_id, vm_id)
+        if location.state not in ACTIVE_STATES:
+            await self._check_boot_quota(customer_id, location)
+        request = pb.BootVmRequest(
+            vm_id=vm_id, wait_for_ready=wait_for_ready, wait_timeout_seconds=int(wait_timeout)
+        )
+        timeout = common.boot_timeout(wait_for_ready, int(wait_timeout), 60.0)
+        return await self._lifecycle(customer_id, vm_id, "boot_vm", request, timeout)
+
+    async def _check_boot_quota(self, customer_id: str, location: VmLocation) -> None:
+        running = Usage(*await inventory.customer_usage(self._db, customer_id, sorted(ACTIVE_STATES)))
+        check_boot(self._opts.quotas, running, Usage(0, 0, 0), location.vcpus, location.memory_bytes)
+
+    async def pause(self, customer_id: str, vm_id: str) -> Vm:
+        return await self._lifecycle(customer_id, vm_id, "pause_vm", pb.PauseVmRequest(vm_id=vm_id))
+
+    async def resume(self, customer_id: str, vm_id: str) -> Vm:
+        return await self._lifecycle(customer_id, vm_id, "resume_vm", pb.ResumeVmRequest(vm_id=vm_id))
+
+    async def reboot(self, customer_id: str, vm_id: str, *, force: bool) -> Vm:
+        request = pb.RebootVmRequest(vm_id=vm_id, force=force)
+        return await self._lifecycle(customer_id, vm_id, "reboot_vm", request)
+
+    async def shutdown(self, customer_id: str, vm_id: str, *, force: bool, timeout_seconds: float) -> Vm:
+        request = pb.ShutdownVmRequest(vm_id=vm_id, force=force, timeout_seconds=int(timeout_seconds))
+        timeout = common.shutdown_timeout(force, int(timeout_seconds), 60.0)
+        return await self._lifecycle(customer_id, vm_id, "shutdown_vm", request, timeout)
+
+    async def delete(self, customer_id: str, vm_id: str, *, force: bool) -> None:
+        location = await self._route(customer_id, vm_id)
+        await self._forward(location, customer_id, "delete_vm", pb.DeleteVmRequest(vm_id=vm_id, force=force))
+        with contextlib.suppress(MetaldError):
+            await inventory.forget(self._db, vm_id, location.host_id)
+
+    async def info(self, customer_id: str, vm_id: str) -> VmDetails:
+        location = await self._route(customer_id, vm_id)
+        r = await self._forward(location, customer_id, "get_vm_info", pb.GetVmInfoRequest(vm_id=vm_id))
+        created = _datetime(r.created_at)
+        vm = Vm(vm_id, customer_id, config_from_proto(r.config), state_from_proto(r.state), created, created)
+        m = r.metrics or pb.VmMetrics()
+        metrics = VmMetrics(
+            m.cpu_time_nanos,
+            m.memory_usage_bytes,
+            m.disk_read_bytes,
+            m.disk_write_bytes,
+            m.network_rx_bytes,
+            m.network_tx_bytes,
+        )
+        network = None
+        if r.network_info is not None:
+            interfaces = tuple(
+                InterfaceInfo(
+                    i.interface_id, i.tap_device, i.guest_mac, i.host_device_name, i.guest_ipv4, i.guest_ipv6
+                )
+                for i in r.network_info.interfaces
+            )
+            network = NetworkAttachment(r.network_info.namespace, (), interfaces)
+        backend_info = {**r.backend_info, "host_id": location.host_id}
+        if vm.state != location.state:
+            await self._note_state(location, vm.state)
+        return VmDetails(vm, backend_info.get("backend_type", ""), None, metrics, network, backend_info)
+
+    async def list(
+        self, customer_id: str, states: Sequence[VmState], page_size: int, page_token: str
+    ) -> Page:
+        if page_size < 0:
+            raise invalid("page_size", "must not be negative")
+        if any(s is VmState.UNSPECIFIED for s in states):
+            raise invalid("state_filter", "VM_STATE_UNSPECIFIED is not a state to filter by")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        wanted = sorted(set(states))
+        filter_key = ",".join(str(int(s)) for s in wanted)
+        after = self._tokens.decode(page_token, customer_id, filter_key) if page_token else 0
+        rows, total = await inventory.list_page(self._db, customer_id, wanted, after, size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        token = self._tokens.encode(customer_id, filter_key, rows[-1].seq) if more else ""
+        return Page(rows, token, total)
+
+    async def read_console(self, customer_id: str, vm_id: str, offset: int, limit: int) -> ConsoleChunk:
+        location = await self._route(customer_id, vm_id)
+        return await self._hosts.console(location.host_id, location.url, customer_id, vm_id, offset, limit)
+
+    # ---- inside the guest: forwarded to the VM's host --------------------------------------------
+
+    async def exec(self, customer_id: str, vm_id: str, command: ExecCommand) -> ExecResult:
+        location = await self._route(customer_id, vm_id)
+        request = pb.ExecVmRequest(
+            vm_id=vm_id,
+            command=list(command.argv),
+            env=dict(command.env),
+            stdin=command.stdin,
+            working_dir=command.working_dir,
+            timeout_seconds=int(command.timeout_seconds),
+        )
+        timeout = (command.timeout_seconds or 3600.0) + 30.0
+        r = await self._forward(location, customer_id, "exec_vm", request, timeout=timeout)
+        return ExecResult(r.exit_code, r.stdout, r.stderr, r.timed_out, r.truncated)
+
+    async def write_file(self, customer_id: str, vm_id: str, path: str, content: bytes, mode: int) -> None:
+        location = await self._route(customer_id, vm_id)
+        request = pb.WriteFileRequest(vm_id=vm_id, path=path, content=content, mode=mode)
+        await self._forward(location, customer_id, "write_file", request)
+
+    async def read_file(self, customer_id: str, vm_id: str, path: str) -> GuestFile:
+        location = await self._route(customer_id, vm_id)
+        r = await self._forward(
+            location, customer_id, "read_file", pb.ReadFileRequest(vm_id=vm_id, path=path)
+        )
+        return GuestFile(r.content, r.mode, r.size_bytes)
+
+    # ---- not through a gateway yet (docs/fleet.md): the fleet has no map of snapshots or events -
+
+    async def watch(
+        self, customer_id: str, states: Sequence[VmState], vm_ids: Sequence[str], after_cursor: str
+    ) -> AsyncIterator[WatchItem]:
+        raise _unimplemented("WatchVms")
+        yield  # pragma: no cover
+
+    async def snapshot(
+        self, customer_id: str, vm_id: str, snapshot_id: str, metadata: dict[str, str], warm_pool_size: int
+    ) -> SnapshotTaken:
+        raise _unimplemented("SnapshotVm")
+
+    async def list_snapshots(self, customer_id: str, page_size: int, page_token: str) -> SnapshotPage:
+        raise _unimplemented("ListSnapshots")
+
+    async def delete_snapshot(self, customer_id: str, snapshot_id: str) -> None:
+        raise _unimplemented("DeleteSnapshot")

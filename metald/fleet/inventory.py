@@ -1,0 +1,267 @@
+"""The queries on the fleet inventory: hosts and their leases, the fleet's view of VMs, create
+reservations. Hosts write their own rows; gateways reserve, place and read."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from metald.api.convert import config_from_proto, config_to_proto
+from metald.domain.model import Vm
+from metald.domain.states import VmState
+from metald.fleet.db import FleetDb
+from metald.gen.vmprovisioner.v1 import vm_pb as pb
+
+
+@dataclass(frozen=True)
+class HostCapacity:
+    """What a host offers (after overcommit) and what its VMs take (all of them, booted or not)."""
+
+    vcpus_total: int
+    memory_total: int
+    vms_max: int
+    vcpus_used: int = 0
+    memory_used: int = 0
+    vm_count: int = 0
+
+
+@dataclass(frozen=True)
+class HostRow:
+    host_id: str
+    url: str
+    capacity: HostCapacity
+    lease_age_seconds: float
+    live: bool
+
+
+@dataclass(frozen=True)
+class VmLocation:
+    vm_id: str
+    customer_id: str
+    host_id: str
+    url: str
+    host_live: bool
+    reserved: bool
+    state: VmState = VmState.CREATED
+    vcpus: int = 0
+    memory_bytes: int = 0
+
+
+def config_bytes(vm: Vm) -> bytes:
+    return config_to_proto(vm.config).to_binary()
+
+
+def vm_from_row(row: Sequence[Any]) -> Vm:
+    vm_id, customer_id, state, config, created_at, updated_at, seq = row
+    assert isinstance(config, bytes) and isinstance(created_at, datetime) and isinstance(updated_at, datetime)
+    return Vm(
+        str(vm_id),
+        str(customer_id),
+        config_from_proto(pb.VmConfig.from_binary(config)),
+        VmState(int(state)),
+        created_at,
+        updated_at,
+        seq=int(seq),
+    )
+
+
+# ---- host side ------------------------------------------------------------------------------------
+
+
+async def heartbeat(
+    db: FleetDb, host_id: str, url: str, capacity: HostCapacity, lease_seconds: float
+) -> None:
+    """Register the host or renew its lease, with its capacity and usage now."""
+    c = capacity
+    async with db.connection() as conn:
+        await conn.execute(
+            """INSERT INTO fleet_hosts (host_id, url, vcpus_total, memory_total, vms_max,
+                   vcpus_used, memory_used, vm_count, lease_until)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s))
+               ON CONFLICT (host_id) DO UPDATE SET url = EXCLUDED.url,
+                   vcpus_total = EXCLUDED.vcpus_total, memory_total = EXCLUDED.memory_total,
+                   vms_max = EXCLUDED.vms_max, vcpus_used = EXCLUDED.vcpus_used,
+                   memory_used = EXCLUDED.memory_used, vm_count = EXCLUDED.vm_count,
+                   heartbeat_at = now(), lease_until = EXCLUDED.lease_until""",
+            (
+                host_id,
+                url,
+                c.vcpus_total,
+                c.memory_total,
+                c.vms_max,
+                c.vcpus_used,
+                c.memory_used,
+                c.vm_count,
+                lease_seconds,
+            ),
+        )
+
+
+async def upsert_vms(db: FleetDb, host_id: str, vms: Sequence[Vm]) -> None:
+    """The host's records win: whatever the view said about these VMs is replaced."""
+    if not vms:
+        return
+    rows = [
+        (
+            vm.vm_id,
+            vm.customer_id,
+            host_id,
+            int(vm.state),
+            vm.config.vcpu_count,
+            vm.config.memory_bytes,
+            config_bytes(vm),
+            vm.created_at,
+        )
+        for vm in vms
+    ]
+    async with db.connection() as conn, conn.cursor() as cursor:
+        await cursor.executemany(
+            """INSERT INTO fleet_vms (vm_id, customer_id, host_id, state, vcpus, memory_bytes, config, created_at)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (vm_id) DO UPDATE SET customer_id = EXCLUDED.customer_id,
+                   host_id = EXCLUDED.host_id, state = EXCLUDED.state, reserved = false,
+                   vcpus = EXCLUDED.vcpus, memory_bytes = EXCLUDED.memory_bytes,
+                   config = EXCLUDED.config, created_at = EXCLUDED.created_at, updated_at = now()""",
+            rows,
+        )
+
+
+async def remove_vms(db: FleetDb, host_id: str, vm_ids: Sequence[str]) -> None:
+    if vm_ids:
+        async with db.connection() as conn:
+            await conn.execute(
+                "DELETE FROM fleet_vms WHERE host_id = %s AND vm_id = ANY(%s)", (host_id, list(vm_ids))
+            )
+
+
+async def sweep_vms(db: FleetDb, host_id: str, live_ids: Sequence[str], grace_seconds: float) -> None:
+    """Drop rows of this host that it does not hold and that nobody touched for `grace_seconds`:
+    reservations whose create never reached it, VMs deleted while the database was away."""
+    async with db.connection() as conn:
+        await conn.execute(
+            """DELETE FROM fleet_vms WHERE host_id = %s AND NOT (vm_id = ANY(%s))
+               AND updated_at < now() - make_interval(secs => %s)""",
+            (host_id, list(live_ids), grace_seconds),
+        )
+
+
+# ---- gateway side ---------------------------------------------------------------------------------
+
+
+async def locate(db: FleetDb, vm_id: str) -> VmLocation | None:
+    async with db.connection() as conn:
+        cursor = await conn.execute(
+            """SELECT v.customer_id, v.host_id, h.url, h.lease_until > now(), v.reserved, v.state,
+                   v.vcpus, v.memory_bytes
+               FROM fleet_vms v JOIN fleet_hosts h USING (host_id) WHERE v.vm_id = %s""",
+            (vm_id,),
+        )
+        row = await cursor.fetchone()
+    if row is None:
+        return None
+    customer_id, host_id, url, live, reserved, state, vcpus, memory = row
+    return VmLocation(
+        vm_id,
+        str(customer_id),
+        str(host_id),
+        str(url),
+        bool(live),
+        bool(reserved),
+        VmState(int(state)),
+        int(vcpus),
+        int(memory),
+    )
+
+
+async def hosts(db: FleetDb) -> list[HostRow]:
+    async with db.connection() as conn:
+        cursor = await conn.execute(
+            """SELECT host_id, url, vcpus_total, memory_total, vms_max, vcpus_used, memory_used,
+                   vm_count, extract(epoch FROM now() - heartbeat_at), lease_until > now()
+               FROM fleet_hosts ORDER BY host_id"""
+        )
+        rows = await cursor.fetchall()
+    return [
+        HostRow(
+            str(r[0]),
+            str(r[1]),
+            HostCapacity(*(int(v) for v in r[2:8])),
+            float(r[8]),
+            bool(r[9]),
+        )
+        for r in rows
+    ]
+
+
+async def set_state(db: FleetDb, vm_id: str, host_id: str, state: VmState) -> None:
+    async with db.connection() as conn:
+        await conn.execute(
+            "UPDATE fleet_vms SET state = %s, reserved = false, updated_at = now() "
+            "WHERE vm_id = %s AND host_id = %s",
+            (int(state), vm_id, host_id),
+        )
+
+
+async def forget(db: FleetDb, vm_id: str, host_id: str) -> None:
+    async with db.connection() as conn:
+        await conn.execute("DELETE FROM fleet_vms WHERE vm_id = %s AND host_id = %s", (vm_id, host_id))
+
+
+async def forget_reservation(db: FleetDb, vm_id: str, host_id: str) -> None:
+    """Drop a reservation whose create the host refused (a confirmed VM is never touched)."""
+    async with db.connection() as conn:
+        await conn.execute(
+            "DELETE FROM fleet_vms WHERE vm_id = %s AND host_id = %s AND reserved", (vm_id, host_id)
+        )
+
+
+def _state_clause(states: Sequence[VmState]) -> tuple[str, list[object]]:
+    if not states:
+        return "", []
+    return " AND state = ANY(%s)", [[int(s) for s in states]]
+
+
+async def list_page(
+    db: FleetDb, customer_id: str, states: Sequence[VmState], after_seq: int, limit: int
+) -> tuple[list[Vm], int]:
+    """One keyset page of the customer's VMs over every host (creates in flight left out), and the
+    fleet-wide count for the same filter."""
+    clause, params = _state_clause(states)
+    async with db.connection() as conn:
+        cursor = await conn.execute(
+            "SELECT vm_id, customer_id, state, config, created_at, updated_at, seq FROM fleet_vms "
+            f"WHERE customer_id = %s AND NOT reserved AND seq > %s{clause} ORDER BY seq LIMIT %s",
+            [customer_id, after_seq, *params, limit],
+        )
+        rows = await cursor.fetchall()
+        cursor = await conn.execute(
+            f"SELECT count(*) FROM fleet_vms WHERE customer_id = %s AND NOT reserved{clause}",
+            [customer_id, *params],
+        )
+        total = await cursor.fetchone()
+    return [vm_from_row(r) for r in rows], int(total[0]) if total else 0
+
+
+async def customer_usage(db: FleetDb, customer_id: str, states: Sequence[VmState]) -> tuple[int, int, int]:
+    """(VMs, vCPUs, memory bytes) of one customer fleet-wide, over `states` (all if empty)."""
+    clause, params = _state_clause(states)
+    async with db.connection() as conn:
+        cursor = await conn.execute(
+            "SELECT count(*), coalesce(sum(vcpus), 0), coalesce(sum(memory_bytes), 0) FROM fleet_vms "
+            f"WHERE customer_id = %s{clause}",
+            [customer_id, *params],
+        )
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+async def state_counts(db: FleetDb) -> dict[tuple[str, VmState], int]:
+    async with db.connection() as conn:
+        cursor = await conn.execute(
+            "SELECT customer_id, state, count(*) FROM fleet_vms WHERE NOT reserved GROUP BY 1, 2"
+        )
+        rows = await cursor.fetchall()
+    return {(str(c), VmState(int(s))): int(n) for c, s, n in rows}

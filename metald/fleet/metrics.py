@@ -1,0 +1,32 @@
+"""The gateway's own Prometheus series: placements and forwarded calls, per host and outcome."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from metald.api.metrics import PREFIX
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class FleetMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._placements = Counter(
+            f"{PREFIX}_fleet_placements",
+            "CreateVm placements by chosen host and outcome",
+            ["host_id", "outcome"],
+            registry=registry,
+        )
+        self._forwards = Histogram(
+            f"{PREFIX}_fleet_forward_duration_seconds",
+            "calls forwarded to hosts, by host and code",
+            ["host_id", "code"],
+            buckets=_BUCKETS,
+            registry=registry,
+        )
+
+    def placed(self, host_id: str, outcome: str) -> None:
+        self._placements.labels(host_id=host_id or "none", outcome=outcome).inc()
+
+    def forwarded(self, host_id: str, code: str, seconds: float) -> None:
+        self._forwards.labels(host_id=host_id, code=code).observe(seconds)

@@ -1,0 +1,164 @@
+"""Where a new VM goes: a create reservation (one row per vm_id, whichever gateway asks) on the
+least loaded of a few live candidate hosts that has room, with the customer's fleet-wide VM quota
+checked under a per-customer lock so that concurrent creates through any gateways cannot overshoot."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.model import Vm
+from metald.domain.quotas import Quotas, check_create
+from metald.fleet.db import FleetDb
+from metald.fleet.inventory import config_bytes
+
+CANDIDATES = 3  # hosts compared exactly per placement, picked by the load they last reported
+
+
+@dataclass(frozen=True)
+class Placement:
+    host_id: str
+    url: str
+    retried: bool  # the vm_id was reserved before (a retried create): finish it on that host
+
+
+@dataclass(frozen=True)
+class Candidate:
+    host_id: str
+    url: str
+    vcpus_total: int
+    memory_total: int
+    vms_max: int
+    vcpus_used: int = 0
+    memory_used: int = 0
+    vm_count: int = 0
+
+    def load_with(self, vcpus: int, memory: int) -> float | None:
+        """The larger of the vCPU and memory fractions its VMs would take with this one (booted or
+        not: any may be booted), or None if it has no room: at its VM cap, or the VM alone is larger
+        than the host. Hosts check running vCPUs and memory again at boot, as a lone host does."""
+        if (
+            (self.vms_max and self.vm_count + 1 > self.vms_max)
+            or vcpus > self.vcpus_total
+            or memory > self.memory_total
+        ):
+            return None
+        return max(
+            (self.vcpus_used + vcpus) / self.vcpus_total, (self.memory_used + memory) / self.memory_total
+        )
+
+
+def choose(candidates: Sequence[Candidate], vcpus: int, memory: int) -> Candidate | None:
+    """The least loaded candidate with room (ties: fewer VMs, then at random)."""
+    scored = [
+        (load, c.vm_count, random.random(), c)
+        for c in candidates
+        if (load := c.load_with(vcpus, memory)) is not None
+    ]
+    return min(scored, key=lambda s: s[:3])[3] if scored else None
+
+
+def vm_exists(vm_id: str) -> MetaldError:
+    return MetaldError(
+        ErrorCode.ALREADY_EXISTS, f"VM {vm_id} already exists", reason="VM_EXISTS", metadata={"vm_id": vm_id}
+    )
+
+
+def host_unavailable(host_id: str, vm_id: str = "") -> MetaldError:
+    metadata = {"host_id": host_id, **({"vm_id": vm_id} if vm_id else {})}
+    return MetaldError(
+        ErrorCode.UNAVAILABLE,
+        f"host {host_id} is down (its lease expired); its VMs answer again once it is back",
+        reason="HOST_UNAVAILABLE",
+        metadata=metadata,
+    )
+
+
+_LIVE_HOSTS = """SELECT host_id, url, vcpus_total, memory_total, vms_max FROM fleet_hosts
+    WHERE lease_until > now() AND vcpus_total > 0 AND memory_total > 0
+    ORDER BY greatest(vcpus_used::float8 / vcpus_total, memory_used::float8 / memory_total)"""
+
+
+async def _candidates(conn: psycopg.AsyncConnection[tuple[Any, ...]], limit: int | None) -> list[Candidate]:
+    cursor = await conn.execute(_LIVE_HOSTS + (f" LIMIT {int(limit)}" if limit else ""))
+    hosts = {str(r[0]): r for r in await cursor.fetchall()}
+    cursor = await conn.execute(
+        "SELECT host_id, count(*), sum(vcpus), sum(memory_bytes) FROM fleet_vms "
+        "WHERE host_id = ANY(%s) GROUP BY host_id",
+        (list(hosts),),
+    )
+    usage = {str(r[0]): r[1:] for r in await cursor.fetchall()}
+    out = []
+    for host_id, (_, url, vcpus, memory, vms_max) in hosts.items():
+        count, used_vcpus, used_memory = usage.get(host_id, (0, 0, 0))
+        out.append(
+            Candidate(
+                host_id,
+                str(url),
+                int(vcpus),
+                int(memory),
+                int(vms_max),
+                int(used_vcpus),
+                int(used_memory),
+                int(count),
+            )
+        )
+    return out
+
+
+async def reserve(db: FleetDb, vm: Vm, quotas: Quotas) -> Placement:
+    """Reserve `vm.vm_id` on a host (vm.config has the defaults applied: it sizes the VM)."""
+    vcpus, memory = vm.config.vcpu_count, vm.config.memory_bytes
+    try:
+        async with db.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (vm.customer_id,))
+            cursor = await conn.execute(
+                """SELECT v.customer_id, v.reserved, v.host_id, h.url, h.lease_until > now()
+                   FROM fleet_vms v JOIN fleet_hosts h USING (host_id) WHERE v.vm_id = %s""",
+                (vm.vm_id,),
+            )
+            existing = await cursor.fetchone()
+            if existing is not None:
+                customer, reserved, host_id, url, live = existing
+                if not (reserved and customer == vm.customer_id):
+                    raise vm_exists(vm.vm_id)
+                if not live:
+                    raise host_unavailable(str(host_id), vm.vm_id)
+                return Placement(str(host_id), str(url), retried=True)
+            cursor = await conn.execute(
+                "SELECT count(*) FROM fleet_vms WHERE customer_id = %s", (vm.customer_id,)
+            )
+            row = await cursor.fetchone()
+            check_create(quotas, int(row[0]) if row else 0, 0)
+            chosen = choose(await _candidates(conn, CANDIDATES), vcpus, memory) or choose(
+                await _candidates(conn, None), vcpus, memory
+            )
+            if chosen is None:
+                raise await _no_room(conn, vcpus, memory)
+            await conn.execute(
+                """INSERT INTO fleet_vms (vm_id, customer_id, host_id, state, reserved, vcpus,
+                       memory_bytes, config) VALUES (%s, %s, %s, %s, true, %s, %s, %s)""",
+                (vm.vm_id, vm.customer_id, chosen.host_id, int(vm.state), vcpus, memory, config_bytes(vm)),
+            )
+            return Placement(chosen.host_id, chosen.url, retried=False)
+    except psycopg.errors.UniqueViolation:  # another customer's create of the same id won the race
+        raise vm_exists(vm.vm_id) from None
+
+
+async def _no_room(conn: psycopg.AsyncConnection[tuple[Any, ...]], vcpus: int, memory: int) -> MetaldError:
+    cursor = await conn.execute("SELECT count(*) FROM fleet_hosts WHERE lease_until > now()")
+    row = await cursor.fetchone()
+    live = int(row[0]) if row else 0
+    if live == 0:
+        return MetaldError(ErrorCode.UNAVAILABLE, "no live host in the fleet", reason="NO_LIVE_HOST")
+    return MetaldError(
+        ErrorCode.RESOURCE_EXHAUSTED,
+        f"no host in the fleet has room for {vcpus} vCPUs and {memory} bytes of memory ({live} live hosts full)",
+        reason="FLEET_CAPACITY_EXHAUSTED",
+        metadata={"live_hosts": str(live), "vcpus": str(vcpus), "memory_bytes": str(memory)},
+    )
