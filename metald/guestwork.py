@@ -7,12 +7,14 @@ guest agent (metald.ports.GuestAgent). Decisions: docs/agent.md.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Sequence
 
 from metald.agent.protocol import MAX_DATA
 from metald.domain import ids
 from metald.domain.errors import ErrorCode, MetaldError, invalid, not_found, not_owned
-from metald.domain.model import Vm
+from metald.domain.model import NicAddress, Vm
 from metald.domain.states import VmState
 from metald.ports import GuestAgent, VmRecords
 from metald.usecases import ExecCommand, ExecResult, GuestFile
@@ -50,6 +52,9 @@ def _check_command(command: ExecCommand) -> None:
         _check_path(command.working_dir, "working_dir")
     if len(command.stdin) > MAX_DATA:
         raise _too_large("stdin", len(command.stdin))
+
+
+CLONE_ENTROPY_BYTES = 256
 
 
 class GuestWork:
@@ -102,3 +107,18 @@ class GuestWork:
         _check_path(path)
         await self._running(customer_id, vm_id, "read a file")
         return await self._agent.read_file(vm_id, path)
+
+    async def refresh_clone(self, vm_id: str, nics: Sequence[NicAddress], *, timeout: float) -> None:
+        """A guest restored from a snapshot still has its source's wall clock (stale by the
+        snapshot's age), entropy (every clone would read the same random bytes) and identity
+        (hostname, vm_id, MACs, addresses): give it its own, once its agent answers."""
+        if not await self._agent.ping(vm_id, timeout):
+            raise MetaldError(
+                ErrorCode.UNAVAILABLE,
+                f"the agent of restored VM {vm_id} did not answer within {timeout:g}s",
+                reason="AGENT_UNAVAILABLE",
+                metadata={"vm_id": vm_id},
+            )
+        await self._agent.set_clock(vm_id)
+        await self._agent.add_entropy(vm_id, os.urandom(CLONE_ENTROPY_BYTES))
+        await self._agent.set_identity(vm_id, vm_id, nics)

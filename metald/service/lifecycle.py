@@ -122,6 +122,8 @@ class Lifecycle(Launch):
                 attachment = await self._attach(vm)
                 spec = await self._launch_spec(vm, attachment)
                 await self._backend_call("start", lambda: self._backend.start(spec))
+                if spec.restore_from is not None:
+                    await self._refresh_clone(vm)
                 vm = await self._records.settle(vm, VmState.RUNNING, reason="")
             except BaseException:
                 await self._stop_quietly(vm)

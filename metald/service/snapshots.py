@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from metald.domain.errors import ErrorCode, MetaldError, invalid
+from metald.domain.model import Vm
 from metald.domain.pending import PendingOp
 from metald.domain.snapshots import PENDING_CREATING, Snapshot, check_snapshot_id, new_snapshot_id
 from metald.domain.states import ACTIVE_STATES, VmState
@@ -29,6 +30,7 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 _PAGE_FILTER = "snapshots"
 TEMP_PREFIX = ".tmp-"
+CLONE_AGENT_TIMEOUT = 10.0
 
 
 class Snapshots(ServiceBase):
@@ -137,6 +139,19 @@ class Snapshots(ServiceBase):
                 extra={"vm_id": vm_id},
             )  # fmt: skip
             return SnapshotTaken(record, vm.state)
+
+    async def _refresh_clone(self, vm: Vm) -> None:
+        """Right after a restore: the clone's own clock, entropy and identity (guestwork.py). A
+        guest without a working agent keeps its snapshot's; that is logged, not a failed boot."""
+        if self._guest_work is None:
+            return
+        try:
+            await self._guest_work.refresh_clone(vm.vm_id, vm.nics, timeout=CLONE_AGENT_TIMEOUT)
+        except MetaldError as exc:
+            log.warning(
+                "clone %s keeps its snapshot's clock, entropy and identity: %s",
+                vm.vm_id, exc.message, extra={"vm_id": vm.vm_id},
+            )  # fmt: skip
 
     # ---- ListSnapshots, DeleteSnapshot ----
 

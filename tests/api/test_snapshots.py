@@ -3,6 +3,7 @@ from it that hold what its RAM held, ownership, listing, deletion that waits for
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -15,6 +16,12 @@ from tests.support.rpc import Rpc
 pytestmark = pytest.mark.e2e
 
 READY = {"wait_for_ready": True, "wait_timeout_seconds": 90}
+
+
+def _exec(rpc: Rpc, vm_id: str, *argv: str) -> str:
+    result = rpc.ok("ExecVm", {"vm_id": vm_id, "command": list(argv)})
+    assert result.get("exit_code", 0) == 0, result
+    return base64.b64decode(result.get("stdout", "")).decode()
 
 
 def _reason(payload: dict[str, Any]) -> str:
@@ -50,6 +57,7 @@ def test_snapshot_clones_and_deletion(daemon: Daemon, rpc: Rpc, customer: str) -
     )
     assert status == 400 and body["details"][0]["debug"]["metadata"]["field"] == "config.memory.size_bytes"
 
+    time.sleep(3.0)  # the snapshot ages: its clones' clocks must not be behind by as much
     clones = [rpc.create({}, snapshot_id=snap) for _ in range(2)]
     for clone in clones:
         started = time.monotonic()
@@ -57,8 +65,18 @@ def test_snapshot_clones_and_deletion(daemon: Daemon, rpc: Rpc, customer: str) -
         assert time.monotonic() - started < 30  # a restore, not a cold boot's 60 s allowance
         info = rpc.info(clone)
         assert info["backend_info"]["restored_from"] == snap and info["backend_info"]["guest_ready"] == "true"
-        rc, out = guest_exec(vms / clone, "cat /root/unsynced; ls /root")
-        assert rc == 0 and out.split() == ["unsynced", "unsynced"], out  # not the source's later file
+        assert _exec(rpc, clone, "ls", "/root").split() == ["unsynced"]  # not the source's later file
+        assert _exec(rpc, clone, "cat", "/root/unsynced") == "unsynced\n"
+        # Its own identity, clock and randomness (not the snapshot's).
+        assert _exec(rpc, clone, "cat", "/run/metald/vm_id").strip() == clone
+        assert _exec(rpc, clone, "hostname").strip() == clone
+        # busybox date has whole seconds: the guest's offset lies in [s - after, s + 1 - before].
+        before = time.time()
+        seconds = int(_exec(rpc, clone, "date", "+%s"))
+        after = time.time()
+        assert seconds - after < 0.5 and seconds + 1 - before > -0.5, (before, seconds, after)
+    randoms = {_exec(rpc, clone, "sh", "-c", "head -c 32 /dev/urandom | od -An -tx1") for clone in clones}
+    assert len(randoms) == 2
 
     # Deleted: gone from the list at once; the files stay for the clones.
     assert rpc.ok("DeleteSnapshot", {"snapshot_id": snap}) == {"success": True}
