@@ -228,3 +228,10 @@ def test_name_matches_only_that_vm() -> None:
     assert name_matches(argv, "vm_1")
     assert not name_matches(argv, "vm_10")
     assert not name_matches(["sleep", "100"], "vm_1")
+
+
+def test_tcg_guests_trust_the_tsc_unless_the_customer_says_otherwise() -> None:
+    assert "tsc=reliable" in kernel_args(make_spec(), TCG).split()
+    assert "tsc=reliable" not in kernel_args(make_spec(), KVM).split()
+    custom = kernel_args(make_spec(customer_kernel_args="tsc=unstable"), TCG).split()
+    assert "tsc=unstable" in custom and "tsc=reliable" not in custom
