@@ -61,4 +61,5 @@ async def build_backend(settings: Settings) -> Backend:
         probe_rootfs=assets / "rootfs.ext4",
         vmm_user=user,
         cgroups=cgroups,
+        console_log_max_bytes=settings.console_log_max_bytes,
     )

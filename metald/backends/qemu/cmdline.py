@@ -74,6 +74,8 @@ class VmmFds:
     qmp: int  # listening sockets
     agent: int
     taps: tuple[int, ...] = ()  # one per NIC, in order
+    # Reading ends of the console (and serial) pipes, for the supervisor's bounded logs: never QEMU's.
+    log_sources: tuple[int, ...] = ()
 
     def all(self) -> list[int]:
         disks = [fd for d in self.disks for fd in (*d.image, d.base) if fd is not None]
