@@ -62,4 +62,5 @@ async def build_backend(settings: Settings) -> Backend:
         vmm_user=user,
         cgroups=cgroups,
         ram_dir=settings.ram_dir,
+        console_log_max_bytes=settings.console_log_max_bytes,
     )

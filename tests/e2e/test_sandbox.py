@@ -73,6 +73,19 @@ def cgroups() -> Iterator[cg.Cgroups]:
     assert leaked == [], f"cgroups leaked: {leaked}"
 
 
+@pytest.fixture
+def netns() -> Iterator[tuple[str, str]]:
+    """(host namespace with a bridge, VM namespace): both this test's own, deleted at the end."""
+    host, vm = f"{PREFIX}-h", f"{PREFIX}-v"
+    subprocess.run(["ip", "netns", "add", host], check=True)
+    try:
+        subprocess.run(["ip", "-n", host, "link", "add", "mb0", "type", "bridge"], check=True)
+        yield host, vm
+    finally:
+        for ns in (vm, host):
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
 def launch_spec(assets: Path, vm_dir: Path, vm_id: str, **changes: object) -> LaunchSpec:
     spec = {
         "vm_id": vm_id,

@@ -257,3 +257,10 @@ def test_a_clone_disk_chains_its_overlay_over_the_frozen_ones_and_the_base() -> 
         "backing.backing.backing.driver=raw,backing.backing.backing.file.filename=/dev/fdset/12"
     ) in drive
     assert "fd=50,set=50" in argv and "fd=51,set=51" in argv
+
+
+def test_tcg_guests_trust_the_tsc_unless_the_customer_says_otherwise() -> None:
+    assert "tsc=reliable" in kernel_args(make_spec(), TCG).split()
+    assert "tsc=reliable" not in kernel_args(make_spec(), KVM).split()
+    custom = kernel_args(make_spec(customer_kernel_args="tsc=unstable"), TCG).split()
+    assert "tsc=unstable" in custom and "tsc=reliable" not in custom

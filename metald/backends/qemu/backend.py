@@ -20,7 +20,7 @@ from metald.backends.qemu.accel import AccelSelector, ProbeAssets, host_tsc_khz,
 from metald.backends.qemu.agent import GuestAgent
 from metald.backends.qemu.cmdline import CPU_TEMPLATES, HostOptions, launch_cpu_model, name_matches, qemu_argv
 from metald.backends.qemu.control import Qmp, save_boot_state, write_boot_state
-from metald.backends.qemu.files import RamFile, VmmFileError, close_fds, open_vmm_files
+from metald.backends.qemu.files import RamFile, VmmFileError, close_fds, log_paths, open_vmm_files
 from metald.backends.qemu.overlay import prepare_vm_dir
 from metald.backends.qemu.qmp import QmpClient, QmpClosedError, QmpError
 from metald.backends.vmm.cgroups import VMM_MEMORY_OVERHEAD, Cgroups
@@ -28,6 +28,7 @@ from metald.backends.vmm.console import ReadyWatch, file_size
 from metald.backends.vmm.jsonfile import read_json
 from metald.backends.vmm.lifecycle import RunningVm, VmmLifecycle, vmm_failed
 from metald.backends.vmm.process import VmmProcess, VmmStartError, read_log_tail
+from metald.backends.vmm.relay import Relay
 from metald.backends.vmm.sandbox import VmmUser, kvm_group, wrap_argv
 from metald.backends.vmm.tools import tool_missing
 from metald.domain.errors import ErrorCode, MetaldError, invalid
@@ -47,18 +48,27 @@ _CTRL_ALT_DEL = ("ctrl", "alt", "delete")
 QMP_CONNECT_TIMEOUT = 10.0
 AGENT_PING_TIMEOUT = 1.5  # the agent polls its port once a second while nobody is connected
 QUIT_TIMEOUT = 5.0
+# What QEMU says of a kernel image it cannot load (x86 loader, QEMU 7.2).
+_KERNEL_REFUSED = (
+    "invalid kernel header",
+    "could not load kernel",
+    "Error loading uncompressed kernel",
+    "linux kernel too old",
+)
+CONSOLE_LOG_MAX_BYTES = 4 << 20  # console.log + console.log.1 together, the newest output
 
 
 class QemuBackend:
     """Runs each VM as `qemu-system-x86_64 -M microvm` under a per-VM supervisor (vmm/supervisor.py).
 
-    The daemon never is QEMU's parent: VMs survive a daemon restart and are re-adopted with adopt().
-    An exit that stop() did not cause goes to the exit listener as "guest_poweroff" (the guest
-    powered off), "oom_killed" (QEMU outgrew its cgroup's memory limit) or "vmm_crashed".
+        The daemon never is QEMU's parent: VMs survive a daemon restart and are re-adopted with adopt().
+        An exit that stop() did not cause goes to the exit listener as "guest_poweroff" (the guest
+        powered off), "oom_killed" (QEMU outgrew its cgroup's memory limit) or "vmm_crashed".
 
-    Sandbox: QEMU runs as `vmm_user` (None: the daemon's own user) with seccomp (`-sandbox on`), in
-    its own cgroup of `cgroups` (None: no limits) with the limits of vmm/cgroups.py, and opens no
-    host file itself (files.py). `memory_overhead` is the cgroup's memory allowance above guest RAM.
+        Sandbox: QEMU runs as `vmm_user` (None: the daemon's own user) with seccomp (`-sandbox on`), in
+        its own cgroup of `cgroups` (None: no limits) with the limits of vmm/cgroups.py, and opens no
+        host file itself (files.py). `memory_overhead` is the cgroup's memory allowance above guest RAM.
+    The console (and serial) log keep the newest `console_log_max_bytes` of output (vmm/relay.py).
     """
 
     def __init__(
@@ -75,8 +85,10 @@ class QemuBackend:
         cgroups: Cgroups | None = None,
         memory_overhead: int = VMM_MEMORY_OVERHEAD,
         ram_dir: Path | None = None,
+        console_log_max_bytes: int = CONSOLE_LOG_MAX_BYTES,
     ) -> None:
         self._binary = qemu_binary
+        self._console_max = console_log_max_bytes
         self._img_binary = qemu_img_binary
         self._user = vmm_user
         # Under KVM the VMM also needs /dev/kvm, through the group that may open it.
@@ -143,7 +155,11 @@ class QemuBackend:
         try:
             cgroup = await self._vms.create_cgroup(spec)
             argv = wrap_argv(qemu_argv(spec, host, fds), netns=spec.netns, user=user)
-            vmm = await VmmProcess.spawn(spec.vm_dir, argv, pass_fds=fds.all(), cgroup=cgroup)
+            relays = [
+                Relay(fd, path, self._console_max)
+                for fd, path in zip(fds.log_sources, log_paths(spec), strict=True)
+            ]
+            vmm = await VmmProcess.spawn(spec.vm_dir, argv, pass_fds=fds.all(), cgroup=cgroup, relays=relays)
         except FileNotFoundError as e:
             raise tool_missing(self._binary, e) from e
         except VmmStartError as e:
@@ -161,6 +177,13 @@ class QemuBackend:
             raise
         if vm is None:
             tail = await asyncio.to_thread(read_log_tail, spec.vm_dir, vmm.log_offset)
+            if any(marker in tail for marker in _KERNEL_REFUSED):  # the customer's input, not our fault
+                raise MetaldError(
+                    ErrorCode.FAILED_PRECONDITION,
+                    f"VM {spec.vm_id}: QEMU cannot boot config.boot.kernel_path: {tail}",
+                    reason="KERNEL_INVALID",
+                    metadata={"vm_id": spec.vm_id, "field": "config.boot.kernel_path"},
+                )
             raise vmm_failed(spec.vm_id, f"QEMU did not come up: {tail}")
         if fds.incoming is not None and spec.restore_from is not None:
             await self._restore(vm, fds.incoming, spec.restore_from)

@@ -7,7 +7,8 @@ the daemon later reads as root (a console log turned into a link to /etc/shadow,
   /proc checks only the file's own mode: images must be readable by the VMM user, as built ones are);
 - disks: the read-only image, or the writable overlay (read-write and read-only) and the base
   recorded when it was made (overlay.py);
-- console and serial log: write-only, appending;
+- console and serial log: the writing end of a pipe; the VM's supervisor appends what comes out
+  to the log file, bounded (vmm/relay.py): a guest printing endlessly cannot fill the disk;
 - QMP and agent: sockets bound and listening in vm_dir, for QEMU to accept on;
 - NICs: the TAPs in the VM's network namespace, attached to by the daemon. QEMU needs neither
   /dev/net/tun (root-only on some hosts) nor a TAP of its own: root keeps owning every TAP, so the
@@ -34,7 +35,6 @@ from metald.backends.qemu.snapshot import DEVICE_STATE, RAM_FILE
 from metald.ports import LaunchSpec
 
 _READ = os.O_RDONLY | os.O_CLOEXEC
-_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 NETNS_DIR = Path("/run/netns")  # where `ip netns add` mounts named namespaces
 _CLONE_NEWNET = 0x40000000
 _TUNSETIFF = 0x400454CA
@@ -56,6 +56,13 @@ class _Opener:
             raise VmmFileError(f"cannot open {path}: {e.strerror}") from e
         self.fds.append(fd)
         return fd
+
+    def pipe(self) -> tuple[int, int]:
+        """(reading end, writing end) of a new pipe: QEMU writes a log into it, the supervisor copies
+        it into the bounded file (vmm/relay.py)."""
+        read, write = os.pipe2(os.O_CLOEXEC)
+        self.fds += [read, write]
+        return read, write
 
     def listener(self, vm_dir: Path, name: str) -> int:
         """A listening socket at vm_dir/name (a stale one is replaced); bound through a directory
@@ -144,16 +151,15 @@ def open_vmm_files(spec: LaunchSpec, ram: RamFile | None = None) -> VmmFds:
             *frozen, base = (opener.file(path, _READ) for path in chains[overlay.name])
             disks.append(DiskFds((rw, ro), base, tuple(frozen)))
         ram_fd, incoming = _memory_files(opener, spec, ram)
+        console_source, console = opener.pipe()
+        serial_source, serial = opener.pipe() if spec.console_type == "VIRTIO_CONSOLE" else (None, None)
         return VmmFds(
             kernel=opener.file(spec.kernel, _READ),
             initrd=None if spec.initrd is None else opener.file(spec.initrd, _READ),
             disks=tuple(disks),
-            console=opener.file(spec.console_path, _APPEND),
-            serial=(
-                opener.file(spec.vm_dir / layout.SERIAL_LOG, _APPEND)
-                if spec.console_type == "VIRTIO_CONSOLE"
-                else None
-            ),
+            console=console,
+            serial=serial,
+            log_sources=(console_source,) if serial_source is None else (console_source, serial_source),
             qmp=opener.listener(spec.vm_dir, layout.QMP_SOCKET),
             agent=opener.listener(spec.vm_dir, layout.AGENT_SOCKET),
             taps=opener.taps(spec.netns, [nic.tap_device for nic in spec.nics]) if spec.nics else (),
@@ -186,6 +192,14 @@ def _memory_files(opener: _Opener, spec: LaunchSpec, ram: RamFile | None) -> tup
     return fd, None
 
 
+def log_paths(spec: LaunchSpec) -> list[Path]:
+    """The files the log pipes of VmmFds.log_sources end in, in the same order."""
+    paths = [spec.console_path]
+    if spec.console_type == "VIRTIO_CONSOLE":
+        paths.append(spec.vm_dir / layout.SERIAL_LOG)
+    return paths
+
+
 def close_fds(fds: VmmFds) -> None:
-    for fd in fds.all():
+    for fd in (*fds.all(), *fds.log_sources):
         os.close(fd)

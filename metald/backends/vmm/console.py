@@ -27,6 +27,7 @@ class ReadyWatch:
         self._position = offset
         self._tail = b""  # the end of the last read, in case the marker straddles two reads
         self._restart = False
+        self._inode: int | None = None  # of the file read so far
         self.ready = False
 
     def restart(self) -> None:
@@ -43,18 +44,38 @@ class ReadyWatch:
                 self._position = self.offset = 0
             return False
         try:
+            inode = os.fstat(fd).st_ino
             if self._restart:
                 self._restart = False
                 self._position = self.offset = os.fstat(fd).st_size
                 self._tail = b""
-            while chunk := os.pread(fd, _CHUNK, self._position):
-                self._position += len(chunk)
-                data = self._tail + chunk
-                if self._marker in data:
+            elif self._inode is not None and inode != self._inode:
+                # Rotated (vmm/relay.py): finish the old file, now `<name>.1`, then read the new one.
+                if self._read_rotated():
                     return True
-                self._tail = data[-len(self._marker) :]
+                self._position = self.offset = 0
+            self._inode = inode
+            return self._read(fd)
         finally:
             os.close(fd)
+
+    def _read_rotated(self) -> bool:
+        try:
+            fd = os.open(self.path.with_name(self.path.name + ".1"), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            return os.fstat(fd).st_ino == self._inode and self._read(fd)
+        finally:
+            os.close(fd)
+
+    def _read(self, fd: int) -> bool:
+        while chunk := os.pread(fd, _CHUNK, self._position):
+            self._position += len(chunk)
+            data = self._tail + chunk
+            if self._marker in data:
+                return True
+            self._tail = data[-len(self._marker) :]
         return False
 
     async def poll(self) -> bool:
