@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from connectrpc.request import RequestContext
@@ -142,6 +143,25 @@ class VmServiceHandler(VmServiceProtocol):
     async def read_file(self, request: pb.ReadFileRequest, ctx: Ctx, /) -> pb.ReadFileResponse:
         file = await self._svc.read_file(current_customer.get(), request.vm_id, request.path)
         return pb.ReadFileResponse(content=file.content, mode=file.mode, size_bytes=file.size_bytes)
+
+    async def watch_vms(self, request: pb.WatchVmsRequest, ctx: Ctx, /) -> AsyncIterator[pb.VmEvent]:
+        watch = self._svc.watch(
+            current_customer.get(),
+            [state_from_proto(s) for s in request.state_filter],
+            list(request.vm_ids),
+            request.after_cursor,
+        )
+        async for item in watch:
+            event = item.event
+            yield pb.VmEvent(
+                cursor=item.cursor,
+                vm_id=event.vm_id,
+                type=pb.VmEventType(int(event.type)),
+                state=state_to_proto(event.state),
+                previous_state=state_to_proto(event.previous_state),
+                reason=event.reason,
+                at=timestamp(event.at),
+            )
 
 
 def snapshot_to_proto(snapshot: Snapshot) -> pb.Snapshot:

@@ -3,11 +3,12 @@ once, and log and count each call with its outcome."""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +84,8 @@ class AuthInterceptor:
 
 
 class ErrorInterceptor:
-    """Domain errors become Connect errors here, and only here; anything unexpected is INTERNAL."""
+    """Domain errors become Connect errors here, and only here; anything unexpected is INTERNAL.
+    Unary calls and server streams (WatchVms) alike."""
 
     async def intercept_unary(
         self,
@@ -93,12 +95,29 @@ class ErrorInterceptor:
         /,
     ) -> Any:
         _current_vm.set(getattr(request, "vm_id", "") or "")
-        try:
+        with _mapped(ctx):
             return await call_next(request, ctx)
-        except MetaldError as exc:
-            raise to_connect_error(exc) from None
-        except ConnectError:
-            raise
-        except Exception as exc:
-            log.exception("unexpected error in %s", ctx.method.name)
-            raise ConnectError(Code.INTERNAL, "internal error") from exc
+
+    async def intercept_server_stream(
+        self,
+        call_next: Callable[[Any, RequestContext[Any, Any]], AsyncIterator[Any]],
+        request: Any,
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> AsyncIterator[Any]:
+        with _mapped(ctx):
+            async for response in call_next(request, ctx):
+                yield response
+
+
+@contextlib.contextmanager
+def _mapped(ctx: RequestContext[Any, Any]) -> Iterator[None]:
+    try:
+        yield
+    except MetaldError as exc:
+        raise to_connect_error(exc) from None
+    except ConnectError:
+        raise
+    except Exception as exc:
+        log.exception("unexpected error in %s", ctx.method.name)
+        raise ConnectError(Code.INTERNAL, "internal error") from exc

@@ -1,6 +1,7 @@
 // A real @connectrpc/connect-node client, driven by the Python tests:
-//   node connect_node.mjs URL TOKEN PROTOCOL(connect|grpc|grpcweb) METHOD JSON
+//   node connect_node.mjs URL TOKEN PROTOCOL(connect|grpc|grpcweb) METHOD JSON [TAKE]
 // Prints {"ok": response} or {"error": {code, message, details:[{reason, domain, metadata}]}}.
+// A server-streaming METHOD prints {"ok": [the first TAKE messages]} (default 1), then hangs up.
 import { readFileSync } from "node:fs";
 import { createClient, ConnectError } from "@connectrpc/connect";
 import {
@@ -11,7 +12,7 @@ import {
 import { createFileRegistry, fromBinary, toJson } from "@bufbuild/protobuf";
 import { FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
 
-const [url, token, protocol, method, body] = process.argv.slice(2);
+const [url, token, protocol, method, body, take] = process.argv.slice(2);
 const descriptorSet = new URL("../../metald/gen/vmprovisioner.binpb", import.meta.url);
 const registry = createFileRegistry(fromBinary(FileDescriptorSetSchema, readFileSync(descriptorSet)));
 const service = registry.getService("vmprovisioner.v1.VmService");
@@ -24,9 +25,21 @@ const make = {
 const client = createClient(service, make());
 const rpc = method[0].toLowerCase() + method.slice(1);
 const methodDesc = service.methods.find((m) => m.name === method);
+const options = { headers: { authorization: `Bearer ${token}` } };
+const asJson = (message) => toJson(methodDesc.output, message, { useProtoFieldName: true });
 try {
-  const response = await client[rpc](JSON.parse(body), { headers: { authorization: `Bearer ${token}` } });
-  console.log(JSON.stringify({ ok: toJson(methodDesc.output, response, { useProtoFieldName: true }) }));
+  if (methodDesc.methodKind === "server_streaming") {
+    const abort = new AbortController();
+    const seen = [];
+    for await (const message of client[rpc](JSON.parse(body), { ...options, signal: abort.signal })) {
+      seen.push(asJson(message));
+      if (seen.length >= Number(take || 1)) break;
+    }
+    abort.abort();
+    console.log(JSON.stringify({ ok: seen }));
+  } else {
+    console.log(JSON.stringify({ ok: asJson(await client[rpc](JSON.parse(body), options)) }));
+  }
 } catch (err) {
   const e = ConnectError.from(err);
   const details = e.findDetails(errorInfo).map((d) => ({ reason: d.reason, domain: d.domain, metadata: d.metadata }));
