@@ -12,6 +12,7 @@ APT_PACKAGES=(
   iproute2 nftables iputils-ping        # namespaces, TAPs, bridges, tc; nftables tenant walls
   e2fsprogs kmod lz4 xz-utils zstd      # guest image: mkfs.ext4 -d, depmod, kernel decompression
   python3 python3-venv python3-dev gcc  # the daemon
+  libc6-dev                             # the guest agent, compiled static at image build
   curl ca-certificates nghttp2-client   # health checks, tests, h2load for bench/
   postgresql                            # the fleet inventory; tests run their own throwaway cluster
 )
