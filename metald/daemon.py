@@ -7,11 +7,9 @@ import os
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
-from connectrpc.codec import proto_binary_codec
-
 from metald.api.app import RootApp, Route
 from metald.api.auth import build_authenticator
-from metald.api.codec import SnakeCaseJsonCodec
+from metald.api.codec import CheckedProtoCodec, SnakeCaseJsonCodec
 from metald.api.grpc_health import health_app
 from metald.api.handlers import VmServiceHandler
 from metald.api.health import HealthReporter
@@ -111,7 +109,7 @@ async def run(settings: Settings) -> None:
             VmServiceHandler(service),
             interceptors=tracing.around([AuthInterceptor(authenticator, metrics), ErrorInterceptor()]),
             read_max_bytes=settings.max_request_bytes,
-            codecs=[proto_binary_codec(), SnakeCaseJsonCodec()],
+            codecs=[CheckedProtoCodec(), SnakeCaseJsonCodec()],
         )
         health = HealthReporter(
             backend_type=backend.capabilities.backend_type, checks=checks, data_dir=settings.data_dir
@@ -134,5 +132,6 @@ async def run(settings: Settings) -> None:
             metrics=metrics,
             store=store,
             openapi=render_openapi().encode(),
+            metrics_token=settings.metrics_token,
         )
         await serve_api(app, settings)

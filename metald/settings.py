@@ -84,6 +84,17 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1 * MIB, ge=1024, description="largest accepted request body")
     max_metadata_entries: int = Field(64, ge=0, description="metadata entries per VM")
     max_kernel_args_length: int = Field(2048, ge=64, description="longest accepted kernel_args")
+    max_connections: int = Field(
+        0, ge=0, description="client connections served at once (more get 503); 0: half the fd limit"
+    )
+
+    # --- API edge ---
+    cors_allowed_origins: str = Field(
+        "", description="comma-separated browser origins allowed by CORS ('*': any); empty: CORS off"
+    )
+    metrics_token: str = Field(
+        "", description="bearer token that unlocks per-customer series on /metrics; empty: never served"
+    )
 
     config_file: Path | None = Field(None, description="TOML file with these settings")
 
