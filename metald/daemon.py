@@ -8,12 +8,10 @@ import os
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
-from connectrpc.codec import proto_binary_codec
-
 from metald.agent.pool import GuestAgentPool
 from metald.api.app import RootApp, Route
 from metald.api.auth import Authenticator, build_host_authenticator
-from metald.api.codec import SnakeCaseJsonCodec
+from metald.api.codec import CheckedProtoCodec, SnakeCaseJsonCodec
 from metald.api.grpc_health import health_app
 from metald.api.handlers import VmServiceHandler
 from metald.api.health import HealthReporter
@@ -110,7 +108,7 @@ def build_app(
         VmServiceHandler(usecases),
         interceptors=tracing.around([AuthInterceptor(authenticator, metrics), ErrorInterceptor()]),
         read_max_bytes=settings.max_request_bytes,
-        codecs=[proto_binary_codec(), SnakeCaseJsonCodec()],
+        codecs=[CheckedProtoCodec(), SnakeCaseJsonCodec()],
     )
     vm_app = ReferenceStatusMiddleware(connect_app)
     rest = RestApi(
@@ -130,6 +128,7 @@ def build_app(
         metrics=metrics,
         store=counts,
         openapi=render_openapi().encode(),
+        metrics_token=settings.metrics_token,
     )
 
 

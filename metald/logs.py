@@ -9,11 +9,32 @@ import sys
 from datetime import UTC, datetime
 
 _CONTEXT_KEYS = ("request_id", "rpc", "customer_id", "vm_id", "code", "duration_ms")
-_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"']+")
+# Credentials, wherever they appear (a message, a logged header such as x-request-id, a traceback):
+# anything after "Bearer", development tokens, and JWTs (three base64url parts, the first `eyJ`).
+_SECRETS = re.compile(
+    r"(?i)(?P<bearer>bearer\s+)[^\s\"']+|dev_customer_[A-Za-z0-9_.@-]+|eyJ[\w-]*\.[\w-]+\.[\w-]*"
+)
+
+
+def _replace(match: re.Match[str]) -> str:
+    return (match.group("bearer") or "") + "[REDACTED]"
 
 
 def redact(text: str) -> str:
-    return _BEARER.sub(r"\1[REDACTED]", text)
+    return _SECRETS.sub(_replace, text)
+
+
+def has_secret(text: str) -> bool:
+    return _SECRETS.search(text) is not None
+
+
+def _context(record: logging.LogRecord) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key in _CONTEXT_KEYS:
+        value = getattr(record, key, None)
+        if value not in (None, ""):
+            out[key] = redact(value) if isinstance(value, str) else value
+    return out
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,10 +45,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": redact(record.getMessage()),
         }
-        for key in _CONTEXT_KEYS:
-            value = getattr(record, key, None)
-            if value not in (None, ""):
-                entry[key] = value
+        entry.update(_context(record))
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry)
@@ -35,9 +53,7 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        context = " ".join(
-            f"{k}={getattr(record, k)}" for k in _CONTEXT_KEYS if getattr(record, k, None) not in (None, "")
-        )
+        context = " ".join(f"{k}={v}" for k, v in _context(record).items())
         line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: {record.getMessage()}"
         if context:
             line += f"  [{context}]"

@@ -136,6 +136,18 @@ class Settings(BaseSettings):
     fleet_heartbeat_seconds: float = Field(5.0, gt=0, description="how often a host renews its lease")
     fleet_lease_seconds: float = Field(15.0, gt=0, description="a host without a heartbeat this long is down")
 
+    max_connections: int = Field(
+        0, ge=0, description="client connections served at once (more get 503); 0: half the fd limit"
+    )
+
+    # --- API edge ---
+    cors_allowed_origins: str = Field(
+        "", description="comma-separated browser origins allowed by CORS ('*': any); empty: CORS off"
+    )
+    metrics_token: str = Field(
+        "", description="bearer token that unlocks per-customer series on /metrics; empty: never served"
+    )
+
     config_file: Path | None = Field(None, description="TOML file with these settings")
 
     @property

@@ -3,6 +3,8 @@ plain endpoints /health, /metrics and /openapi.json."""
 
 from __future__ import annotations
 
+import hmac
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +39,14 @@ class RootApp:
         metrics: Metrics,
         store: StateCounts,
         openapi: bytes,
+        metrics_token: str = "",
     ) -> None:
         self._routes = routes
         self._health = health
         self._metrics = metrics
         self._store = store
         self._openapi = openapi
+        self._metrics_auth = f"Bearer {metrics_token}".encode() if metrics_token else b""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -57,7 +61,8 @@ class RootApp:
             await send_json(send, status, body)
             return
         if path == "/metrics" and method in ("GET", "HEAD"):
-            await send_bytes(send, 200, await self._metrics.render(self._store), CONTENT_TYPE_PROMETHEUS)
+            scrape = await self._metrics.render(self._store, per_customer=self._metrics_authorized(scope))
+            await send_bytes(send, 200, scrape, CONTENT_TYPE_PROMETHEUS)
             return
         if path == "/openapi.json" and method in ("GET", "HEAD"):
             await send_bytes(send, 200, self._openapi, "application/json")
@@ -71,7 +76,44 @@ class RootApp:
             if path.startswith(route.prefix):
                 await route.app(scope, receive, send)
                 return
+        if (service := _rpc_service(path)) is not None:
+            await _unknown_service(scope, send, service)
+            return
         await send_json(send, 404, {"code": "not_found", "message": f"no such endpoint: {path}"})
+
+    def _metrics_authorized(self, scope: Scope) -> bool:
+        """Per-customer series only for a scraper presenting `metrics_token` (none when unset)."""
+        if not self._metrics_auth:
+            return False
+        given = next((v for k, v in scope.get("headers", []) if k.lower() == b"authorization"), b"")
+        return hmac.compare_digest(bytes(given), self._metrics_auth)
+
+
+_RPC_PATH = re.compile(r"^/([A-Za-z_][\w.]*\.[A-Za-z_]\w*)/[A-Za-z_]\w*$")
+
+
+def _rpc_service(path: str) -> str | None:
+    match = _RPC_PATH.match(path)
+    return match.group(1) if match else None
+
+
+async def _unknown_service(scope: Scope, send: Send, service: str) -> None:
+    """UNIMPLEMENTED, as for an unknown method: trailers-only for gRPC and gRPC-Web, and for
+    Connect HTTP 404 (what connect clients read as unimplemented) with the code in the body."""
+    message = f"unknown service {service}"
+    content_type = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-type"), b"")
+    if content_type.startswith(b"application/grpc"):
+        grpc_type = (
+            b"application/grpc-web"
+            if content_type.startswith(b"application/grpc-web")
+            else b"application/grpc"
+        )
+        headers = [(b"content-type", grpc_type), (b"grpc-status", b"12"), (b"grpc-message", message.encode())]
+        # trailers-only: no content-length, an empty end (hypercorn then ends the stream on HEADERS)
+        await send({"type": "http.response.start", "status": 200, "headers": headers, "trailers": False})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    await send_json(send, 404, {"code": "unimplemented", "message": message})
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -1,9 +1,15 @@
-"""Connect's JSON codec, speaking the reference's JSON: proto field names (snake_case) and
-64-bit integers as JSON numbers (the reference shows `"size_bytes": 1073741824`).
+"""Connect's codecs, speaking the reference's JSON: proto field names (snake_case) and 64-bit
+integers as JSON numbers (the reference shows `"size_bytes": 1073741824`).
 
 Canonical proto3 JSON writes 64-bit integers as strings; every protobuf JSON parser accepts both,
 and values beyond 2^53 (not exact in JavaScript) are still written as strings. Requests are
 accepted in snake_case and lowerCamelCase, with numbers or strings.
+
+Each request is parsed once (`json.loads`, then the parsed value becomes the message) and each
+response encoded once. Unknown JSON fields are dropped, as connect-go and binary protobuf do, so a
+newer client works against an older daemon; unknown enum names are still refused (a misspelt
+state filter must not silently list everything). A body that does not parse is INVALID_ARGUMENT
+with ErrorInfo reason MALFORMED_REQUEST, in JSON and in binary alike.
 """
 
 from __future__ import annotations
@@ -12,11 +18,24 @@ import functools
 import json
 from typing import Any
 
-from protobuf import Message
+from connectrpc.code import Code
+from connectrpc.codec import proto_binary_codec
+from connectrpc.errors import ConnectError
+from protobuf import Message, message_from_json_value, message_to_json_value
 from protobuf._descriptors import DescMessage
+
+from metald.domain.errors import ERROR_DOMAIN
+from metald.gen.google.rpc.error_details_pb import ErrorInfo
 
 _INT64_TYPES = frozenset({"INT64", "UINT64", "SINT64", "FIXED64", "SFIXED64"})
 _SAFE = 2**53
+MAX_JSON_DEPTH = 32
+MALFORMED_REQUEST = "MALFORMED_REQUEST"
+
+
+def malformed(what: str, exc: Exception) -> ConnectError:
+    info = ErrorInfo(reason=MALFORMED_REQUEST, domain=ERROR_DOMAIN, metadata={"encoding": what})
+    return ConnectError(Code.INVALID_ARGUMENT, f"malformed {what} request: {exc}", [info])
 
 
 def _kind(field: Any) -> tuple[str, DescMessage | None]:
@@ -47,6 +66,18 @@ def _plan(desc: DescMessage) -> tuple[tuple[str, str, DescMessage | None], ...]:
     return tuple(out)
 
 
+@functools.cache
+def _known(desc: DescMessage) -> dict[str, DescMessage | None]:
+    """Every JSON key of a message (both spellings) -> the message below it, if it is one of ours."""
+    keys: dict[str, DescMessage | None] = {}
+    for field in desc.fields:
+        kind, sub = _kind(field)
+        if hasattr(field.value, "key") or (sub is not None and sub.type_name.startswith("google.")):
+            sub = None  # maps and well-known types have their own JSON forms
+        keys[field.name] = keys[field.json_name] = sub if kind == "message" else None
+    return keys
+
+
 def _numbers(data: Any, desc: DescMessage) -> None:
     if not isinstance(data, dict):
         return
@@ -70,38 +101,63 @@ def _as_number(value: Any) -> Any:
     return value
 
 
+def prune(value: Any, desc: DescMessage | None) -> None:
+    """One walk over a parsed request: ValueError if it nests deeper than any request can (our
+    schema is ~6 deep; Python's parser refuses deep nesting with RecursionError and the native
+    protobuf parser would overflow the C stack, so nothing reaches it unchecked), and keys that
+    `desc` does not know removed at every level of our own messages."""
+    stack: list[tuple[Any, DescMessage | None, int]] = [(value, desc, 1)]
+    while stack:
+        item, message, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, list):
+            stack.extend((v, message, depth + 1) for v in item)
+        elif isinstance(item, dict):
+            if message is None:
+                stack.extend((v, None, depth + 1) for v in item.values())
+                continue
+            known = _known(message)
+            for key in [k for k in item if k not in known]:
+                del item[key]
+            stack.extend((v, known[k], depth + 1) for k, v in item.items())
+
+
 class SnakeCaseJsonCodec:
     def name(self) -> str:
         return "json"
 
     def encode(self, message: Message) -> bytes:
         desc = type(message).desc()
-        text = message.to_json(use_proto_field_name=True)
         if not _plan(desc):
-            return text.encode()
-        data = json.loads(text)
+            return message.to_json(use_proto_field_name=True).encode()
+        data = message_to_json_value(message, use_proto_field_name=True)
         _numbers(data, desc)
         return json.dumps(data, separators=(",", ":")).encode()
 
     def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
-        text = bytes(data).decode() or "{}"
-        # Python's parser refuses deep nesting with RecursionError; the native protobuf parser
-        # would overflow the C stack instead, so nothing reaches it unchecked.
-        check_depth(json.loads(text))
-        return message_class.from_json(text)
+        try:
+            value = json.loads(bytes(data) or b"{}")
+            prune(value, message_class.desc())
+            return message_from_json_value(message_class, value)
+        except (ValueError, TypeError, RecursionError) as exc:  # not JSON, or not this message
+            raise malformed("JSON", exc) from None
 
 
-MAX_JSON_DEPTH = 32
+class CheckedProtoCodec:
+    """The binary protobuf codec, with an ErrorInfo on bodies that do not parse."""
 
+    def __init__(self) -> None:
+        self._codec = proto_binary_codec()
 
-def check_depth(value: Any) -> None:
-    """ValueError if JSON nests deeper than any request message can (our schema is ~6 deep)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
+    def name(self) -> str:
+        return "proto"
+
+    def encode(self, message: Message) -> bytes:
+        return bytes(self._codec.encode(message))
+
+    def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
+        try:
+            return self._codec.decode(data, message_class)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise malformed("protobuf", exc) from None

@@ -20,6 +20,7 @@ from metald.api.auth import Authenticator, current_peer
 from metald.api.errors import to_connect_error
 from metald.api.metrics import Metrics
 from metald.domain.errors import MetaldError
+from metald.logs import has_secret
 
 log = logging.getLogger("metald.rpc")
 
@@ -43,7 +44,7 @@ class AuthInterceptor:
         self._metrics = metrics
 
     async def on_start(self, ctx: RequestContext[Any, Any]) -> CallStart:
-        request_id = ctx.request_headers.get("x-request-id", "")[:64] or uuid.uuid4().hex[:16]
+        request_id = _request_id(ctx.request_headers.get("x-request-id", ""))
         ctx.response_headers["x-request-id"] = request_id
         start = CallStart(time.monotonic(), request_id, "")
         try:
@@ -81,6 +82,13 @@ class AuthInterceptor:
                 "duration_ms": round(seconds * 1000, 2),
             },
         )
+
+
+def _request_id(given: str) -> str:
+    """The caller's x-request-id (at most 64 characters), unless it is empty or carries a
+    credential (then a fresh one: a token must not reach the logs or come back in a header)."""
+    given = given[:64]
+    return given if given and not has_secret(given) else uuid.uuid4().hex[:16]
 
 
 class ErrorInterceptor:

@@ -121,18 +121,20 @@ class Metrics:
         self._snapshot_pause.labels(backend=backend_type).observe(paused_seconds)
 
     # ---- scrape ----
-    async def render(self, store: StateCounts) -> bytes:
+    async def render(self, store: StateCounts, *, per_customer: bool = False) -> bytes:
+        """The scrape. `unkey_metald_customer_vms` has samples only with `per_customer` (an
+        authenticated scraper): customer ids are not for anyone who can reach the port."""
         counts = await store.state_counts()
         per_state = dict.fromkeys(VmState, 0)
-        per_customer: dict[str, int] = {}
+        by_customer: dict[str, int] = {}
         for (customer, state), n in counts.items():
             per_state[state] += n
-            per_customer[customer] = per_customer.get(customer, 0) + n
+            by_customer[customer] = by_customer.get(customer, 0) + n
         for state, n in per_state.items():
             if state is not VmState.UNSPECIFIED:
                 self._by_state.labels(state=state.api_name).set(n)
         self._by_customer.clear()
-        for customer, n in per_customer.items():
+        for customer, n in by_customer.items() if per_customer else ():
             self._by_customer.labels(customer_id=customer).set(n)
         self._active.set(per_state[VmState.RUNNING] + per_state[VmState.PAUSED])
         return generate_latest(self.registry)

@@ -10,11 +10,16 @@ from connectrpc_grpcreflect import (
     ServerReflectionASGIApplication,
     ServerReflectionService,
 )
-from protobuf import DescService
+from protobuf import DescFile, DescService
+
+from metald.gen.google.rpc import error_details_pb
 
 
 def reflection_apps(*services: DescService) -> list[ConnectASGIApplication[object]]:
+    """Also the file of google.rpc.ErrorInfo, which every error carries as a detail (its file has
+    no service, so the service list is unchanged)."""
+    descs: tuple[DescFile | DescService, ...] = (*services, error_details_pb.desc())
     return [
-        ServerReflectionASGIApplication(ServerReflectionService(*services)),
-        ServerReflectionAlphaASGIApplication(ServerReflectionAlphaService(*services)),
+        ServerReflectionASGIApplication(ServerReflectionService(*descs)),
+        ServerReflectionAlphaASGIApplication(ServerReflectionAlphaService(*descs)),
     ]
