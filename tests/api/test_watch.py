@@ -111,7 +111,7 @@ def test_kept_events_resume_filters_and_isolation(daemon: Daemon, rpc: Rpc, cust
             (vm, f"VM_EVENT_TYPE_{kind.name}") for vm, kind in expected
         ], seen
     for protocol in ("connect", "grpc", "grpcweb"):
-        result = _node_watch(daemon, protocol, customer, {"after_cursor": events[0].cursor}, 2)
+        result = _node_watch(daemon, protocol, customer, {"afterCursor": events[0].cursor}, 2)
         assert [m["cursor"] for m in result["ok"]] == [e.cursor for e in events[1:]], result
 
     # Another customer's watch sees none of it (its stream stays empty until its deadline).
@@ -134,7 +134,7 @@ def test_live_events_and_refusals(daemon: Daemon, rpc: Rpc, customer: str) -> No
     with pytest.raises(grpc.RpcError) as caught:
         _grpc_watch(daemon, customer, pb.WatchVmsRequest(after_cursor="not-a-cursor"), 1)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    error = _node_watch(daemon, "connect", customer, {"after_cursor": "not-a-cursor"}, 1)["error"]
+    error = _node_watch(daemon, "connect", customer, {"afterCursor": "not-a-cursor"}, 1)["error"]
     assert error["code"] == 3 and error["details"][0]["metadata"]["field"] == "after_cursor"
     with pytest.raises(grpc.RpcError) as caught, grpc.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
         list(

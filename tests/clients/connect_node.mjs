@@ -29,14 +29,19 @@ const options = { headers: { authorization: `Bearer ${token}` } };
 const asJson = (message) => toJson(methodDesc.output, message, { useProtoFieldName: true });
 try {
   if (methodDesc.methodKind === "server_streaming") {
+    // Hang up once TAKE messages came: the stream itself never ends.
     const abort = new AbortController();
     const seen = [];
-    for await (const message of client[rpc](JSON.parse(body), { ...options, signal: abort.signal })) {
-      seen.push(asJson(message));
-      if (seen.length >= Number(take || 1)) break;
+    try {
+      for await (const message of client[rpc](JSON.parse(body), { ...options, signal: abort.signal })) {
+        seen.push(asJson(message));
+        if (seen.length >= Number(take || 1)) abort.abort();
+      }
+    } catch (err) {
+      if (!abort.signal.aborted) throw err;
     }
-    abort.abort();
     console.log(JSON.stringify({ ok: seen }));
+    process.exit(0);
   } else {
     console.log(JSON.stringify({ ok: asJson(await client[rpc](JSON.parse(body), options)) }));
   }
