@@ -40,7 +40,12 @@ async def test_reboot_at_once_and_guest_reboot_restart_readiness(
     backend = backends(events)
     spec = launch_spec(assets_dir, tmp_path / "vm-rb", "vm-rb")
     await backend.start(spec)
-    await backend.reboot("vm-rb", force=False)  # 0 s after the boot: the guest cannot listen yet
+    deadline = time.monotonic() + READY_TIMEOUT  # the kernel has started, the guest is not up yet:
+    while BANNER not in spec.console_path.read_text(errors="replace"):  # it cannot take a request
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert not (await backend.runtime("vm-rb")).guest_ready  # type: ignore[union-attr]
+    await backend.reboot("vm-rb", force=False)
     assert await backend.wait_ready("vm-rb", READY_TIMEOUT)
     assert spec.console_path.read_text(errors="replace").count(BANNER) == 2, "the reboot was lost"
 
