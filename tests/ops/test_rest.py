@@ -90,7 +90,7 @@ def test_same_auth_and_errors_as_the_rpcs(daemon: Daemon, rpc: Rpc, customer: st
     # Unknown fields are ignored, as connect-go and binary protobuf do (issue 11): a newer client
     # works against an older server.
     status, body = curl(daemon, "GET", "/v1/vms?no_such_field=1", customer)
-    assert (status == 200 and "vms" in body) or body.get("total_count", 0) == 0, body
+    assert status == 200, body
     # another customer's VM: 403 with the reference's ErrorInfo
     status, body = curl(daemon, "DELETE", f"/v1/vms/{vm_id}", "x" + customer)
     assert (status, body) == rpc.error("DeleteVm", {"vm_id": vm_id}, customer="x" + customer)
