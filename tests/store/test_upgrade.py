@@ -6,6 +6,7 @@ tests/store/data/release_0_state.sql is the dump of a database made by that rele
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from datetime import UTC, datetime
@@ -112,8 +113,11 @@ async def test_a_database_from_a_newer_metald_is_refused_untouched(tmp_path: Pat
 
 
 def test_the_daemon_refuses_a_newer_schema_with_a_message(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # main() installs the daemon's process-wide child watcher; in this test process it would
+    # stay behind and break every later test that starts a subprocess on another event loop.
+    monkeypatch.setattr(asyncio, "set_child_watcher", lambda watcher: None)
     path = release_database(tmp_path / "metald.db")
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute("PRAGMA user_version = 99")
