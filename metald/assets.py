@@ -14,7 +14,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from metald.domain.errors import ErrorCode, MetaldError, invalid
+from metald.domain.errors import denied, invalid
 from metald.domain.validation import ASSETS_PREFIX
 
 
@@ -48,11 +48,10 @@ class AssetResolver:
         if not real.is_relative_to(root):
             raise invalid(field, f"{virtual_path} resolves outside {ASSETS_PREFIX}")
         if str(real).startswith(self._private):
-            raise MetaldError(
-                ErrorCode.PERMISSION_DENIED,
+            raise denied(
+                "PATH_NOT_PERMITTED",
                 f"{field}: {virtual_path} is VM state kept by metald, not an asset",
-                reason="PATH_NOT_PERMITTED",
-                metadata={"field": field},
+                field=field,
             )
         if not stat.S_ISREG(st.st_mode) or st.st_nlink == 0:
             raise invalid(field, f"{virtual_path} is not a regular file")

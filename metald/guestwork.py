@@ -13,7 +13,16 @@ from collections.abc import Sequence
 
 from metald.agent.protocol import MAX_DATA
 from metald.domain import ids
-from metald.domain.errors import ErrorCode, MetaldError, invalid, not_found, not_owned
+from metald.domain.errors import (
+    ErrorCode,
+    MetaldError,
+    invalid,
+    not_found,
+    not_owned,
+    precondition,
+    refusal,
+    unavailable,
+)
 from metald.domain.model import NicAddress, Vm
 from metald.domain.states import VmState
 from metald.ports import GuestAgent, VmRecords
@@ -25,11 +34,12 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _too_large(field: str, size: int) -> MetaldError:
-    return MetaldError(
+    return refusal(
         ErrorCode.INVALID_ARGUMENT,
+        "FILE_TOO_LARGE" if field == "content" else "INVALID_FIELD",
         f"{field}: {size} bytes is more than the limit of {MAX_DATA} bytes (16 MiB)",
-        reason="FILE_TOO_LARGE" if field == "content" else "INVALID_FIELD",
-        metadata={"field": field, "limit_bytes": str(MAX_DATA)},
+        field=field,
+        limit_bytes=str(MAX_DATA),
     )
 
 
@@ -77,11 +87,12 @@ class GuestWork:
         if vm.customer_id != customer_id:
             raise not_owned(vm_id, customer_id)
         if vm.state is not VmState.RUNNING:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
+            raise precondition(
+                "INVALID_STATE",
                 f"cannot {operation} in VM {vm_id} in state {vm.state.api_name}; it must be RUNNING",
-                reason="INVALID_STATE",
-                metadata={"vm_id": vm_id, "current_state": vm.state.api_name, "operation": operation},
+                vm_id=vm_id,
+                current_state=vm.state.api_name,
+                operation=operation,
             )
         return vm
 
@@ -113,11 +124,10 @@ class GuestWork:
         snapshot's age), entropy (every clone would read the same random bytes) and identity
         (hostname, vm_id, MACs, addresses): give it its own, once its agent answers."""
         if not await self._agent.ping(vm_id, timeout):
-            raise MetaldError(
-                ErrorCode.UNAVAILABLE,
+            raise unavailable(
+                "AGENT_UNAVAILABLE",
                 f"the agent of restored VM {vm_id} did not answer within {timeout:g}s",
-                reason="AGENT_UNAVAILABLE",
-                metadata={"vm_id": vm_id},
+                vm_id=vm_id,
             )
         await self._agent.set_clock(vm_id)
         await self._agent.add_entropy(vm_id, os.urandom(CLONE_ENTROPY_BYTES))

@@ -25,7 +25,7 @@ from metald.agent.channel import (
     request_ids,
 )
 from metald.agent.protocol import MAX_DATA, FieldValue, Frame, MsgType, Tag
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import ErrorCode, MetaldError, precondition, unavailable
 from metald.domain.model import NicAddress
 from metald.usecases import ExecCommand, ExecResult, GuestFile
 
@@ -54,11 +54,10 @@ _GUEST_ERRORS: dict[int, tuple[ErrorCode, str]] = {
 
 
 def agent_unavailable(vm_id: str, detail: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.UNAVAILABLE,
+    return unavailable(
+        "AGENT_UNAVAILABLE",
         f"the guest agent of VM {vm_id} is not answering ({detail}); retry once the guest is up",
-        reason="AGENT_UNAVAILABLE",
-        metadata={"vm_id": vm_id},
+        vm_id=vm_id,
     )
 
 
@@ -247,9 +246,8 @@ class GuestAgentPool:
         result = await self.exec(vm_id, ExecCommand(argv=argv), CONTROL_TIMEOUT)
         if result.exit_code != 0:
             detail = (result.stderr or result.stdout).decode(errors="replace").strip()[-500:]
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
+            raise precondition(
+                "GUEST_IDENTITY_FAILED",
                 f"VM {vm_id}: setting the guest's identity failed (exit {result.exit_code}): {detail}",
-                reason="GUEST_IDENTITY_FAILED",
-                metadata={"vm_id": vm_id},
+                vm_id=vm_id,
             )

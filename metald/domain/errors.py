@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from typing import Protocol
 
 ERROR_DOMAIN = "metald.unkey.com"
 
@@ -41,26 +42,69 @@ class MetaldError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
 
 
+def refusal(code: ErrorCode, reason: str, message: str, /, **metadata: str) -> MetaldError:
+    """A MetaldError spelled once: its code, its ErrorInfo reason, a message, metadata as keywords."""
+    return MetaldError(code, message, reason=reason, metadata=metadata)
+
+
+class Refusal(Protocol):
+    """A factory of MetaldErrors of one code: `precondition("VMM_NOT_RUNNING", message, vm_id=...)`."""
+
+    def __call__(self, reason: str, message: str, /, **metadata: str) -> MetaldError: ...
+
+
+def _of_code(code: ErrorCode) -> Refusal:
+    def make(reason: str, message: str, /, **metadata: str) -> MetaldError:
+        return refusal(code, reason, message, **metadata)
+
+    return make
+
+
+precondition = _of_code(ErrorCode.FAILED_PRECONDITION)
+exhausted = _of_code(ErrorCode.RESOURCE_EXHAUSTED)
+unavailable = _of_code(ErrorCode.UNAVAILABLE)
+internal = _of_code(ErrorCode.INTERNAL)
+conflict = _of_code(ErrorCode.ALREADY_EXISTS)
+denied = _of_code(ErrorCode.PERMISSION_DENIED)
+
+
+# ---- the refusals more than one part of metald gives ----
+
+
 def invalid(field: str, problem: str) -> MetaldError:
     """INVALID_ARGUMENT naming the offending field."""
-    return MetaldError(
-        ErrorCode.INVALID_ARGUMENT,
-        f"{field}: {problem}",
-        reason="INVALID_FIELD",
-        metadata={"field": field},
-    )
+    return refusal(ErrorCode.INVALID_ARGUMENT, "INVALID_FIELD", f"{field}: {problem}", field=field)
 
 
 def not_owned(vm_id: str, customer_id: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.PERMISSION_DENIED,
-        f"VM {vm_id} not found or not owned by customer",
-        reason="VM_NOT_OWNED",
-        metadata={"vm_id": vm_id, "customer_id": customer_id},
-    )
+    message = f"VM {vm_id} not found or not owned by customer"
+    return denied("VM_NOT_OWNED", message, vm_id=vm_id, customer_id=customer_id)
 
 
 def not_found(vm_id: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.NOT_FOUND, f"VM {vm_id} not found", reason="VM_NOT_FOUND", metadata={"vm_id": vm_id}
-    )
+    return refusal(ErrorCode.NOT_FOUND, "VM_NOT_FOUND", f"VM {vm_id} not found", vm_id=vm_id)
+
+
+def vm_exists(vm_id: str) -> MetaldError:
+    return conflict("VM_EXISTS", f"VM {vm_id} already exists", vm_id=vm_id)
+
+
+def customer_mismatch(customer_id: str) -> MetaldError:
+    """A request's customer_id that is not the caller's own."""
+    message = "customer_id does not match the authenticated customer"
+    return denied("CUSTOMER_MISMATCH", message, customer_id=customer_id)
+
+
+def vm_exited(vm_id: str, reason: str) -> MetaldError:
+    """The VMM ended while a caller waited for its guest to be ready."""
+    message = f"VM {vm_id} exited before its guest was ready ({reason or 'unknown'})"
+    return precondition("VM_EXITED", message, vm_id=vm_id, exit_reason=reason)
+
+
+def unimplemented(rpc: str, where: str = "on this host") -> MetaldError:
+    return refusal(ErrorCode.UNIMPLEMENTED, "UNIMPLEMENTED", f"{rpc} is not available {where} yet")
+
+
+def disk_full(message: str, /, **metadata: str) -> MetaldError:
+    """The host's disk has no room for what an operation writes."""
+    return exhausted("DISK_FULL", message, **metadata)

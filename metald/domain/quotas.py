@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import exhausted
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,12 @@ class Quotas:
 def _enforce(checks: tuple[tuple[str, int, int], ...]) -> None:
     for name, limit, wanted in checks:
         if limit and wanted > limit:
-            raise MetaldError(
-                ErrorCode.RESOURCE_EXHAUSTED,
+            raise exhausted(
+                "QUOTA_EXCEEDED",
                 f"limit {name} exceeded: {wanted} > {limit}",
-                reason="QUOTA_EXCEEDED",
-                metadata={"limit": name, "limit_value": str(limit), "requested_total": str(wanted)},
+                limit=name,
+                limit_value=str(limit),
+                requested_total=str(wanted),
             )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import precondition
 
 
 class VmState(enum.IntEnum):
@@ -61,9 +61,10 @@ def require_allowed(op: Operation, vm_id: str, current: VmState, *, force: bool 
         return
     hint = " (use force=true)" if op is Operation.DELETE and current in ACTIVE_STATES else ""
     allowed = ", ".join(sorted(s.api_name for s in _ALLOWED[op]))
-    raise MetaldError(
-        ErrorCode.FAILED_PRECONDITION,
+    raise precondition(
+        "INVALID_STATE",
         f"cannot {op.value} VM {vm_id} in state {current.api_name}; allowed from {allowed}{hint}",
-        reason="INVALID_STATE",
-        metadata={"vm_id": vm_id, "current_state": current.api_name, "operation": op.value},
+        vm_id=vm_id,
+        current_state=current.api_name,
+        operation=op.value,
     )

@@ -12,7 +12,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import MetaldError, unavailable
 from metald.fleet.schema import migrate
 from metald.ports import CheckResult
 
@@ -23,10 +23,8 @@ CONNECT_TIMEOUT_SECONDS = 3
 
 
 def db_unavailable(exc: BaseException) -> MetaldError:
-    return MetaldError(
-        ErrorCode.UNAVAILABLE,
-        f"the fleet database is unavailable ({type(exc).__name__}); retry shortly",
-        reason="FLEET_DB_UNAVAILABLE",
+    return unavailable(
+        "FLEET_DB_UNAVAILABLE", f"the fleet database is unavailable ({type(exc).__name__}); retry shortly"
     )
 
 

@@ -16,7 +16,15 @@ from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 from metald.api.convert import config_from_proto, config_to_proto, state_from_proto
 from metald.client import common
 from metald.domain import ids
-from metald.domain.errors import ErrorCode, MetaldError, invalid, not_found, not_owned
+from metald.domain.errors import (
+    ErrorCode,
+    MetaldError,
+    customer_mismatch,
+    invalid,
+    not_found,
+    not_owned,
+    unimplemented,
+)
 from metald.domain.model import Vm, VmConfig
 from metald.domain.paging import PageTokens
 from metald.domain.quotas import Quotas, Usage, check_boot
@@ -63,11 +71,7 @@ def _datetime(value: Timestamp | None) -> datetime:
 
 
 def _unimplemented(rpc: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.UNIMPLEMENTED,
-        f"{rpc} is not available through the fleet gateway yet",
-        reason="UNIMPLEMENTED",
-    )
+    return unimplemented(rpc, "through the fleet gateway")
 
 
 class FleetGateway:
@@ -128,12 +132,7 @@ class FleetGateway:
         if snapshot_id:
             raise _unimplemented("CreateVm of a clone")
         if claimed_customer and claimed_customer != customer_id:
-            raise MetaldError(
-                ErrorCode.PERMISSION_DENIED,
-                "customer_id does not match the authenticated customer",
-                reason="CUSTOMER_MISMATCH",
-                metadata={"customer_id": customer_id},
-            )
+            raise customer_mismatch(customer_id)
         vm_id = ids.check_vm_id(vm_id) if vm_id else ids.new_vm_id()
         validate_config(config, self._opts.limits)
         now = datetime.now(UTC)

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import MetaldError, exhausted, unavailable, vm_exists
 from metald.domain.model import Vm
 from metald.domain.quotas import Quotas, check_create
 from metald.fleet.db import FleetDb
@@ -63,19 +63,12 @@ def choose(candidates: Sequence[Candidate], vcpus: int, memory: int) -> Candidat
     return min(scored, key=lambda s: s[:3])[3] if scored else None
 
 
-def vm_exists(vm_id: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.ALREADY_EXISTS, f"VM {vm_id} already exists", reason="VM_EXISTS", metadata={"vm_id": vm_id}
-    )
-
-
 def host_unavailable(host_id: str, vm_id: str = "") -> MetaldError:
     metadata = {"host_id": host_id, **({"vm_id": vm_id} if vm_id else {})}
-    return MetaldError(
-        ErrorCode.UNAVAILABLE,
+    return unavailable(
+        "HOST_UNAVAILABLE",
         f"host {host_id} is down (its lease expired); its VMs answer again once it is back",
-        reason="HOST_UNAVAILABLE",
-        metadata=metadata,
+        **metadata,
     )
 
 
@@ -155,10 +148,11 @@ async def _no_room(conn: psycopg.AsyncConnection[tuple[Any, ...]], vcpus: int, m
     row = await cursor.fetchone()
     live = int(row[0]) if row else 0
     if live == 0:
-        return MetaldError(ErrorCode.UNAVAILABLE, "no live host in the fleet", reason="NO_LIVE_HOST")
-    return MetaldError(
-        ErrorCode.RESOURCE_EXHAUSTED,
+        return unavailable("NO_LIVE_HOST", "no live host in the fleet")
+    return exhausted(
+        "FLEET_CAPACITY_EXHAUSTED",
         f"no host in the fleet has room for {vcpus} vCPUs and {memory} bytes of memory ({live} live hosts full)",
-        reason="FLEET_CAPACITY_EXHAUSTED",
-        metadata={"live_hosts": str(live), "vcpus": str(vcpus), "memory_bytes": str(memory)},
+        live_hosts=str(live),
+        vcpus=str(vcpus),
+        memory_bytes=str(memory),
     )

@@ -15,7 +15,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 
-from metald.domain.errors import ErrorCode, MetaldError, invalid
+from metald.domain.errors import invalid, precondition
 from metald.domain.model import EgressRule, NetworkInterface, NicAddress
 
 PROTOCOLS = ("", "tcp", "udp", "icmp")
@@ -52,11 +52,10 @@ def check_policies(nics: Sequence[NetworkInterface], *, available: bool) -> None
         for j, rule in enumerate(nic.egress.allow):
             _check_rule(rule, f"{field}[{j}]")
         if nic.egress.allow and not available:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
+            raise precondition(
+                "NETWORK_EGRESS_UNAVAILABLE",
                 f"{field}: this host offers no egress (network_allow_egress is off or no uplink is set)",
-                reason="NETWORK_EGRESS_UNAVAILABLE",
-                metadata={"field": field},
+                field=field,
             )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import MetaldError, internal, unavailable
 
 NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns add` mounts named namespaces
 TIMEOUT_SECONDS = 30.0
@@ -34,11 +34,10 @@ class Completed:
 
     def error(self) -> MetaldError:
         command = " ".join(self.argv)
-        return MetaldError(
-            ErrorCode.INTERNAL,
+        return internal(
+            "NETWORK_COMMAND_FAILED",
             f"network command failed ({self.returncode}): {command}: {self.stderr.strip()}",
-            reason="NETWORK_COMMAND_FAILED",
-            metadata={"command": command},
+            command=command,
         )
 
 
@@ -54,10 +53,8 @@ async def run(*argv: str, stdin: str | None = None) -> Completed:
         )
     except FileNotFoundError as exc:
         tool = argv[0]
-        raise MetaldError(
-            ErrorCode.UNAVAILABLE,
-            f"{tool} not found (apt-get install {_PACKAGES.get(tool, tool)})",
-            reason="NETWORK_TOOL_MISSING",
+        raise unavailable(
+            "NETWORK_TOOL_MISSING", f"{tool} not found (apt-get install {_PACKAGES.get(tool, tool)})"
         ) from exc
     try:
         out, err = await asyncio.wait_for(
@@ -119,7 +116,5 @@ async def sysctl(netns: str, settings: dict[str, str]) -> None:
 def parse_list(out: str) -> list[dict[str, Any]]:
     data = json.loads(out) if out.strip() else []
     if not isinstance(data, list):
-        raise MetaldError(
-            ErrorCode.INTERNAL, f"unexpected ip JSON: {out[:200]}", reason="NETWORK_COMMAND_FAILED"
-        )
+        raise internal("NETWORK_COMMAND_FAILED", f"unexpected ip JSON: {out[:200]}")
     return data

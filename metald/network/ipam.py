@@ -36,7 +36,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import MetaldError, exhausted, precondition
 from metald.network.names import customer_bridge
 from metald.ports import AddressBook
 
@@ -132,11 +132,7 @@ class Ipam:
             index = (start + step) % self._count
             if str(index) not in taken and await self._store.claim_address("netindex", str(index), owner):
                 return index
-        raise MetaldError(
-            ErrorCode.RESOURCE_EXHAUSTED,
-            f"no customer network left in {self.pool4} / {self.pool6}",
-            reason="NETWORK_POOL_EXHAUSTED",
-        )
+        raise exhausted("NETWORK_POOL_EXHAUSTED", f"no customer network left in {self.pool4} / {self.pool6}")
 
     # ---- guest addresses ----
 
@@ -150,10 +146,8 @@ class Ipam:
                     continue
                 if await self._store.claim_address(pool, str(address), vm_id):
                     return address
-        raise MetaldError(
-            ErrorCode.RESOURCE_EXHAUSTED,
-            f"no free IPv{version} address left in {net.subnet(version)}",
-            reason="NETWORK_POOL_EXHAUSTED",
+        raise exhausted(
+            "NETWORK_POOL_EXHAUSTED", f"no free IPv{version} address left in {net.subnet(version)}"
         )
 
     async def claim_address(self, customer_id: str, address: IPAddress, owner: str) -> bool:
@@ -215,4 +209,4 @@ def _hosts(subnet: IPNetwork) -> Iterator[IPAddress]:
 
 
 def _config_error(message: str) -> MetaldError:
-    return MetaldError(ErrorCode.FAILED_PRECONDITION, message, reason="NETWORK_CONFIG_INVALID")
+    return precondition("NETWORK_CONFIG_INVALID", message)

@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import MetaldError, precondition
 from metald.domain.model import NicAddress, Vm
 from metald.network import egress, ip, names, plumbing, sourceguard, walls
 from metald.network.ipam import CustomerNetwork, Ipam
@@ -44,10 +44,9 @@ class LinuxNetwork:
         With allow_egress, interfaces' egress policies are opened toward egress_uplink, an
         interface in the host namespace that the operator provides (egress.py)."""
         if allow_egress and not egress_uplink:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
+            raise precondition(
+                "NETWORK_CONFIG_INVALID",
                 "network_allow_egress needs network_egress_uplink (an interface in the host namespace)",
-                reason="NETWORK_CONFIG_INVALID",
             )
         self._ipam = Ipam(addresses, ipv4_pool, ipv6_pool)
         self._host = host_netns
@@ -81,11 +80,7 @@ class LinuxNetwork:
         if not vm.config.network:
             return NetworkAttachment("", (), ())
         if not _planned(vm):
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"VM {vm.vm_id} has no network plan",
-                reason="NETWORK_NOT_PLANNED",
-            )
+            raise precondition("NETWORK_NOT_PLANNED", f"VM {vm.vm_id} has no network plan")
         started = time.monotonic()
         nics = plumbing.nic_links(vm)
         try:

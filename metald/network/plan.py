@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from metald.domain.errors import ErrorCode, MetaldError, invalid
+from metald.domain.errors import MetaldError, conflict, internal, invalid
 from metald.domain.model import IpConfig, NetworkInterface, NicAddress, Vm
 from metald.domain.validation import check_mac, check_rate_limit
 from metald.network import mac as macs
@@ -61,11 +61,10 @@ async def plan_vm(ipam: Ipam, vm: Vm) -> tuple[NicAddress, ...]:
         if nic.rate_limit is not None:
             check_rate_limit(nic.rate_limit, f"config.network[{i}].rate_limit")
     if not await ipam.claim_netid(id8(vm.vm_id), vm.vm_id):
-        raise MetaldError(
-            ErrorCode.ALREADY_EXISTS,
+        raise conflict(
+            "NETWORK_NAME_COLLISION",
             f"VM {vm.vm_id} already holds network resources, or its device names collide with another VM's",
-            reason="NETWORK_NAME_COLLISION",
-            metadata={"vm_id": vm.vm_id},
+            vm_id=vm.vm_id,
         )
     try:
         net = await ipam.customer_network(vm.customer_id, vm.vm_id)
@@ -90,7 +89,7 @@ async def _plan_mac(ipam: Ipam, vm: Vm, nic: NetworkInterface, field: str) -> st
             mac = macs.derive_mac(vm.vm_id, nic.interface_id, attempt)
             if await ipam.claim_mac(vm.customer_id, mac, vm.vm_id):
                 return mac
-        raise MetaldError(ErrorCode.INTERNAL, "could not derive a free MAC", reason="MAC_EXHAUSTED")
+        raise internal("MAC_EXHAUSTED", "could not derive a free MAC")
     mac = check_mac(nic.guest_mac, field)
     if not await ipam.claim_mac(vm.customer_id, mac, vm.vm_id):
         raise _taken(field, f"MAC {mac} is already used on this customer's network")
@@ -196,9 +195,4 @@ def _parse(text: str, version: int, field: str) -> IPAddress:
 
 
 def _taken(field: str, message: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.ALREADY_EXISTS,
-        f"{field}: {message}",
-        reason="NETWORK_ADDRESS_IN_USE",
-        metadata={"field": field},
-    )
+    return conflict("NETWORK_ADDRESS_IN_USE", f"{field}: {message}", field=field)

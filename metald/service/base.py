@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from metald.assets import AssetResolver
 from metald.domain import ids
-from metald.domain.errors import ErrorCode, MetaldError, invalid, not_found, not_owned
+from metald.domain.errors import (
+    ErrorCode,
+    MetaldError,
+    disk_full,
+    exhausted,
+    internal,
+    invalid,
+    not_found,
+    not_owned,
+)
 from metald.domain.model import Vm
 from metald.domain.paging import PageTokens
 from metald.domain.pending import PendingOp
@@ -125,12 +134,12 @@ class ServiceBase:
         except MetaldError as exc:
             self._events.backend_error(self.backend_type, operation)
             if exc.code is ErrorCode.INTERNAL and await self._disk_nearly_full():
-                raise disk_full(operation, exc.message) from exc
+                raise _disk_full_during(operation, exc.message) from exc
             raise
         except OSError as exc:
             self._events.backend_error(self.backend_type, operation)
             if exc.errno == errno.ENOSPC or await self._disk_nearly_full():
-                raise disk_full(operation, str(exc)) from exc
+                raise _disk_full_during(operation, str(exc)) from exc
             log.exception("backend %s failed", operation)
             raise backend_failure(operation, exc) from exc
         except Exception as exc:
@@ -144,10 +153,9 @@ class ServiceBase:
         """Refuse a state change before any side effect when its record might not fit on disk
         (DeleteVm is never refused: it frees space)."""
         if await self._disk_nearly_full():
-            raise MetaldError(
-                ErrorCode.RESOURCE_EXHAUSTED,
+            raise exhausted(
+                "STORE_FULL",
                 "the disk of the state store is (nearly) full; nothing was changed (delete VMs or free space)",
-                reason="STORE_FULL",
             )
 
     async def _disk_nearly_full(self) -> bool:
@@ -173,28 +181,12 @@ class ServiceBase:
             )
 
 
-def unimplemented(rpc: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.UNIMPLEMENTED, f"{rpc} is not available on this host yet", reason="UNIMPLEMENTED"
-    )
-
-
 def backend_failure(operation: str, exc: Exception) -> MetaldError:
-    return MetaldError(
-        ErrorCode.INTERNAL,
-        f"backend failure during {operation}: {exc}",
-        reason="BACKEND_FAILURE",
-        metadata={"operation": operation},
-    )
+    return internal("BACKEND_FAILURE", f"backend failure during {operation}: {exc}", operation=operation)
 
 
-def disk_full(operation: str, detail: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.RESOURCE_EXHAUSTED,
-        f"the host's disk is (nearly) full during {operation}: {detail}",
-        reason="DISK_FULL",
-        metadata={"operation": operation},
-    )
+def _disk_full_during(operation: str, detail: str) -> MetaldError:
+    return disk_full(f"the host's disk is (nearly) full during {operation}: {detail}", operation=operation)
 
 
 def _free_bytes(path: Path) -> int:

@@ -3,8 +3,8 @@ parts by concern (lifecycle and stopping, queries, watch, recovery)."""
 
 from __future__ import annotations
 
+from metald.domain.errors import unimplemented
 from metald.guestwork import GuestWork
-from metald.service.base import unimplemented
 from metald.service.queries import Queries
 from metald.service.recovery import Recovery
 from metald.service.watch import Watch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metald.domain.errors import ErrorCode, MetaldError, invalid
+from metald.domain.errors import invalid, precondition
 from metald.domain.guest_args import guest_kernel_args
 from metald.domain.model import Vm, VmConfig
 from metald.ports import DiskSpec, LaunchSpec, NetworkAttachment
@@ -66,8 +66,6 @@ class Launch(Snapshots):
         if config.vcpu_count > caps.max_vcpus:
             raise invalid("config.cpu.vcpu_count", f"at most {caps.max_vcpus} on this backend")
         if config.network and self._network is None:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
-                "networking is disabled on this host (network_enabled=false)",
-                reason="NETWORK_DISABLED",
+            raise precondition(
+                "NETWORK_DISABLED", "networking is disabled on this host (network_enabled=false)"
             )

@@ -17,7 +17,15 @@ from datetime import UTC, datetime
 
 from metald.domain import ids
 from metald.domain.clones import clone_config
-from metald.domain.errors import ErrorCode, MetaldError, invalid
+from metald.domain.errors import (
+    ErrorCode,
+    MetaldError,
+    customer_mismatch,
+    invalid,
+    refusal,
+    vm_exists,
+    vm_exited,
+)
 from metald.domain.guest_args import guest_kernel_args
 from metald.domain.model import Vm, VmConfig
 from metald.domain.pending import PendingOp
@@ -41,12 +49,7 @@ class Lifecycle(Launch):
         self, customer_id: str, vm_id: str, config: VmConfig, claimed_customer: str, snapshot_id: str = ""
     ) -> Vm:
         if claimed_customer and claimed_customer != customer_id:
-            raise MetaldError(
-                ErrorCode.PERMISSION_DENIED,
-                "customer_id does not match the authenticated customer",
-                reason="CUSTOMER_MISMATCH",
-                metadata={"customer_id": customer_id},
-            )
+            raise customer_mismatch(customer_id)
         if vm_id:
             ids.check_vm_id(vm_id)
         else:
@@ -62,14 +65,14 @@ class Lifecycle(Launch):
         spec = await self._launch_spec(vm, None)  # resolves and checks every host path first
         async with self._create_lock:
             if await self._vms.get(vm_id) is not None:
-                raise _exists(vm_id)
+                raise vm_exists(vm_id)
             customer_vms, _, _ = await self._vms.usage(customer_id)
             host_vms, _, _ = await self._vms.usage(None)
             check_create(self._opts.quotas, customer_vms, host_vms)
             try:
                 vm = await self._records.insert_creating(vm)
             except KeyError:
-                raise _exists(vm_id) from None
+                raise vm_exists(vm_id) from None
         async with self._vm_lock(vm_id):
             try:
                 network = self._networked(vm)
@@ -146,18 +149,13 @@ class Lifecycle(Launch):
             raise
         if not ready and await self._backend.runtime(vm_id) is None:
             reason = await self._record_early_exit(vm_id, "")
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"VM {vm_id} exited before its guest was ready ({reason})",
-                reason="VM_EXITED",
-                metadata={"vm_id": vm_id, "exit_reason": reason},
-            )
+            raise vm_exited(vm_id, reason)
         if not ready:
-            raise MetaldError(
+            raise refusal(
                 ErrorCode.DEADLINE_EXCEEDED,
+                "GUEST_NOT_READY",
                 f"VM {vm_id} is running but its guest did not report ready within {timeout:g}s",
-                reason="GUEST_NOT_READY",
-                metadata={"vm_id": vm_id},
+                vm_id=vm_id,
             )
         self._spawn(self._note_guest_ready(vm_id))  # never waits behind another operation's lock
 
@@ -252,10 +250,4 @@ class Lifecycle(Launch):
 def _plus(usage: Usage, vm: Vm) -> Usage:
     return Usage(
         usage.vms + 1, usage.vcpus + vm.config.vcpu_count, usage.memory_bytes + vm.config.memory_bytes
-    )
-
-
-def _exists(vm_id: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.ALREADY_EXISTS, f"VM {vm_id} already exists", reason="VM_EXISTS", metadata={"vm_id": vm_id}
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import MetaldError, exhausted
 from metald.domain.events import VmEvent, VmEventType
 from metald.domain.model import Vm
 from metald.domain.pending import PendingOp
@@ -132,8 +132,4 @@ class Transitions:
 
 
 def store_full(exc: StoreFullError) -> MetaldError:
-    return MetaldError(
-        ErrorCode.RESOURCE_EXHAUSTED,
-        f"the state store cannot write ({exc}); nothing was changed",
-        reason="STORE_FULL",
-    )
+    return exhausted("STORE_FULL", f"the state store cannot write ({exc}); nothing was changed")

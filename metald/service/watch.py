@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 from metald.domain import ids
-from metald.domain.errors import ErrorCode, MetaldError, invalid
+from metald.domain.errors import ErrorCode, invalid, refusal
 from metald.domain.states import VmState
 from metald.service.base import ServiceBase
 from metald.usecases import WatchItem
@@ -52,10 +52,11 @@ class Watch(ServiceBase):
         after = int(cursor)
         first = await self._event_log.first_seq() or last + 1  # 0: none kept (all pruned)
         if after + 1 < first:
-            raise MetaldError(
+            raise refusal(
                 ErrorCode.OUT_OF_RANGE,
+                "CURSOR_EXPIRED",
                 f"cursor {after} is older than the events this host keeps (oldest {first}); list the VMs again",
-                reason="CURSOR_EXPIRED",
-                metadata={"after_cursor": cursor, "oldest_cursor": str(first)},
+                after_cursor=cursor,
+                oldest_cursor=str(first),
             )
         return after

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import precondition, vm_exited
 from metald.ports import (
     BackendCapabilities,
     CheckResult,
@@ -88,7 +88,7 @@ class FakeBackend:
     async def start(self, spec: LaunchSpec) -> VmRuntime:
         await self.faults.step("start")
         if spec.vm_id in self.vmms:
-            raise MetaldError(ErrorCode.FAILED_PRECONDITION, f"{spec.vm_id} already runs", reason="RUNNING")
+            raise precondition("RUNNING", f"{spec.vm_id} already runs")
         vmm = self.vmms[spec.vm_id] = FakeVmm(spec, next(self._pids))
         self.exits.pop(spec.vm_id, None)
         if self.guest == "poweroff":
@@ -109,7 +109,7 @@ class FakeBackend:
         if vmm is None:
             if not self.exit_is_an_error:
                 return False
-            raise _exited(vm_id, self.exits.get(vm_id, ""))
+            raise vm_exited(vm_id, self.exits.get(vm_id, ""))
         ready = asyncio.ensure_future(vmm.ready.wait())
         gone = asyncio.ensure_future(vmm.gone.wait())
         await asyncio.wait({ready, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -120,7 +120,7 @@ class FakeBackend:
         if vmm.gone.is_set():
             if not self.exit_is_an_error:
                 return False
-            raise _exited(vm_id, self.exits.get(vm_id, ""))
+            raise vm_exited(vm_id, self.exits.get(vm_id, ""))
         return False
 
     async def pause(self, vm_id: str) -> None:
@@ -193,9 +193,7 @@ class FakeBackend:
     def _running(self, vm_id: str) -> FakeVmm:
         vmm = self.vmms.get(vm_id)
         if vmm is None:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION, f"VM {vm_id} is not running", reason="NOT_RUNNING"
-            )
+            raise precondition("NOT_RUNNING", f"VM {vm_id} is not running")
         return vmm
 
     def _end(self, vm_id: str, reason: str) -> None:
@@ -214,12 +212,3 @@ class FakeBackend:
 def _write_snapshot(dest: Path, vm_id: str) -> None:
     dest.mkdir()
     (dest / "source").write_text(vm_id)
-
-
-def _exited(vm_id: str, reason: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.FAILED_PRECONDITION,
-        f"VM {vm_id} exited before its guest was ready ({reason or 'unknown'})",
-        reason="VM_EXITED",
-        metadata={"vm_id": vm_id, "exit_reason": reason},
-    )

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import ErrorCode, MetaldError, unavailable
 
 _RETRY_INTERVAL = 0.02
 
@@ -43,10 +43,8 @@ class FirecrackerApi:
                 call.method, call.path, json=dict(call.body) if call.body is not None else None
             )
         except httpx.TransportError as exc:
-            raise MetaldError(
-                ErrorCode.UNAVAILABLE,
-                f"Firecracker API unreachable for {call.method} {call.path}: {exc!r}",
-                reason="VMM_UNREACHABLE",
+            raise unavailable(
+                "VMM_UNREACHABLE", f"Firecracker API unreachable for {call.method} {call.path}: {exc!r}"
             ) from exc
         if response.status_code >= 400:
             raise MetaldError(

@@ -31,7 +31,7 @@ from metald.backends.vmm.lifecycle import RunningVm, VmmLifecycle
 from metald.backends.vmm.process import CmdlineMatcher, VmmProcess, VmmStartError, read_log_tail
 from metald.backends.vmm.sandbox import VmmUser, kvm_group
 from metald.backends.vmm.tools import tool_missing, tool_version
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import ErrorCode, MetaldError, internal
 from metald.ports import (
     BackendCapabilities,
     CheckResult,
@@ -231,9 +231,7 @@ class FirecrackerBackend:
         except VmmStartError as exc:
             if not await asyncio.to_thread(shutil.which, self._jailer or self._firecracker):
                 raise tool_missing(self._jailer or self._firecracker, exc) from exc
-            raise MetaldError(
-                ErrorCode.INTERNAL, f"Firecracker did not start: {exc}", reason="VMM_START_FAILED"
-            ) from exc
+            raise internal("VMM_START_FAILED", f"Firecracker did not start: {exc}") from exc
         control = Api(
             FirecrackerApi(layout.root, API_SOCKET), spec, layout, MetricsReader(layout.host(METRICS))
         )

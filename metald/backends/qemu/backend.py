@@ -31,7 +31,7 @@ from metald.backends.vmm.process import VmmProcess, VmmStartError, read_log_tail
 from metald.backends.vmm.relay import Relay
 from metald.backends.vmm.sandbox import VmmUser, kvm_group, wrap_argv
 from metald.backends.vmm.tools import tool_missing
-from metald.domain.errors import ErrorCode, MetaldError, invalid
+from metald.domain.errors import ErrorCode, MetaldError, invalid, precondition
 from metald.ports import (
     BackendCapabilities,
     CheckResult,
@@ -178,11 +178,11 @@ class QemuBackend:
         if vm is None:
             tail = await asyncio.to_thread(read_log_tail, spec.vm_dir, vmm.log_offset)
             if any(marker in tail for marker in _KERNEL_REFUSED):  # the customer's input, not our fault
-                raise MetaldError(
-                    ErrorCode.FAILED_PRECONDITION,
+                raise precondition(
+                    "KERNEL_INVALID",
                     f"VM {spec.vm_id}: QEMU cannot boot config.boot.kernel_path: {tail}",
-                    reason="KERNEL_INVALID",
-                    metadata={"vm_id": spec.vm_id, "field": "config.boot.kernel_path"},
+                    vm_id=spec.vm_id,
+                    field="config.boot.kernel_path",
                 )
             raise vmm_failed(spec.vm_id, f"QEMU did not come up: {tail}")
         if fds.incoming is not None and spec.restore_from is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from metald.backends.qemu import layout
 from metald.backends.vmm.jsonfile import read_json, write_json_atomic
 from metald.backends.vmm.tools import run_tool
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import precondition
 from metald.ports import LaunchSpec
 
 
@@ -59,12 +59,13 @@ async def prepare_vm_dir(spec: LaunchSpec, *, qemu_img: str) -> None:
         if exists and overlay.name in bases:
             continue
         if exists:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"VM {spec.vm_id}: {overlay.name} has no recorded base image (made by an older metald); "
-                "recreate the VM",
-                reason="OVERLAY_BASE_UNKNOWN",
-                metadata={"vm_id": spec.vm_id},
+            raise precondition(
+                "OVERLAY_BASE_UNKNOWN",
+                (
+                    f"VM {spec.vm_id}: {overlay.name} has no recorded base image (made by an older metald); "
+                    "recreate the VM"
+                ),
+                vm_id=spec.vm_id,
             )
         if spec.restore_from is not None:  # a clone: over the snapshot's frozen overlay
             frozen = spec.restore_from / overlay.name

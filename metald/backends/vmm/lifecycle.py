@@ -23,7 +23,7 @@ from metald.backends.vmm.cgroups import VMM_MEMORY_OVERHEAD, Cgroups, cgroup_nam
 from metald.backends.vmm.console import ReadyWatch
 from metald.backends.vmm.layout import STATE_FILES
 from metald.backends.vmm.process import CmdlineMatcher, VmmProcess, exit_reason, read_exit, remove_cgroup
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import MetaldError, internal, precondition, vm_exited
 from metald.ports import ExitListener, LaunchSpec
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class RunningVm(Generic[C]):
 
 
 def vmm_failed(vm_id: str, message: str, reason: str = "VMM_FAILED") -> MetaldError:
-    return MetaldError(ErrorCode.INTERNAL, f"VM {vm_id}: {message}", reason=reason, metadata={"vm_id": vm_id})
+    return internal(reason, f"VM {vm_id}: {message}", vm_id=vm_id)
 
 
 def remove_files(vm_dir: Path, names: Sequence[str]) -> None:
@@ -107,12 +107,7 @@ class VmmLifecycle(Generic[C]):
     def get(self, vm_id: str) -> RunningVm[C]:
         vm = self.find(vm_id)
         if vm is None:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"VM {vm_id} has no running VMM",
-                reason="VMM_NOT_RUNNING",
-                metadata={"vm_id": vm_id},
-            )
+            raise precondition("VMM_NOT_RUNNING", f"VM {vm_id} has no running VMM", vm_id=vm_id)
         return vm
 
     def track(self, vm_id: str, vm_dir: Path, vmm: VmmProcess, control: C, watch: ReadyWatch) -> RunningVm[C]:
@@ -173,12 +168,7 @@ class VmmLifecycle(Generic[C]):
 
     def _exited(self, vm_id: str) -> MetaldError:
         reason = self._last_exit.get(vm_id, "stopped")
-        return MetaldError(
-            ErrorCode.FAILED_PRECONDITION,
-            f"VM {vm_id}: the {self.vmm_name} process ended before the guest was ready ({reason})",
-            reason="VM_EXITED",
-            metadata={"vm_id": vm_id, "exit_reason": reason},
-        )
+        return vm_exited(vm_id, reason)
 
     @staticmethod
     async def ended(vm: RunningVm[C], timeout: float) -> bool:

@@ -10,25 +10,14 @@ import errno
 from collections.abc import Sequence
 from pathlib import Path
 
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import MetaldError, disk_full, internal, unavailable
 
 _NO_SPACE = ("No space left", "Disk quota exceeded")
 
 
 def tool_missing(tool: str, cause: BaseException | None = None) -> MetaldError:
     detail = f": {cause}" if cause is not None else ""
-    return MetaldError(
-        ErrorCode.UNAVAILABLE,
-        f"{tool} is not installed on this host{detail}",
-        reason="HOST_TOOL_MISSING",
-        metadata={"tool": tool},
-    )
-
-
-def disk_full(text: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.RESOURCE_EXHAUSTED, f"no space left for the VM's disk: {text}", reason="DISK_FULL"
-    )
+    return unavailable("HOST_TOOL_MISSING", f"{tool} is not installed on this host{detail}", tool=tool)
 
 
 async def run_tool(argv: Sequence[str], *, failure: str, reason: str, partial: Path | None = None) -> None:
@@ -52,8 +41,8 @@ async def run_tool(argv: Sequence[str], *, failure: str, reason: str, partial: P
             await asyncio.to_thread(partial.unlink)
     text = out.decode(errors="replace").strip()
     if any(marker in text for marker in _NO_SPACE):
-        raise disk_full(text)
-    raise MetaldError(ErrorCode.INTERNAL, f"{failure}: {text}", reason=reason)
+        raise disk_full(f"no space left for the VM's disk: {text}")
+    raise internal(reason, f"{failure}: {text}")
 
 
 async def tool_version(binary: str, flag: str = "--version", timeout: float = 5.0) -> tuple[bool, str]:
