@@ -1,4 +1,5 @@
-"""Opaque, tamper-proof ListVms page tokens (keyset: the last seq served, bound to the caller)."""
+"""ListVms paging: opaque, tamper-proof page tokens (keyset: the last seq served, bound to the caller
+and the state filter) and the reading of a ListVms request into the page to fetch."""
 
 from __future__ import annotations
 
@@ -6,8 +7,23 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from metald.domain.errors import invalid
+from metald.domain.states import VmState
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+class _Keyed(Protocol):
+    @property
+    def seq(self) -> int: ...
+
+
+R = TypeVar("R", bound=_Keyed)
 
 
 class PageTokens:
@@ -37,3 +53,45 @@ class PageTokens:
         if data.get("f") != filter_key:
             raise invalid("page_token", "page token was issued for another state_filter")
         return int(data["s"])
+
+
+@dataclass(frozen=True)
+class VmPage:
+    """The page a ListVms request asks for: which states (distinct, ordered), after which seq, how many."""
+
+    customer_id: str
+    states: list[VmState]
+    filter_key: str
+    after: int
+    size: int
+
+    @property
+    def fetch(self) -> int:
+        """How many rows to read: one more than the page tells whether another page follows."""
+        return self.size + 1
+
+    def cut(self, tokens: PageTokens, rows: list[R]) -> tuple[list[R], str]:
+        """The rows of this page (of the `fetch` read) and the token of the next page ("" at the end)."""
+        page = rows[: self.size]
+        more = len(rows) > self.size
+        return page, tokens.encode(self.customer_id, self.filter_key, page[-1].seq) if more else ""
+
+
+def page_size(requested: int) -> int:
+    """A page size asked for (0: the default), capped."""
+    if requested < 0:
+        raise invalid("page_size", "must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def vm_page(
+    tokens: PageTokens, customer_id: str, states: Sequence[VmState], requested: int, page_token: str
+) -> VmPage:
+    """Read a ListVms request: INVALID_ARGUMENT for a bad size, filter or token."""
+    size = page_size(requested)
+    if any(s is VmState.UNSPECIFIED for s in states):
+        raise invalid("state_filter", "VM_STATE_UNSPECIFIED is not a state to filter by")
+    wanted = sorted(set(states))
+    filter_key = ",".join(str(int(s)) for s in wanted)
+    after = tokens.decode(page_token, customer_id, filter_key) if page_token else 0
+    return VmPage(customer_id, wanted, filter_key, after, size)

@@ -26,7 +26,7 @@ from metald.domain.errors import (
     unimplemented,
 )
 from metald.domain.model import Vm, VmConfig
-from metald.domain.paging import PageTokens
+from metald.domain.paging import PageTokens, vm_page
 from metald.domain.quotas import Quotas, Usage, check_boot
 from metald.domain.states import ACTIVE_STATES, VmState
 from metald.domain.validation import Defaults, Limits, validate_config, with_defaults
@@ -38,7 +38,6 @@ from metald.fleet.metrics import FleetMetrics
 from metald.fleet.placement import host_unavailable, reserve
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 from metald.ports import InterfaceInfo, NetworkAttachment, VmMetrics
-from metald.service.queries import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from metald.usecases import (
     ConsoleChunk,
     ExecCommand,
@@ -223,18 +222,9 @@ class FleetGateway:
     async def list(
         self, customer_id: str, states: Sequence[VmState], page_size: int, page_token: str
     ) -> Page:
-        if page_size < 0:
-            raise invalid("page_size", "must not be negative")
-        if any(s is VmState.UNSPECIFIED for s in states):
-            raise invalid("state_filter", "VM_STATE_UNSPECIFIED is not a state to filter by")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        wanted = sorted(set(states))
-        filter_key = ",".join(str(int(s)) for s in wanted)
-        after = self._tokens.decode(page_token, customer_id, filter_key) if page_token else 0
-        rows, total = await inventory.list_page(self._db, customer_id, wanted, after, size + 1)
-        more = len(rows) > size
-        rows = rows[:size]
-        token = self._tokens.encode(customer_id, filter_key, rows[-1].seq) if more else ""
+        page = vm_page(self._tokens, customer_id, states, page_size, page_token)
+        rows, total = await inventory.list_page(self._db, customer_id, page.states, page.after, page.fetch)
+        rows, token = page.cut(self._tokens, rows)
         return Page(rows, token, total)
 
     async def read_console(self, customer_id: str, vm_id: str, offset: int, limit: int) -> ConsoleChunk:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from metald.domain.errors import invalid
+from metald.domain.paging import vm_page
 from metald.domain.states import ACTIVE_STATES, VmState
 from metald.ports import VmMetrics
 from metald.service.launch import Launch
@@ -19,9 +19,6 @@ from metald.usecases import ConsoleChunk, Page, VmDetails
 
 log = logging.getLogger("metald.service")
 T = TypeVar("T")
-
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 
 
 class Queries(Launch):
@@ -49,19 +46,10 @@ class Queries(Launch):
     async def list(
         self, customer_id: str, states: Sequence[VmState], page_size: int, page_token: str
     ) -> Page:
-        if page_size < 0:
-            raise invalid("page_size", "must not be negative")
-        if any(s is VmState.UNSPECIFIED for s in states):
-            raise invalid("state_filter", "VM_STATE_UNSPECIFIED is not a state to filter by")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        wanted = sorted(set(states))
-        filter_key = ",".join(str(int(s)) for s in wanted)
-        after = self._tokens.decode(page_token, customer_id, filter_key) if page_token else 0
-        rows = await self._vms.list_page(customer_id, wanted, after, size + 1)
-        more = len(rows) > size
-        rows = rows[:size]
-        token = self._tokens.encode(customer_id, filter_key, rows[-1].seq) if more else ""
-        total = await self._vms.count(customer_id, wanted)
+        page = vm_page(self._tokens, customer_id, states, page_size, page_token)
+        rows = await self._vms.list_page(customer_id, page.states, page.after, page.fetch)
+        rows, token = page.cut(self._tokens, rows)
+        total = await self._vms.count(customer_id, page.states)
         return Page(rows, token, total)
 
     async def read_console(self, customer_id: str, vm_id: str, offset: int, limit: int) -> ConsoleChunk:
