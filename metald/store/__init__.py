@@ -1,1 +1,2 @@
-"""Store adapters for the store ports in metald.ports (VmRecords, AddressBook, Secrets, EventLog)."""
+"""Store adapters (SQLite, memory) for the store ports of metald/store/ports.py (VmRecords,
+AddressBook, Secrets, EventLog, SnapshotRecords), which metald.ports re-exports."""
