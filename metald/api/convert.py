@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from protobuf import Message
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
@@ -32,54 +32,53 @@ _NESTED: dict[tuple[type[Any], str], tuple[type[Any], type[Message]]] = {
     (model.NetworkInterface, "egress"): (model.EgressPolicy, pb.EgressPolicy),
     (model.EgressPolicy, "allow"): (model.EgressRule, pb.EgressRule),
 }
-_DOMAIN_CLASSES: list[type[Any]] = [model.VmConfig, *{domain for domain, _ in _NESTED.values()}]
-_FIELDS = {cls: [f.name for f in dataclasses.fields(cls)] for cls in _DOMAIN_CLASSES}
+_FIELDS: dict[type[Any], list[str]] = {}
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 
-def _to_proto(obj: Any, message_class: type[Message]) -> Message:
+def to_message(value: Any, message_class: type[M]) -> M:
+    """The message of a domain dataclass whose fields bear the message's names (nested ones too)."""
+    message: M = _convert(value, message_class, type(value))
+    return message
+
+
+def from_message(message: Message, cls: type[T]) -> T:
+    """The domain dataclass `cls` of a message whose fields bear its names (nested ones too)."""
+    value: T = _convert(message, cls, cls)
+    return value
+
+
+def _convert(obj: Any, target: type[Any], domain: type[Any]) -> Any:
+    """Copy the fields of the dataclass `domain` from `obj` into a new `target`, one way or the
+    other: nested messages by _NESTED, repeated fields as lists in messages and tuples in the domain."""
+    to_proto = target is not domain
+    names = _FIELDS.get(domain)
+    if names is None:
+        names = _FIELDS[domain] = [f.name for f in dataclasses.fields(domain)]
     kwargs: dict[str, Any] = {}
-    cls = type(obj)
-    for name in _FIELDS[cls]:
+    for name in names:
         value = getattr(obj, name)
         if value is None:
             continue
-        nested = _NESTED.get((cls, name))
+        repeated = isinstance(value, (list, tuple))
+        nested = _NESTED.get((domain, name))
         if nested is not None:
-            if isinstance(value, tuple):
-                value = [_to_proto(v, nested[1]) for v in value]
-            else:
-                value = _to_proto(value, nested[1])
-        elif isinstance(value, tuple):
-            value = list(value)
-        kwargs[name] = value
-    return message_class(**kwargs)
-
-
-def _from_proto(message: Any, cls: type[Any]) -> Any:
-    kwargs: dict[str, Any] = {}
-    for name in _FIELDS[cls]:
-        value = getattr(message, name)
-        if value is None:
-            continue
-        nested = _NESTED.get((cls, name))
-        if nested is not None:
-            if isinstance(value, list):
-                value = tuple(_from_proto(v, nested[0]) for v in value)
-            else:
-                value = _from_proto(value, nested[0])
-        elif isinstance(value, list):
-            value = tuple(value)
-        elif isinstance(value, dict):
+            inner, message_class = nested
+            into = message_class if to_proto else inner
+            value = [_convert(v, into, inner) for v in value] if repeated else _convert(value, into, inner)
+        if repeated:
+            value = list(value) if to_proto else tuple(value)
+        elif isinstance(value, dict) and not to_proto:
             value = dict(value)
         kwargs[name] = value
-    return cls(**kwargs)
+    return target(**kwargs)
 
 
 def config_from_proto(message: pb.VmConfig | None) -> model.VmConfig:
     if message is None:
         return model.VmConfig()
-    config: model.VmConfig = _from_proto(message, model.VmConfig)
-    return config
+    return from_message(message, model.VmConfig)
 
 
 # id(config) -> (config, its message). The store hands out one VmConfig object per stored row (a
@@ -94,8 +93,7 @@ def config_to_proto(config: model.VmConfig) -> pb.VmConfig:
     entry = _CONFIG_MESSAGES.get(id(config))
     if entry is not None and entry[0] is config:
         return entry[1]
-    message = _to_proto(config, pb.VmConfig)
-    assert isinstance(message, pb.VmConfig)
+    message = to_message(config, pb.VmConfig)
     _CONFIG_MESSAGES[id(config)] = (config, message)
     if len(_CONFIG_MESSAGES) > _CONFIG_MESSAGES_MAX:
         _CONFIG_MESSAGES.popitem(last=False)

@@ -7,7 +7,14 @@ from typing import Any
 
 from connectrpc.request import RequestContext
 
-from metald.api.convert import config_from_proto, config_to_proto, state_from_proto, state_to_proto, timestamp
+from metald.api.convert import (
+    config_from_proto,
+    config_to_proto,
+    state_from_proto,
+    state_to_proto,
+    timestamp,
+    to_message,
+)
 from metald.api.interceptor import current_customer
 from metald.domain.snapshots import Snapshot
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
@@ -126,13 +133,7 @@ class VmServiceHandler(VmServiceProtocol):
             timeout_seconds=float(request.timeout_seconds),
         )
         result = await self._svc.exec(current_customer.get(), request.vm_id, command)
-        return pb.ExecVmResponse(
-            exit_code=result.exit_code,
-            stdout=result.stdout,
-            stderr=result.stderr,
-            timed_out=result.timed_out,
-            truncated=result.truncated,
-        )
+        return to_message(result, pb.ExecVmResponse)
 
     async def write_file(self, request: pb.WriteFileRequest, ctx: Ctx, /) -> pb.WriteFileResponse:
         await self._svc.write_file(
@@ -195,30 +196,13 @@ def info_to_proto(details: VmDetails) -> pb.GetVmInfoResponse:
     if network is not None:
         network_info = pb.VmNetworkInfo(
             namespace=network.namespace,
-            interfaces=[
-                pb.NetworkInterfaceInfo(
-                    interface_id=i.interface_id,
-                    tap_device=i.tap_device,
-                    guest_mac=i.guest_mac,
-                    host_device_name=i.host_device_name,
-                    guest_ipv4=i.guest_ipv4,
-                    guest_ipv6=i.guest_ipv6,
-                )
-                for i in network.interfaces
-            ],
+            interfaces=[to_message(i, pb.NetworkInterfaceInfo) for i in network.interfaces],
         )
     return pb.GetVmInfoResponse(
         vm_id=vm.vm_id,
         config=config_to_proto(vm.config),
         state=state_to_proto(vm.state),
-        metrics=pb.VmMetrics(
-            cpu_time_nanos=metrics.cpu_time_nanos,
-            memory_usage_bytes=metrics.memory_usage_bytes,
-            disk_read_bytes=metrics.disk_read_bytes,
-            disk_write_bytes=metrics.disk_write_bytes,
-            network_rx_bytes=metrics.network_rx_bytes,
-            network_tx_bytes=metrics.network_tx_bytes,
-        ),
+        metrics=to_message(metrics, pb.VmMetrics),
         backend_info=backend_info,
         network_info=network_info,
         created_at=timestamp(vm.created_at),

@@ -13,7 +13,7 @@ from typing import Any
 
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
-from metald.api.convert import config_from_proto, config_to_proto, state_from_proto
+from metald.api.convert import config_from_proto, config_to_proto, from_message, state_from_proto
 from metald.client import common
 from metald.domain import ids
 from metald.domain.errors import (
@@ -196,23 +196,10 @@ class FleetGateway:
         r = await self._forward(location, customer_id, "get_vm_info", pb.GetVmInfoRequest(vm_id=vm_id))
         created = _datetime(r.created_at)
         vm = Vm(vm_id, customer_id, config_from_proto(r.config), state_from_proto(r.state), created, created)
-        m = r.metrics or pb.VmMetrics()
-        metrics = VmMetrics(
-            m.cpu_time_nanos,
-            m.memory_usage_bytes,
-            m.disk_read_bytes,
-            m.disk_write_bytes,
-            m.network_rx_bytes,
-            m.network_tx_bytes,
-        )
+        metrics = from_message(r.metrics or pb.VmMetrics(), VmMetrics)
         network = None
         if r.network_info is not None:
-            interfaces = tuple(
-                InterfaceInfo(
-                    i.interface_id, i.tap_device, i.guest_mac, i.host_device_name, i.guest_ipv4, i.guest_ipv6
-                )
-                for i in r.network_info.interfaces
-            )
+            interfaces = tuple(from_message(i, InterfaceInfo) for i in r.network_info.interfaces)
             network = NetworkAttachment(r.network_info.namespace, (), interfaces)
         backend_info = {**r.backend_info, "host_id": location.host_id}
         if vm.state != location.state:
@@ -245,7 +232,7 @@ class FleetGateway:
         )
         timeout = (command.timeout_seconds or 3600.0) + 30.0
         r = await self._forward(location, customer_id, "exec_vm", request, timeout=timeout)
-        return ExecResult(r.exit_code, r.stdout, r.stderr, r.timed_out, r.truncated)
+        return from_message(r, ExecResult)
 
     async def write_file(self, customer_id: str, vm_id: str, path: str, content: bytes, mode: int) -> None:
         location = await self._route(customer_id, vm_id)
