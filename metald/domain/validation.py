@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from metald.domain.errors import invalid
@@ -159,37 +160,36 @@ def _check_boot(boot: BootConfig, limits: Limits) -> None:
             raise invalid("config.boot.kernel_args", f"'{RESERVED_ARG_PREFIX}*' arguments are set by metald")
 
 
-def _check_storage(storage: tuple[StorageDevice, ...], limits: Limits) -> None:
-    if len(storage) > limits.max_devices:
-        raise invalid("config.storage", f"at most {limits.max_devices} devices")
+def _check_ids(field: str, ids: Sequence[str], id_name: str, most: int, noun: str) -> None:
+    """At most `most` entries in the list `field`, each named by a valid id, no id twice."""
+    if len(ids) > most:
+        raise invalid(field, f"at most {most} {noun}")
     seen: set[str] = set()
-    roots = 0
+    for i, value in enumerate(ids):
+        where = f"{field}[{i}].{id_name}"
+        if not _NAME.fullmatch(value):
+            raise invalid(where, "must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+        if value in seen:
+            raise invalid(where, f"duplicate {id_name} {value!r}")
+        seen.add(value)
+
+
+def _check_storage(storage: tuple[StorageDevice, ...], limits: Limits) -> None:
+    _check_ids("config.storage", [d.device_id for d in storage], "device_id", limits.max_devices, "devices")
     for i, dev in enumerate(storage):
         field = f"config.storage[{i}]"
-        if not _NAME.fullmatch(dev.device_id):
-            raise invalid(f"{field}.device_id", "must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-        if dev.device_id in seen:
-            raise invalid(f"{field}.device_id", f"duplicate device_id {dev.device_id!r}")
-        seen.add(dev.device_id)
         if not dev.path_on_host:
             raise invalid(f"{field}.path_on_host", "is required")
         _check_asset_path(dev.path_on_host, f"{field}.path_on_host")
-        roots += dev.is_root_device
-    if roots > 1:
+    if sum(dev.is_root_device for dev in storage) > 1:
         raise invalid("config.storage", "at most one device may have is_root_device=true")
 
 
 def _check_network(network: tuple[NetworkInterface, ...], limits: Limits) -> None:
-    if len(network) > limits.max_interfaces:
-        raise invalid("config.network", f"at most {limits.max_interfaces} interfaces")
-    seen: set[str] = set()
+    ids = [nic.interface_id for nic in network]
+    _check_ids("config.network", ids, "interface_id", limits.max_interfaces, "interfaces")
     for i, nic in enumerate(network):
         field = f"config.network[{i}]"
-        if not _NAME.fullmatch(nic.interface_id):
-            raise invalid(f"{field}.interface_id", "must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-        if nic.interface_id in seen:
-            raise invalid(f"{field}.interface_id", f"duplicate interface_id {nic.interface_id!r}")
-        seen.add(nic.interface_id)
         if nic.type and nic.type not in NETWORK_TYPES:
             raise invalid(f"{field}.type", "must be TAP")
         if nic.guest_mac and nic.guest_mac != "auto":
