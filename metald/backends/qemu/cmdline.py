@@ -160,10 +160,7 @@ def _disk_args(spec: LaunchSpec, fds: VmmFds) -> list[str]:
             )
         args += [
             *add,
-            "-drive",
-            f"id=disk{i},if=none,{drive}",
-            "-device",
-            f"virtio-blk-device,drive=disk{i},id=blk{i}",
+            *_backed("-drive", f"id=disk{i},if=none,{drive}", f"virtio-blk-device,drive=disk{i},id=blk{i}"),
         ]
     return args
 
@@ -171,13 +168,17 @@ def _disk_args(spec: LaunchSpec, fds: VmmFds) -> list[str]:
 def _nic_args(spec: LaunchSpec, fds: VmmFds) -> list[str]:
     args: list[str] = []
     for i, (nic, tap) in enumerate(zip(spec.nics, fds.taps, strict=True)):
-        args += [
+        args += _backed(
             "-netdev",
             f"tap,id=net{i},fd={tap},vhost=off",
-            "-device",
             f"virtio-net-device,netdev=net{i},mac={nic.mac},id=nic{i}",
-        ]
+        )
     return args
+
+
+def _backed(option: str, backend: str, device: str) -> list[str]:
+    """A host-side backend (`-drive`, `-netdev`) and the guest's virtio-mmio device on it."""
+    return [option, backend, "-device", device]
 
 
 def _file_chardev(chardev_id: str, fd: int) -> list[str]:
