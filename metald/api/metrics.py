@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from prometheus_client import (
@@ -39,7 +40,15 @@ RPC_STEMS = {
     "GetVmInfo": "get_info",
     "ListVms": "list",
 }
-_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# The buckets of every metald latency series, the host's and the fleet gateway's (seconds).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def latency_histogram(
+    name: str, documentation: str, labels: Sequence[str], registry: CollectorRegistry
+) -> Histogram:
+    """`unkey_metald_<name>`: a latency series in seconds on LATENCY_BUCKETS."""
+    return Histogram(f"{PREFIX}_{name}", documentation, labels, buckets=LATENCY_BUCKETS, registry=registry)
 
 
 class Metrics:
@@ -61,34 +70,23 @@ class Metrics:
             for rpc, stem in RPC_STEMS.items()
         }
         self._durations = {
-            rpc: Histogram(
-                f"{PREFIX}_vm_{stem}_request_duration_seconds", f"{rpc} latency", buckets=_BUCKETS, registry=r
-            )
+            rpc: latency_histogram(f"vm_{stem}_request_duration_seconds", f"{rpc} latency", (), r)
             for rpc, stem in RPC_STEMS.items()
         }
-        self._boot = Histogram(
-            f"{PREFIX}_vm_boot_duration_seconds",
-            "BootVm: from the request to a running VMM",
-            ["backend"],
-            buckets=_BUCKETS,
-            registry=r,
+        self._boot = latency_histogram(
+            "vm_boot_duration_seconds", "BootVm: from the request to a running VMM", ["backend"], r
         )
         self._backend_errors = Counter(
             f"{PREFIX}_backend_errors", "backend operations that failed", ["backend", "operation"], registry=r
         )
-        self._backend_latency = Histogram(
-            f"{PREFIX}_backend_operation_duration_seconds",
-            "backend operation latency",
-            ["backend", "operation"],
-            buckets=_BUCKETS,
-            registry=r,
+        self._backend_latency = latency_histogram(
+            "backend_operation_duration_seconds", "backend operation latency", ["backend", "operation"], r
         )
-        self._snapshot_pause = Histogram(
-            f"{PREFIX}_snapshot_pause_seconds",
+        self._snapshot_pause = latency_histogram(
+            "snapshot_pause_seconds",
             "SnapshotVm: how long the source guest's vCPUs were stopped",
             ["backend"],
-            buckets=_BUCKETS,
-            registry=r,
+            r,
         )
         self._exits = Counter(f"{PREFIX}_vm_exits", "VMMs that ended by themselves", ["reason"], registry=r)
         self._active = Gauge(f"{PREFIX}_active_vms", "VMs RUNNING or PAUSED", registry=r)

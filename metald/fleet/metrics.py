@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 
-from metald.api.metrics import PREFIX
-
-_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+from metald.api.metrics import PREFIX, latency_histogram
 
 
 class FleetMetrics:
@@ -17,12 +15,11 @@ class FleetMetrics:
             ["host_id", "outcome"],
             registry=registry,
         )
-        self._forwards = Histogram(
-            f"{PREFIX}_fleet_forward_duration_seconds",
+        self._forwards = latency_histogram(
+            "fleet_forward_duration_seconds",
             "calls forwarded to hosts, by host and code",
             ["host_id", "code"],
-            buckets=_BUCKETS,
-            registry=registry,
+            registry,
         )
 
     def placed(self, host_id: str, outcome: str) -> None:
