@@ -63,6 +63,18 @@ class ExecOutput:
     exit: Frame | None = None
 
 
+@dataclass(frozen=True)
+class AgentCall:
+    """One request: its type and fields, the answer types that end it, how long the whole exchange
+    may take, and where an exec's streamed output goes."""
+
+    msg_type: MsgType
+    fields: Iterable[tuple[Tag, FieldValue]]
+    answers: tuple[MsgType, ...]
+    timeout: float
+    output: ExecOutput | None = None
+
+
 class _Pending:
     """One request waiting for its answer; `on_frame` raises ProtocolError for a frame that cannot
     belong to it."""
@@ -135,29 +147,21 @@ class AgentChannel:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    async def request(
-        self,
-        msg_type: MsgType,
-        fields: Iterable[tuple[Tag, FieldValue]],
-        *,
-        answers: Iterable[MsgType],
-        timeout: float,
-        output: ExecOutput | None = None,
-    ) -> Frame:
-        """Send one request and wait up to `timeout` for its answer (the whole exchange, sending
+    async def request(self, call: AgentCall) -> Frame:
+        """Send one request and wait up to its timeout for its answer (the whole exchange, sending
         included). A caller that gives up (timeout, cancellation) asks the agent to kill the request."""
         try:
-            async with asyncio.timeout(timeout), self._slots:
+            async with asyncio.timeout(call.timeout), self._slots:
                 if not self.open:
                     raise AgentUnavailable(f"agent channel closed: {self.closed_because}")
                 request_id = self._fresh_id()
-                pending = _Pending(frozenset(answers), output)
+                pending = _Pending(frozenset(call.answers), call.output)
                 self._pending[request_id] = pending
                 try:
-                    await self._send(encode(msg_type, request_id, fields))
+                    await self._send(encode(call.msg_type, request_id, call.fields))
                     return await asyncio.shield(pending.done)
                 except BaseException:
-                    if msg_type == MsgType.EXEC and self.open:
+                    if call.msg_type == MsgType.EXEC and self.open:
                         kill = asyncio.get_running_loop().create_task(self._kill(request_id))
                         self._kills.add(kill)
                         kill.add_done_callback(self._kills.discard)
@@ -166,7 +170,7 @@ class AgentChannel:
                     self._pending.pop(request_id, None)
                     pending.fail(AgentUnavailable("request given up"))
         except TimeoutError:
-            raise AgentUnavailable(f"agent did not answer within {timeout:.1f}s") from None
+            raise AgentUnavailable(f"agent did not answer within {call.timeout:.1f}s") from None
 
     def _fresh_id(self) -> int:
         while (request_id := self._next_id()) in self._pending:

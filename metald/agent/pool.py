@@ -13,10 +13,11 @@ import contextlib
 import errno
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from metald.agent.channel import (
+    AgentCall,
     AgentChannel,
     AgentUnavailable,
     ChannelLimits,
@@ -146,21 +147,10 @@ class GuestAgentPool:
             vm.channel.close("idle")
             vm.channel = None
 
-    async def _call(
-        self,
-        vm_id: str,
-        msg_type: MsgType,
-        fields: Iterable[tuple[Tag, FieldValue]],
-        *,
-        answers: Iterable[MsgType],
-        timeout: float,
-        output: ExecOutput | None = None,
-    ) -> Frame:
+    async def _call(self, vm_id: str, call: AgentCall) -> Frame:
         try:
             async with self._use(vm_id) as channel:
-                return await channel.request(
-                    msg_type, fields, answers=answers, timeout=timeout, output=output
-                )
+                return await channel.request(call)
         except AgentUnavailable as e:
             raise agent_unavailable(vm_id, str(e)) from e
         except GuestError as e:
@@ -189,7 +179,7 @@ class GuestAgentPool:
         fields.append((Tag.TIMEOUT_MS, max(1, int(timeout * 1000))))
         output = ExecOutput(limit=self._limits.max_stream_bytes)
         frame = await self._call(
-            vm_id, MsgType.EXEC, fields, answers=(MsgType.EXIT,), timeout=timeout + EXEC_GRACE, output=output
+            vm_id, AgentCall(MsgType.EXEC, fields, (MsgType.EXIT,), timeout + EXEC_GRACE, output)
         )
         return ExecResult(
             exit_code=frame.integer(Tag.CODE),
@@ -201,11 +191,11 @@ class GuestAgentPool:
 
     async def write_file(self, vm_id: str, path: str, content: bytes, mode: int) -> None:
         fields: list[tuple[Tag, FieldValue]] = [(Tag.PATH, path), (Tag.MODE, mode), (Tag.DATA, content)]
-        await self._call(vm_id, MsgType.WRITE, fields, answers=(MsgType.OK,), timeout=FILE_TIMEOUT)
+        await self._call(vm_id, AgentCall(MsgType.WRITE, fields, (MsgType.OK,), FILE_TIMEOUT))
 
     async def read_file(self, vm_id: str, path: str) -> GuestFile:
         frame = await self._call(
-            vm_id, MsgType.READ, [(Tag.PATH, path)], answers=(MsgType.FILE,), timeout=FILE_TIMEOUT
+            vm_id, AgentCall(MsgType.READ, [(Tag.PATH, path)], (MsgType.FILE,), FILE_TIMEOUT)
         )
         content = frame.raw(Tag.DATA) or b""
         if len(content) > MAX_DATA:  # the channel's frame limit allows a little more than a file
@@ -216,9 +206,7 @@ class GuestAgentPool:
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
-                await self._call(
-                    vm_id, MsgType.PING, (), answers=(MsgType.PONG,), timeout=min(PING_TRY, left)
-                )
+                await self._call(vm_id, AgentCall(MsgType.PING, (), (MsgType.PONG,), min(PING_TRY, left)))
                 return True
             except MetaldError:
                 await asyncio.sleep(min(PING_RETRY_INTERVAL, max(0.0, deadline - time.monotonic())))
@@ -228,17 +216,17 @@ class GuestAgentPool:
         """Seconds the guest's wall clock is ahead of the host's (negative: behind), measured
         against the middle of one ping's round trip."""
         sent = time.time()
-        frame = await self._call(vm_id, MsgType.PING, (), answers=(MsgType.PONG,), timeout=CONTROL_TIMEOUT)
+        frame = await self._call(vm_id, AgentCall(MsgType.PING, (), (MsgType.PONG,), CONTROL_TIMEOUT))
         received = time.time()
         return frame.integer(Tag.TIME_NS) / 1e9 - (sent + received) / 2
 
     async def set_clock(self, vm_id: str) -> None:
         fields = [(Tag.TIME_NS, time.time_ns())]
-        await self._call(vm_id, MsgType.CLOCK, fields, answers=(MsgType.OK,), timeout=CONTROL_TIMEOUT)
+        await self._call(vm_id, AgentCall(MsgType.CLOCK, fields, (MsgType.OK,), CONTROL_TIMEOUT))
 
     async def add_entropy(self, vm_id: str, data: bytes) -> None:
         fields = [(Tag.DATA, data)]
-        await self._call(vm_id, MsgType.ENTROPY, fields, answers=(MsgType.OK,), timeout=CONTROL_TIMEOUT)
+        await self._call(vm_id, AgentCall(MsgType.ENTROPY, fields, (MsgType.OK,), CONTROL_TIMEOUT))
 
     async def set_identity(self, vm_id: str, guest_vm_id: str, nics: Sequence[NicAddress]) -> None:
         specs = [",".join((n.mac, n.guest_ipv4, n.gateway_ipv4, n.guest_ipv6, n.gateway_ipv6)) for n in nics]
