@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from metald.backends.vmm.jsonfile import read_json
 from metald.guest import cpio
 from metald.guest.apt import GuestPackages, download, prune_cache, resolve_packages, unpack
 from metald.guest.kernel import ModuleIndex, extract_vmlinux
@@ -153,14 +154,6 @@ def _hash_published(assets_dir: Path) -> dict[str, str | None]:
     }
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 @contextlib.asynccontextmanager
 async def _locked(path: Path) -> AsyncIterator[None]:
     """An exclusive flock on path, waited for without blocking the event loop."""
@@ -185,7 +178,7 @@ async def build_guest_image(assets_dir: Path, cache_dir: Path, *, force: bool = 
         packages = await resolve_packages(cache_dir)
         files = guest_files()
         inputs = build_inputs(packages, files)
-        manifest = _read_manifest(assets_dir / MANIFEST)
+        manifest = read_json(assets_dir / MANIFEST)
         if (
             not force
             and manifest_is_current(manifest, inputs)
