@@ -52,16 +52,19 @@ _CONSOLE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,59}\.log")
 RESERVED_LOG_NAMES = frozenset({"vmm.log", "serial.log", "firecracker.log"})
 
 
+# Fixed request bounds (the settable ones are Limits).
+MAX_METADATA_KEY_LENGTH = 128
+MAX_METADATA_VALUE_LENGTH = 1024
+MAX_DEVICES = 16
+MAX_INTERFACES = 8
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Request-size bounds (from settings)."""
+    """The request bounds an operator sets (settings max_metadata_entries, max_kernel_args_length)."""
 
     max_metadata_entries: int = 64
-    max_metadata_key_length: int = 128
-    max_metadata_value_length: int = 1024
     max_kernel_args_length: int = 2048
-    max_devices: int = 16
-    max_interfaces: int = 8
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,8 @@ def validate_config(config: VmConfig, limits: Limits) -> None:
     _check_memory(config.memory)
     if config.boot is not None:
         _check_boot(config.boot, limits)
-    _check_storage(config.storage, limits)
-    _check_network(config.network, limits)
+    _check_storage(config.storage)
+    _check_network(config.network)
     if config.console is not None:
         _check_console(config.console)
     validate_metadata(config.metadata, limits)
@@ -174,8 +177,8 @@ def _check_ids(field: str, ids: Sequence[str], id_name: str, most: int, noun: st
         seen.add(value)
 
 
-def _check_storage(storage: tuple[StorageDevice, ...], limits: Limits) -> None:
-    _check_ids("config.storage", [d.device_id for d in storage], "device_id", limits.max_devices, "devices")
+def _check_storage(storage: tuple[StorageDevice, ...]) -> None:
+    _check_ids("config.storage", [d.device_id for d in storage], "device_id", MAX_DEVICES, "devices")
     for i, dev in enumerate(storage):
         field = f"config.storage[{i}]"
         if not dev.path_on_host:
@@ -185,9 +188,9 @@ def _check_storage(storage: tuple[StorageDevice, ...], limits: Limits) -> None:
         raise invalid("config.storage", "at most one device may have is_root_device=true")
 
 
-def _check_network(network: tuple[NetworkInterface, ...], limits: Limits) -> None:
+def _check_network(network: tuple[NetworkInterface, ...]) -> None:
     ids = [nic.interface_id for nic in network]
-    _check_ids("config.network", ids, "interface_id", limits.max_interfaces, "interfaces")
+    _check_ids("config.network", ids, "interface_id", MAX_INTERFACES, "interfaces")
     for i, nic in enumerate(network):
         field = f"config.network[{i}]"
         if nic.type and nic.type not in NETWORK_TYPES:
@@ -294,7 +297,7 @@ def validate_metadata(metadata: dict[str, str], limits: Limits, field: str = "co
     if len(metadata) > limits.max_metadata_entries:
         raise invalid(field, f"at most {limits.max_metadata_entries} entries")
     for key, value in metadata.items():
-        if not key or len(key) > limits.max_metadata_key_length:
-            raise invalid(field, f"keys must be 1-{limits.max_metadata_key_length} characters")
-        if len(value) > limits.max_metadata_value_length:
-            raise invalid(f"{field}[{key[:32]}]", f"value longer than {limits.max_metadata_value_length}")
+        if not key or len(key) > MAX_METADATA_KEY_LENGTH:
+            raise invalid(field, f"keys must be 1-{MAX_METADATA_KEY_LENGTH} characters")
+        if len(value) > MAX_METADATA_VALUE_LENGTH:
+            raise invalid(f"{field}[{key[:32]}]", f"value longer than {MAX_METADATA_VALUE_LENGTH}")
