@@ -25,6 +25,7 @@ from metald.backends.firecracker.api import ApiCall, FirecrackerApi
 from metald.backends.firecracker.config import START, configure_calls
 from metald.backends.firecracker.layout import API_SOCKET, FRESH_FILES, METRICS, VMM_LOG, Layout
 from metald.backends.firecracker.metrics import MetricsReader
+from metald.backends.vmm.backend import VmmBackend
 from metald.backends.vmm.cgroups import Cgroups
 from metald.backends.vmm.console import ReadyWatch
 from metald.backends.vmm.lifecycle import RunningVm, VmmLifecycle
@@ -35,7 +36,6 @@ from metald.domain.errors import ErrorCode, MetaldError, internal
 from metald.ports import (
     BackendCapabilities,
     CheckResult,
-    ExitListener,
     LaunchSpec,
     SnapshotResult,
     VmMetrics,
@@ -70,7 +70,7 @@ class Api:
         await self.api.aclose()
 
 
-class FirecrackerBackend:
+class FirecrackerBackend(VmmBackend[Api]):
     """Firecracker's own part: the launch (argv, jail layout, configuring API calls) and the REST
     control channel; the lifecycle around them (registry, exits, re-adoption, cgroups) is
     vmm/lifecycle.py. Unjailed, each Firecracker gets a cgroup of `cgroups` with the same limits as
@@ -124,9 +124,6 @@ class FirecrackerBackend:
         self._vms: VmmLifecycle[Api] = VmmLifecycle(
             "Firecracker", runtime_files=(API_SOCKET,), cgroups=None if jailer_binary else cgroups
         )
-
-    def set_exit_listener(self, listener: ExitListener) -> None:
-        self._vms.set_exit_listener(listener)
 
     # ---- paths and commands ----------------------------------------------------------------
 
@@ -289,9 +286,6 @@ class FirecrackerBackend:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    async def wait_ready(self, vm_id: str, timeout: float) -> bool:
-        return await self._vms.wait_ready(vm_id, timeout)
-
     async def pause(self, vm_id: str) -> None:
         vm = self._vms.get(vm_id)
         await vm.control.api.call(ApiCall("PATCH", "/vm", {"state": "Paused"}))
@@ -338,9 +332,6 @@ class FirecrackerBackend:
             extra=extra,
         )
 
-    def last_exit_reason(self, vm_id: str) -> str | None:
-        return self._vms.last_exit_reason(vm_id)
-
     async def snapshot(self, vm_id: str, dest: Path) -> SnapshotResult:
         raise MetaldError(
             ErrorCode.FAILED_PRECONDITION,
@@ -348,10 +339,6 @@ class FirecrackerBackend:
             reason="SNAPSHOT_UNSUPPORTED",
             metadata={"vm_id": vm_id},
         )
-
-    async def runtime(self, vm_id: str) -> VmRuntime | None:
-        vm = self._vms.find(vm_id)
-        return None if vm is None else await self._runtime(vm)
 
     async def metrics(self, vm_id: str) -> VmMetrics:
         vm = self._vms.find(vm_id)

@@ -23,6 +23,7 @@ from metald.backends.qemu.control import Qmp, save_boot_state, write_boot_state
 from metald.backends.qemu.files import RamFile, VmmFileError, close_fds, log_paths, open_vmm_files
 from metald.backends.qemu.overlay import prepare_vm_dir
 from metald.backends.qemu.qmp import QmpClient, QmpClosedError, QmpError
+from metald.backends.vmm.backend import VmmBackend
 from metald.backends.vmm.cgroups import VMM_MEMORY_OVERHEAD, Cgroups
 from metald.backends.vmm.console import ReadyWatch, file_size
 from metald.backends.vmm.jsonfile import read_json
@@ -35,7 +36,6 @@ from metald.domain.errors import ErrorCode, MetaldError, invalid, precondition
 from metald.ports import (
     BackendCapabilities,
     CheckResult,
-    ExitListener,
     LaunchSpec,
     SnapshotResult,
     VmMetrics,
@@ -58,7 +58,7 @@ _KERNEL_REFUSED = (
 CONSOLE_LOG_MAX_BYTES = 4 << 20  # console.log + console.log.1 together, the newest output
 
 
-class QemuBackend:
+class QemuBackend(VmmBackend[Qmp]):
     """Runs each VM as `qemu-system-x86_64 -M microvm` under a per-VM supervisor (vmm/supervisor.py).
 
         The daemon never is QEMU's parent: VMs survive a daemon restart and are re-adopted with adopt().
@@ -118,9 +118,6 @@ class QemuBackend:
             console_types=frozenset({"SERIAL", "VIRTIO_CONSOLE"}),
             supports_snapshots=self._ram is not None,
         )
-
-    def set_exit_listener(self, listener: ExitListener) -> None:
-        self._vms.set_exit_listener(listener)
 
     # ---- files ------------------------------------------------------------------------------
 
@@ -272,9 +269,6 @@ class QemuBackend:
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    async def wait_ready(self, vm_id: str, timeout: float) -> bool:
-        return await self._vms.wait_ready(vm_id, timeout)
-
     async def pause(self, vm_id: str) -> None:
         await self._vms.get(vm_id).control.execute("stop")
 
@@ -346,13 +340,6 @@ class QemuBackend:
             paused=status.get("status") == "paused",
             extra={"accelerator": vm.control.accel, "cpu_model": vm.control.cpu_model},
         )
-
-    async def runtime(self, vm_id: str) -> VmRuntime | None:
-        vm = self._vms.find(vm_id)
-        return None if vm is None else await self._runtime(vm)
-
-    def last_exit_reason(self, vm_id: str) -> str | None:
-        return self._vms.last_exit_reason(vm_id)
 
     async def metrics(self, vm_id: str) -> VmMetrics:
         vm = self._vms.find(vm_id)
