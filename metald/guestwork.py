@@ -17,13 +17,12 @@ from metald.domain.errors import (
     ErrorCode,
     MetaldError,
     invalid,
-    not_found,
-    not_owned,
     precondition,
     refusal,
     unavailable,
 )
 from metald.domain.model import NicAddress, Vm
+from metald.domain.ownership import owned_vm
 from metald.domain.states import VmState
 from metald.ports import GuestAgent, VmRecords
 from metald.usecases import ExecCommand, ExecResult, GuestFile
@@ -79,13 +78,7 @@ class GuestWork:
         self._max_timeout = max_timeout
 
     async def _running(self, customer_id: str, vm_id: str, operation: str) -> Vm:
-        if not ids.VM_ID_PATTERN.fullmatch(vm_id):
-            raise invalid("vm_id", "must match [A-Za-z0-9_-]{1,64}")
-        vm = await self._store.get(vm_id)
-        if vm is None or vm.pending == "creating":
-            raise not_found(vm_id)
-        if vm.customer_id != customer_id:
-            raise not_owned(vm_id, customer_id)
+        vm = owned_vm(await self._store.get(ids.check_vm_id(vm_id)), vm_id, customer_id)
         if vm.state is not VmState.RUNNING:
             raise precondition(
                 "INVALID_STATE",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from metald.domain.errors import invalid
-from metald.domain.states import VmState
+from metald.domain.states import VmState, check_state_filter
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -89,8 +89,7 @@ def vm_page(
 ) -> VmPage:
     """Read a ListVms request: INVALID_ARGUMENT for a bad size, filter or token."""
     size = page_size(requested)
-    if any(s is VmState.UNSPECIFIED for s in states):
-        raise invalid("state_filter", "VM_STATE_UNSPECIFIED is not a state to filter by")
+    check_state_filter(states)
     wanted = sorted(set(states))
     filter_key = ",".join(str(int(s)) for s in wanted)
     after = tokens.decode(page_token, customer_id, filter_key) if page_token else 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
-from metald.domain.errors import precondition
+from metald.domain.errors import invalid, precondition
 
 
 class VmState(enum.IntEnum):
@@ -68,3 +69,8 @@ def require_allowed(op: Operation, vm_id: str, current: VmState, *, force: bool 
         current_state=current.api_name,
         operation=op.value,
     )
+
+
+def check_state_filter(states: Iterable[VmState], field: str = "state_filter") -> None:
+    if any(s is VmState.UNSPECIFIED for s in states):
+        raise invalid(field, "VM_STATE_UNSPECIFIED is not a state to filter by")

@@ -20,12 +20,10 @@ from metald.domain.errors import (
     ErrorCode,
     MetaldError,
     customer_mismatch,
-    invalid,
-    not_found,
-    not_owned,
     unimplemented,
 )
 from metald.domain.model import Vm, VmConfig
+from metald.domain.ownership import owned
 from metald.domain.paging import PageTokens, vm_page
 from metald.domain.quotas import Quotas, Usage, check_boot
 from metald.domain.states import ACTIVE_STATES, VmState
@@ -91,13 +89,7 @@ class FleetGateway:
     # ---- routing -------------------------------------------------------------------------------
 
     async def _route(self, customer_id: str, vm_id: str) -> VmLocation:
-        if not ids.VM_ID_PATTERN.fullmatch(vm_id):
-            raise invalid("vm_id", "must match [A-Za-z0-9_-]{1,64}")
-        location = await inventory.locate(self._db, vm_id)
-        if location is None:
-            raise not_found(vm_id)
-        if location.customer_id != customer_id:
-            raise not_owned(vm_id, customer_id)
+        location = owned(await inventory.locate(self._db, ids.check_vm_id(vm_id)), vm_id, customer_id)
         if not location.host_live:
             raise host_unavailable(location.host_id, vm_id)
         return location

@@ -21,13 +21,10 @@ from metald.domain.errors import (
     disk_full,
     exhausted,
     internal,
-    invalid,
-    not_found,
-    not_owned,
 )
 from metald.domain.model import Vm
+from metald.domain.ownership import owned_vm
 from metald.domain.paging import PageTokens
-from metald.domain.pending import PendingOp
 from metald.domain.quotas import Quotas
 from metald.domain.validation import Defaults, Limits
 from metald.ports import Backend, EventLog, Network, ServiceEvents, SnapshotRecords, VmRecords
@@ -111,14 +108,7 @@ class ServiceBase:
         task.add_done_callback(self._background.discard)
 
     async def _owned(self, customer_id: str, vm_id: str) -> Vm:
-        if not ids.VM_ID_PATTERN.fullmatch(vm_id):
-            raise invalid("vm_id", "must match [A-Za-z0-9_-]{1,64}")
-        vm = await self._vms.get(vm_id)
-        if vm is None or vm.pending == PendingOp.CREATING:  # half-created: not there yet (or ever)
-            raise not_found(vm_id)
-        if vm.customer_id != customer_id:
-            raise not_owned(vm_id, customer_id)
-        return vm
+        return owned_vm(await self._vms.get(ids.check_vm_id(vm_id)), vm_id, customer_id)
 
     def _vm_dir(self, vm_id: str) -> Path:
         return self._opts.vms_dir / vm_id

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from metald.domain import ids
 from metald.domain.errors import ErrorCode, invalid, refusal
-from metald.domain.states import VmState
+from metald.domain.states import VmState, check_state_filter
 from metald.service.base import ServiceBase
 from metald.usecases import WatchItem
 
@@ -23,8 +23,7 @@ class Watch(ServiceBase):
     async def watch(
         self, customer_id: str, states: Sequence[VmState], vm_ids: Sequence[str], after_cursor: str
     ) -> AsyncIterator[WatchItem]:
-        if any(s is VmState.UNSPECIFIED for s in states):
-            raise invalid("state_filter", "VM_STATE_UNSPECIFIED is not a state to filter by")
+        check_state_filter(states)
         for vm_id in vm_ids:
             if not ids.VM_ID_PATTERN.fullmatch(vm_id):
                 raise invalid("vm_ids", f"{vm_id[:80]!r} does not match [A-Za-z0-9_-]{{1,64}}")
