@@ -61,10 +61,8 @@ async def prepare_vm_dir(spec: LaunchSpec, *, qemu_img: str) -> None:
         if exists:
             raise precondition(
                 "OVERLAY_BASE_UNKNOWN",
-                (
-                    f"VM {spec.vm_id}: {overlay.name} has no recorded base image (made by an older metald); "
-                    "recreate the VM"
-                ),
+                f"VM {spec.vm_id}: {overlay.name} has no recorded base image (made by an older metald); "
+                "recreate the VM",
                 vm_id=spec.vm_id,
             )
         if spec.restore_from is not None:  # a clone: over the snapshot's frozen overlay
