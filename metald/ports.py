@@ -34,11 +34,10 @@ if TYPE_CHECKING:  # usecases imports this module
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One health check: status is "healthy", "degraded" or "unhealthy"."""
+    """One health check: status is "healthy", "degraded" or "unhealthy" (the reporter times it)."""
 
     status: str
     detail: str = ""
-    duration_ms: float = 0.0
 
 
 # ---- backend --------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ class HealthReporter:
             result = CheckResult("unhealthy", f"{type(exc).__name__}: {exc}")
         return {
             "status": result.status,
-            "duration_ms": round(result.duration_ms or (time.monotonic() - started) * 1000, 2),
+            "duration_ms": round((time.monotonic() - started) * 1000, 2),
             "timestamp": _now(),
             "detail": result.detail,
         }

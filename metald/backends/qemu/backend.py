@@ -11,7 +11,6 @@ import contextlib
 import functools
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -356,17 +355,16 @@ class QemuBackend(VmmBackend[Qmp]):
         )
 
     async def ping(self) -> CheckResult:
-        started = time.monotonic()
         try:
             version = await qemu_version(self._binary)
         except OSError as e:
-            return CheckResult("unhealthy", f"{self._binary}: {e}", (time.monotonic() - started) * 1000)
+            return CheckResult("unhealthy", f"{self._binary}: {e}")
         if not await asyncio.to_thread(shutil.which, self._img_binary):
             detail = f"{self._img_binary} not found: VM disks cannot be made"
-            return CheckResult("unhealthy", detail, (time.monotonic() - started) * 1000)
+            return CheckResult("unhealthy", detail)
         accel = self._accel.current()
         detail = f"{version}; accel={accel} ({self._accel.detail}); {len(self._vms)} VMs"
-        return CheckResult("healthy", detail, (time.monotonic() - started) * 1000)
+        return CheckResult("healthy", detail)
 
     async def close(self) -> None:
         await self._vms.close()
