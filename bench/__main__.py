@@ -19,6 +19,7 @@ from bench import (
     parallel_boots,
     plots,
     snapshot_boot,
+    watch_fanout,
 )
 
 # (benchmark, its arguments in the quick form)
@@ -30,6 +31,7 @@ BENCHMARKS: tuple[tuple[Callable[[list[str]], int], str, list[str]], ...] = (
     (cost_per_vm.main, "cost_per_vm", ["--levels", "0,10", "--settle", "3"]),
     (guest_exec.main, "guest_exec", []),
     (snapshot_boot.main, "snapshot_boot", ["--runs", "3", "--counts", "1,4", "--snapshots", "3"]),
+    (watch_fanout.main, "watch_fanout", ["--watchers", "1,100", "--cycles", "100"]),
 )
 
 

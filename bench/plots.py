@@ -5,7 +5,9 @@
   the older throughput benchmark;
 - boot_times.png: the distribution of time to ready per boot path (every side of
   boot_overhead.json, and of any other boot_*.json of the same form, e.g. clone or warm pool);
-- parallel_boots.png: N VMs booted at once, time until the last is ready, per side.
+- parallel_boots.png: N VMs booted at once, time until the last is ready, per side;
+- watch_fanout.png: WatchVms deliveries/s and lag against watchers (and the run before the
+  shared tail, watch_fanout_before.json, if present).
 
 Each plot's footer names the machine, the commit and the load during its run.
 
@@ -181,6 +183,33 @@ def plot_parallel(payload: dict[str, Any], path: Path) -> Path:
     return _save(fig, payload, path)
 
 
+def plot_watch_fanout(runs: Sequence[tuple[str, dict[str, Any]]], path: Path) -> Path:
+    """runs: (label, watch_fanout payload): deliveries/s and lag p50/p99 against watchers."""
+    fig, (ax_rate, ax_lag) = plt.subplots(1, 2, figsize=(11, 4.8))
+    for label, payload in runs:
+        rows = sorted(payload["results"]["levels"], key=lambda r: r["watchers"])
+        ns = [r["watchers"] for r in rows]
+        line = ax_rate.plot(ns, [r["deliveries_per_s"] for r in rows], marker="o", label=f"{label} delivered")
+        color = line[0].get_color()
+        ax_rate.plot(ns, [r["events_written_per_s"] for r in rows], marker="x", linestyle=":", color=color,
+                     label=f"{label} written")  # fmt: skip
+        ax_lag.plot(ns, [r["lag_ms_p50"] for r in rows], marker="o", color=color, label=f"{label} p50")
+        ax_lag.plot(ns, [r["lag_ms_p99"] for r in rows], marker="^", linestyle="--", color=color,
+                    label=f"{label} p99")  # fmt: skip
+    ax_rate.set_ylabel("events per second")
+    ax_rate.set_title("WatchVms: deliveries/s to all watchers, events written/s")
+    ax_lag.set_ylabel("ms from the event's `at` to its receipt")
+    ax_lag.set_yscale("log")
+    ax_lag.set_title("WatchVms: lag per delivery")
+    for a in (ax_rate, ax_lag):
+        a.set_xscale("log")
+        a.set_xlabel("concurrent watchers (one customer)")
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize=7)
+    ax_rate.set_ylim(bottom=0)
+    return _save(fig, runs[0][1], path)
+
+
 def plot_all(results_dir: Path = RESULTS_DIR) -> list[Path]:
     """Every plot whose results file is present."""
     written = []
@@ -201,6 +230,14 @@ def plot_all(results_dir: Path = RESULTS_DIR) -> list[Path]:
     series = boot_series(results_dir)
     if series:
         written.append(plot_boots(series, results_dir / "boot_times.png"))
+    fanout = [
+        (label, json.loads(f.read_text()))
+        for label, f in (("shared tail", results_dir / "watch_fanout.json"),
+                         ("before: a log read per watch", results_dir / "watch_fanout_before.json"))
+        if f.exists()
+    ]  # fmt: skip
+    if fanout:
+        written.append(plot_watch_fanout(fanout, results_dir / "watch_fanout.png"))
     parallel = results_dir / "parallel_boots.json"
     if parallel.exists():
         written.append(plot_parallel(json.loads(parallel.read_text()), results_dir / "parallel_boots.png"))
