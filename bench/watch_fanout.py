@@ -1,14 +1,16 @@
 """WatchVms fan-out: VM events delivered per second to N concurrent watchers, and each delivery's
 lag (the watcher's receipt minus the event's `at`, both on this host's clock).
 
-Per level N (default 1, 10, 100): a watcher process opens N WatchVms streams (Connect, binary
+Per level N (default 0, 1, 10, 100): a watcher process opens N WatchVms streams (Connect, binary
 proto; one asyncio loop) from the last cursor of the level before, each ready once it has the
 level's marker event; then the producer (this process) churns CreateVm + DeleteVm of guest-less
 VMs, `--concurrency` at a time, `--cycles` times (two events each), and creates an end marker.
 Every watcher must receive exactly the 2 x cycles + 1 events of the level (checked). Reported:
 deliveries/s in total (all deliveries / first event's `at` to the last receipt), events/s
-written, lag p50/p99 over all deliveries and the worst watcher's p99, and the daemon's CPU per
-delivery. `python -m bench.watch_fanout [--watchers 1,10,100] [--cycles 300]`.
+written, lag p50/p99 over all deliveries and the worst watcher's p99, the daemon's CPU per
+delivery, and that CPU less what writing the events costs (measured by level 0, the producer
+without watchers): the fan-out's own cost per delivery. `python -m bench.watch_fanout
+[--watchers 0,1,10,100] [--cycles 300] [--profile]`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -60,10 +63,13 @@ async def _watch(
     ats: list[float] = []
     async with _client(url) as client:
         stream = client.watch_vms(pb.WatchVmsRequest(after_cursor=after), headers=HEADERS)
+        started = False
         async for event in stream:
             received = time.time()
-            if event.vm_id == start_vm:
-                await ready.put(None)
+            if not started:  # what came before the level's marker is not the level's
+                if event.vm_id == start_vm:
+                    started = True
+                    await ready.put(None)
                 continue
             lags.append(received - (event.at.seconds + event.at.nanos / 1e9))
             ats.append(event.at.seconds + event.at.nanos / 1e9)
@@ -80,25 +86,39 @@ async def _watchers(url: str, n: int, after: str, start_vm: str, end_vm: str, pi
     for _ in range(n):
         await ready.get()
     pipe.send("ready")
-    pipe.send(await asyncio.gather(*tasks))
+    cpu = time.process_time()
+    results = await asyncio.gather(*tasks)
+    pipe.send((results, time.process_time() - cpu))
 
 
 def watcher_process(url: str, n: int, after: str, start_vm: str, end_vm: str, pipe: Connection) -> None:
     asyncio.run(_watchers(url, n, after, start_vm, end_vm, pipe))
 
 
-async def produce(url: str, cycles: int, concurrency: int, level: int) -> None:
-    """`cycles` CreateVm + DeleteVm, `concurrency` loops at once."""
+@dataclass(frozen=True)
+class Load:
+    """What the producer does per level: `cycles` CreateVm + DeleteVm pairs, `concurrency` loops
+    at once, as fast as they go or (rate > 0) each pair started on a schedule of `rate` events/s."""
+
+    cycles: int
+    concurrency: int
+    rate: float = 0.0
+
+
+async def produce(url: str, load: Load, level: int) -> None:
     async with _client(url) as client:
-        todo = iter(range(cycles))
+        todo = iter(range(load.cycles))
+        start = time.monotonic()
 
         async def loop() -> None:
             for i in todo:
+                if load.rate > 0:
+                    await asyncio.sleep(max(0.0, start + 2 * i / load.rate - time.monotonic()))
                 vm_id = f"fan-{level}-{i}"
                 await client.create_vm(pb.CreateVmRequest(vm_id=vm_id, config=pb.VmConfig()), headers=HEADERS)
                 await client.delete_vm(pb.DeleteVmRequest(vm_id=vm_id), headers=HEADERS)
 
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        await asyncio.gather(*(loop() for _ in range(load.concurrency)))
 
 
 async def create(url: str, vm_id: str) -> None:
@@ -107,8 +127,11 @@ async def create(url: str, vm_id: str) -> None:
 
 
 def run_level(
-    url: str, pid: int, n: int, after: str, cycles: int, concurrency: int, profile: Path | None = None
+    url: str, pid: int, n: int, after: str, load: Load, profile: Path | None = None
 ) -> dict[str, Any]:
+    """One level; n = 0: the producer alone (what writing the events costs without watchers)."""
+    if n == 0:
+        return produce_only(url, pid, load)
     start_vm, end_vm = f"fan-start-{n}", f"fan-end-{n}"
     ours, theirs = multiprocessing.Pipe()
     proc = multiprocessing.get_context("spawn").Process(
@@ -128,17 +151,17 @@ def run_level(
                 "--nonblocking", "-o", str(profile)]  # fmt: skip
         spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = time.time()
-    asyncio.run(produce(url, cycles, concurrency, n))
+    asyncio.run(produce(url, load, n))
     asyncio.run(create(url, end_vm))
     produced = time.time() - started
-    watchers: list[dict[str, Any]] = ours.recv()
+    watchers, watchers_cpu = ours.recv()
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(30)
     daemon_cpu = cpu_seconds(pid) - cpu_before
     proc.join(30)
 
-    expected = 2 * cycles + 1
+    expected = 2 * load.cycles + 1
     reference = watchers[0]["cursors"]
     for w in watchers:  # exactly once, the same events in the same order for everyone
         assert len(w["cursors"]) == expected and w["cursors"] == reference, (len(w["cursors"]), expected)
@@ -156,16 +179,47 @@ def run_level(
         "lag_ms_p99": percentile(lags_ms, 99),
         "lag_ms_max": max(lags_ms),
         "worst_watcher_lag_ms_p99": max(percentile([x * 1000 for x in w["lags"]], 99) for w in watchers),
+        "daemon_cpu_s": daemon_cpu,
+        "watcher_process_busy_pct": 100 * watchers_cpu / window,  # near 100: the lag is partly the client's
         "daemon_cpu_us_per_delivery": daemon_cpu / deliveries * 1e6,
         "last_cursor": str(reference[-1]),
     }
 
 
+def produce_only(url: str, pid: int, load: Load) -> dict[str, Any]:
+    cpu_before, started = cpu_seconds(pid), time.time()
+    asyncio.run(produce(url, load, 0))
+    asyncio.run(create(url, "fan-end-0"))
+    produced = time.time() - started
+    events = 2 * load.cycles + 1
+    return {
+        "watchers": 0,
+        "events": events,
+        "deliveries": 0,
+        "events_written_per_s": events / produced,
+        "daemon_cpu_s": cpu_seconds(pid) - cpu_before,
+    }
+
+
+def add_fanout_cost(rows: list[dict[str, Any]]) -> None:
+    """The daemon's CPU per delivery beyond writing the events (the watcher-less level's CPU per
+    event written, subtracted), when that level ran."""
+    alone = next((r for r in rows if r["watchers"] == 0), None)
+    if alone is None:
+        return
+    per_event = alone["daemon_cpu_s"] / alone["events"]
+    for row in rows:
+        if row["deliveries"]:
+            fanout = row["daemon_cpu_s"] - per_event * row["events"]
+            row["fanout_cpu_us_per_delivery"] = fanout / row["deliveries"] * 1e6
+
+
 def main(argv: Sequence[str]) -> int:
     p = parser("watch_fanout", __doc__ or "")
-    p.add_argument("--watchers", default="1,10,100", help="comma-separated watcher counts, one level each")
+    p.add_argument("--watchers", default="0,1,10,100", help="watcher counts, one level each (0: none)")
     p.add_argument("--cycles", type=int, default=300, help="CreateVm + DeleteVm pairs per level")
     p.add_argument("--concurrency", type=int, default=4, help="producer loops at once")
+    p.add_argument("--rate", type=float, default=0.0, help="events/s to write (0: as fast as it goes)")
     p.add_argument("--profile", action="store_true", help="py-spy the daemon during the last level")
     args = p.parse_args(argv)
     levels = [int(n) for n in args.watchers.split(",") if n]
@@ -177,8 +231,9 @@ def main(argv: Sequence[str]) -> int:
         profile: dict[str, Any] = {}
         for n in levels:
             raw = root / f"profile-{n}.txt" if args.profile and n == levels[-1] else None
-            row = run_level(daemon.url, pid, n, after, args.cycles, args.concurrency, raw)
-            after = row.pop("last_cursor")
+            load = Load(args.cycles, args.concurrency, args.rate)
+            row = run_level(daemon.url, pid, n, after, load, raw)
+            after = row.pop("last_cursor", after)
             rows.append(row)
             print(row, flush=True)
             if raw is not None and raw.exists():
@@ -189,21 +244,21 @@ def main(argv: Sequence[str]) -> int:
                     "top": summarise_profile(text, 1, PROFILE_RATE, 30),
                 }
                 print(profile, flush=True)
+    add_fanout_cost(rows)
+    columns = (
+        ("deliveries/s", "deliveries_per_s", 0),
+        ("written/s", "events_written_per_s", 0),
+        ("lag p50 ms", "lag_ms_p50", 1),
+        ("lag p99 ms", "lag_ms_p99", 1),
+        ("worst p99 ms", "worst_watcher_lag_ms_p99", 1),
+        ("cpu us/dlv", "daemon_cpu_us_per_delivery", 1),
+        ("fan-out cpu us/dlv", "fanout_cpu_us_per_delivery", 1),
+        ("watchers' cpu %", "watcher_process_busy_pct", 0),
+    )
     print_table(
         "WatchVms fan-out",
-        ["watchers", "deliveries/s", "written/s", "lag p50 ms", "lag p99 ms", "worst p99 ms", "cpu us/dlv"],
-        [
-            [
-                r["watchers"],
-                round(r["deliveries_per_s"]),
-                round(r["events_written_per_s"]),
-                round(r["lag_ms_p50"], 1),
-                round(r["lag_ms_p99"], 1),
-                round(r["worst_watcher_lag_ms_p99"], 1),
-                round(r["daemon_cpu_us_per_delivery"], 1),
-            ]
-            for r in rows
-        ],
+        ["watchers", *(c[0] for c in columns)],
+        [[r["watchers"], *(round(r[k], d) if k in r else "-" for _, k, d in columns)] for r in rows],
     )
     write_results("watch_fanout", argv, args, context, {"levels": rows, "profile": profile})
     return 0
