@@ -8,7 +8,7 @@
 - parallel_boots.png: N VMs booted at once, time until the last is ready, per side;
 - watch_fanout.png: WatchVms deliveries/s, daemon CPU per delivery and lag against watchers
   (watch_fanout.json; the lag of the fixed-rate run watch_fanout_rate30.json if present; the runs
-  before the shared tail, *_before.json, beside them).
+  before the shared tail, *_before.json, and the pause/resume run beside them).
 
 Each plot's footer names the machine, the commit and the load during its run.
 
@@ -253,7 +253,10 @@ def plot_all(results_dir: Path = RESULTS_DIR) -> list[Path]:
         )
         return [(label, json.loads(f.read_text())) for label, f in files if f.exists()]
 
+    pause_resume = results_dir / "watch_fanout_pause_resume.json"
     if closed := fanout_runs(""):
+        if pause_resume.exists():
+            closed.append(("shared tail, pause/resume events", json.loads(pause_resume.read_text())))
         written.append(plot_watch_fanout(closed, fanout_runs("_rate30"), results_dir / "watch_fanout.png"))
     parallel = results_dir / "parallel_boots.json"
     if parallel.exists():

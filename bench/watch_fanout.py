@@ -4,7 +4,8 @@ lag (the watcher's receipt minus the event's `at`, both on this host's clock).
 Per level N (default 0, 1, 10, 100): a watcher process opens N WatchVms streams (Connect, binary
 proto; one asyncio loop) from the last cursor of the level before, each ready once it has the
 level's marker event; then the producer (this process) churns CreateVm + DeleteVm of guest-less
-VMs, `--concurrency` at a time, `--cycles` times (two events each), and creates an end marker.
+VMs (or, `--events pause-resume`, pauses and resumes one booted VM per loop), `--concurrency` at
+a time, `--cycles` times (two events each), and creates an end marker.
 Every watcher must receive exactly the 2 x cycles + 1 events of the level (checked). Reported:
 deliveries/s in total (all deliveries / first event's `at` to the last receipt), events/s
 written, lag p50/p99 over all deliveries and the worst watcher's p99, the daemon's CPU per
@@ -33,6 +34,7 @@ from bench.api_load import PROFILE_RATE, py_spy, summarise_profile
 from bench.common import (
     CUSTOMER,
     bench_daemon,
+    bench_rpc,
     cpu_seconds,
     daemon_pid,
     machine_context,
@@ -45,6 +47,7 @@ from bench.common import (
 from bench.layers import layer_shares
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceClient
+from tests.support.daemon import Daemon
 from tests.support.rpc import token
 
 HEADERS = {"authorization": f"Bearer {token(CUSTOMER)}"}
@@ -97,12 +100,15 @@ def watcher_process(url: str, n: int, after: str, start_vm: str, end_vm: str, pi
 
 @dataclass(frozen=True)
 class Load:
-    """What the producer does per level: `cycles` CreateVm + DeleteVm pairs, `concurrency` loops
-    at once, as fast as they go or (rate > 0) each pair started on a schedule of `rate` events/s."""
+    """What the producer does per level: `cycles` pairs of calls (two events), `concurrency` loops
+    at once, as fast as they go or (rate > 0) each pair started on a schedule of `rate` events/s.
+    A pair is CreateVm + DeleteVm of a new guest-less VM, or, with `paused` (one booted VM per
+    loop), PauseVm + ResumeVm of the loop's VM."""
 
     cycles: int
     concurrency: int
     rate: float = 0.0
+    paused: tuple[str, ...] = ()
 
 
 async def produce(url: str, load: Load, level: int) -> None:
@@ -110,15 +116,23 @@ async def produce(url: str, load: Load, level: int) -> None:
         todo = iter(range(load.cycles))
         start = time.monotonic()
 
-        async def loop() -> None:
+        async def pair(i: int, loop_no: int) -> None:
+            if load.paused:
+                vm_id = load.paused[loop_no]
+                await client.pause_vm(pb.PauseVmRequest(vm_id=vm_id), headers=HEADERS)
+                await client.resume_vm(pb.ResumeVmRequest(vm_id=vm_id), headers=HEADERS)
+                return
+            vm_id = f"fan-{level}-{i}"
+            await client.create_vm(pb.CreateVmRequest(vm_id=vm_id, config=pb.VmConfig()), headers=HEADERS)
+            await client.delete_vm(pb.DeleteVmRequest(vm_id=vm_id), headers=HEADERS)
+
+        async def loop(loop_no: int) -> None:
             for i in todo:
                 if load.rate > 0:
                     await asyncio.sleep(max(0.0, start + 2 * i / load.rate - time.monotonic()))
-                vm_id = f"fan-{level}-{i}"
-                await client.create_vm(pb.CreateVmRequest(vm_id=vm_id, config=pb.VmConfig()), headers=HEADERS)
-                await client.delete_vm(pb.DeleteVmRequest(vm_id=vm_id), headers=HEADERS)
+                await pair(i, loop_no)
 
-        await asyncio.gather(*(loop() for _ in range(load.concurrency)))
+        await asyncio.gather(*(loop(k) for k in range(load.concurrency)))
 
 
 async def create(url: str, vm_id: str) -> None:
@@ -214,6 +228,15 @@ def add_fanout_cost(rows: list[dict[str, Any]]) -> None:
             row["fanout_cpu_us_per_delivery"] = fanout / row["deliveries"] * 1e6
 
 
+def boot_vms(daemon: Daemon, count: int) -> tuple[str, ...]:
+    """`count` booted default guests (to their ready line), one per producer loop."""
+    rpc = bench_rpc(daemon)
+    vm_ids = tuple(rpc.create({}, vm_id=f"fan-vm-{k}") for k in range(count))
+    for vm_id in vm_ids:
+        rpc.ok("BootVm", {"vm_id": vm_id, "wait_for_ready": True, "wait_timeout_seconds": 300})
+    return vm_ids
+
+
 def main(argv: Sequence[str]) -> int:
     p = parser("watch_fanout", __doc__ or "")
     p.add_argument("--watchers", default="0,1,10,100", help="watcher counts, one level each (0: none)")
@@ -221,17 +244,25 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--concurrency", type=int, default=4, help="producer loops at once")
     p.add_argument("--rate", type=float, default=0.0, help="events/s to write (0: as fast as it goes)")
     p.add_argument("--profile", action="store_true", help="py-spy the daemon during the last level")
+    p.add_argument(
+        "--events",
+        choices=("create-delete", "pause-resume"),
+        default="create-delete",
+        help="what makes the events: guest-less VMs made and deleted, or booted VMs (one per loop) "
+        "paused and resumed (cheaper per event: higher rates)",
+    )
     args = p.parse_args(argv)
     levels = [int(n) for n in args.watchers.split(",") if n]
     rows = []
     with workdir(args.workdir) as root, bench_daemon(root, args.assets_dir) as daemon:
         context = machine_context()
         pid = daemon_pid(daemon)
+        paused = boot_vms(daemon, args.concurrency) if args.events == "pause-resume" else ()
+        load = Load(args.cycles, args.concurrency, args.rate, paused)
         after = "0"
         profile: dict[str, Any] = {}
         for n in levels:
             raw = root / f"profile-{n}.txt" if args.profile and n == levels[-1] else None
-            load = Load(args.cycles, args.concurrency, args.rate)
             row = run_level(daemon.url, pid, n, after, load, raw)
             after = row.pop("last_cursor", after)
             rows.append(row)
