@@ -104,8 +104,8 @@ class Watch(ServiceBase):
                     await wake.wait()
         finally:
             tail.watches -= 1
-            if not tail.watches:
-                self._tails.pop(customer_id, None)
+            if not tail.watches and self._tails.get(customer_id) is tail:
+                del self._tails[customer_id]
 
     async def _cursor_start(self, cursor: str) -> int:
         last = await self._event_log.last_seq()

@@ -188,3 +188,15 @@ async def test_a_watch_behind_the_shared_window_reads_the_log_until_it_catches_u
     [item] = await take(behind, 1)
     assert (item.event.vm_id, item.event.state) == ("vm-07", VmState.RUNNING)
     assert [int(i.cursor) for i in [*caught_up, item]] == sorted({int(i.cursor) for i in [*caught_up, item]})
+
+
+async def test_the_shared_tail_goes_with_the_customers_last_watch(world: World) -> None:
+    await world.create("vm-a")
+    streams = [watch(world) for _ in range(2)]
+    for stream in streams:
+        await take(stream, 1)
+    assert CUSTOMER in world.service._tails
+    await streams[0].aclose()  # type: ignore[attr-defined]
+    assert CUSTOMER in world.service._tails
+    await streams[1].aclose()  # type: ignore[attr-defined]
+    assert CUSTOMER not in world.service._tails
