@@ -26,7 +26,7 @@ from metald.service.transitions import Transitions
 
 if TYPE_CHECKING:
     from metald.guestwork import GuestWork
-    from metald.service.watch import CustomerTail
+    from metald.service.event_tail import CustomerTail
 
 log = logging.getLogger("metald.service")
 T = TypeVar("T")

@@ -172,8 +172,9 @@ async def test_watchers_of_one_customer_share_the_log_reads(
 async def test_a_watch_behind_the_shared_window_reads_the_log_until_it_catches_up(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("metald.service.watch.TAIL_WINDOW", 3)
-    monkeypatch.setattr("metald.service.watch.WATCH_BATCH", 4)
+    monkeypatch.setattr("metald.service.event_tail.TAIL_WINDOW", 3)
+    for module in ("event_tail", "watch"):  # fewer than a batch means "caught up" to both
+        monkeypatch.setattr(f"metald.service.{module}.WATCH_BATCH", 4)
     ahead = watch(world, cursor="")
     following = asyncio.ensure_future(take(ahead, 20))
     await asyncio.sleep(0.05)
