@@ -30,8 +30,8 @@ BENCHMARKS: tuple[tuple[Callable[[list[str]], int], str, list[str]], ...] = (
     (api_load.main, "api_load", ["--sizes", "10,1000", "--duration", "1", "--no-profile"]),
     (cost_per_vm.main, "cost_per_vm", ["--levels", "0,10", "--settle", "3"]),
     (guest_exec.main, "guest_exec", []),
-    (snapshot_boot.main, "snapshot_boot", ["--runs", "3", "--counts", "1,4", "--snapshots", "3"]),
     (watch_fanout.main, "watch_fanout", ["--watchers", "1,100", "--cycles", "100"]),
+    (snapshot_boot.main, "snapshot_boot", ["--runs", "3", "--counts", "1,4", "--snapshots", "3"]),
 )
 
 
