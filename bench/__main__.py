@@ -19,6 +19,7 @@ from bench import (
     parallel_boots,
     plots,
     snapshot_boot,
+    watch_fanout,
 )
 
 # (benchmark, its arguments in the quick form)
@@ -29,6 +30,7 @@ BENCHMARKS: tuple[tuple[Callable[[list[str]], int], str, list[str]], ...] = (
     (api_load.main, "api_load", ["--sizes", "10,1000", "--duration", "1", "--no-profile"]),
     (cost_per_vm.main, "cost_per_vm", ["--levels", "0,10", "--settle", "3"]),
     (guest_exec.main, "guest_exec", []),
+    (watch_fanout.main, "watch_fanout", ["--watchers", "1,100", "--cycles", "100"]),
     (snapshot_boot.main, "snapshot_boot", ["--runs", "3", "--counts", "1,4", "--snapshots", "3"]),
 )
 

@@ -5,7 +5,10 @@
   the older throughput benchmark;
 - boot_times.png: the distribution of time to ready per boot path (every side of
   boot_overhead.json, and of any other boot_*.json of the same form, e.g. clone or warm pool);
-- parallel_boots.png: N VMs booted at once, time until the last is ready, per side.
+- parallel_boots.png: N VMs booted at once, time until the last is ready, per side;
+- watch_fanout.png: WatchVms deliveries/s, daemon CPU per delivery and lag against watchers
+  (watch_fanout.json; the lag of the fixed-rate run watch_fanout_rate30.json if present; the runs
+  before the shared tail, *_before.json, and the pause/resume run beside them).
 
 Each plot's footer names the machine, the commit and the load during its run.
 
@@ -181,6 +184,47 @@ def plot_parallel(payload: dict[str, Any], path: Path) -> Path:
     return _save(fig, payload, path)
 
 
+def _fanout_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    return sorted((r for r in payload["results"]["levels"] if r["watchers"]), key=lambda r: r["watchers"])
+
+
+def plot_watch_fanout(
+    closed: Sequence[tuple[str, dict[str, Any]]], paced: Sequence[tuple[str, dict[str, Any]]], path: Path
+) -> Path:
+    """(label, watch_fanout payload) runs: as fast as the producer goes (deliveries/s, daemon CPU
+    per delivery), and at a fixed rate (lag p50/p99; closed-loop lags if no paced run)."""
+    fig, (ax_rate, ax_cpu, ax_lag) = plt.subplots(1, 3, figsize=(15, 4.8))
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+    for (label, payload), color in zip(closed, colors, strict=False):
+        rows = _fanout_rows(payload)
+        ns = [r["watchers"] for r in rows]
+        ax_rate.plot(ns, [r["deliveries_per_s"] for r in rows], marker="o", color=color, label=label)
+        ax_cpu.plot(ns, [r["daemon_cpu_us_per_delivery"] for r in rows], marker="o", color=color, label=label)
+    rate = ""
+    for (label, payload), color in zip(paced or closed, colors, strict=False):
+        rows = _fanout_rows(payload)
+        ns = [r["watchers"] for r in rows]
+        rate = f" at {payload['params'].get('rate') or 'max'} events/s written"
+        ax_lag.plot(ns, [r["lag_ms_p50"] for r in rows], marker="o", color=color, label=f"{label} p50")
+        ax_lag.plot(ns, [r["lag_ms_p99"] for r in rows], marker="^", linestyle="--", color=color,
+                    label=f"{label} p99")  # fmt: skip
+    ax_rate.set_ylabel("events delivered per second (all watchers)")
+    ax_rate.set_title("WatchVms deliveries/s, producer as fast as it goes")
+    ax_cpu.set_ylabel("daemon CPU us per delivery (writing the events included)")
+    ax_cpu.set_yscale("log")
+    ax_cpu.set_title("Daemon CPU per delivery")
+    ax_lag.set_ylabel("ms from the event's `at` to its receipt")
+    ax_lag.set_title(f"Lag per delivery{rate}")
+    for a in (ax_rate, ax_cpu, ax_lag):
+        a.set_xscale("log")
+        a.set_xlabel("concurrent watchers (one customer)")
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize=7)
+    ax_rate.set_ylim(bottom=0)
+    ax_lag.set_ylim(bottom=0)
+    return _save(fig, closed[0][1], path)
+
+
 def plot_all(results_dir: Path = RESULTS_DIR) -> list[Path]:
     """Every plot whose results file is present."""
     written = []
@@ -201,6 +245,19 @@ def plot_all(results_dir: Path = RESULTS_DIR) -> list[Path]:
     series = boot_series(results_dir)
     if series:
         written.append(plot_boots(series, results_dir / "boot_times.png"))
+    labels = {"": "shared tail", "_before": "before: a log read per watch"}
+
+    def fanout_runs(kind: str) -> list[tuple[str, dict[str, Any]]]:
+        files = (
+            (label, results_dir / f"watch_fanout{kind}{suffix}.json") for suffix, label in labels.items()
+        )
+        return [(label, json.loads(f.read_text())) for label, f in files if f.exists()]
+
+    pause_resume = results_dir / "watch_fanout_pause_resume.json"
+    if closed := fanout_runs(""):
+        if pause_resume.exists():
+            closed.append(("shared tail, pause/resume events", json.loads(pause_resume.read_text())))
+        written.append(plot_watch_fanout(closed, fanout_runs("_rate30"), results_dir / "watch_fanout.png"))
     parallel = results_dir / "parallel_boots.json"
     if parallel.exists():
         written.append(plot_parallel(json.loads(parallel.read_text()), results_dir / "parallel_boots.png"))

@@ -77,7 +77,7 @@ class RootApp:
                 await route.app(scope, receive, send)
                 return
         if (service := _rpc_service(path)) is not None:
-            await _unknown_service(scope, send, service)
+            await _unknown_service(send, service)
             return
         await send_json(send, 404, {"code": "not_found", "message": f"no such endpoint: {path}"})
 
@@ -97,23 +97,10 @@ def _rpc_service(path: str) -> str | None:
     return match.group(1) if match else None
 
 
-async def _unknown_service(scope: Scope, send: Send, service: str) -> None:
-    """UNIMPLEMENTED, as for an unknown method: trailers-only for gRPC and gRPC-Web, and for
-    Connect HTTP 404 (what connect clients read as unimplemented) with the code in the body."""
-    message = f"unknown service {service}"
-    content_type = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-type"), b"")
-    if content_type.startswith(b"application/grpc"):
-        grpc_type = (
-            b"application/grpc-web"
-            if content_type.startswith(b"application/grpc-web")
-            else b"application/grpc"
-        )
-        headers = [(b"content-type", grpc_type), (b"grpc-status", b"12"), (b"grpc-message", message.encode())]
-        # trailers-only: no content-length, an empty end (hypercorn then ends the stream on HEADERS)
-        await send({"type": "http.response.start", "status": 200, "headers": headers, "trailers": False})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return
-    await send_json(send, 404, {"code": "unimplemented", "message": message})
+async def _unknown_service(send: Send, service: str) -> None:
+    """UNIMPLEMENTED, as for an unknown method: for Connect HTTP 404 (what connect clients read as
+    unimplemented) with the code in the body; gRPC and gRPC-Web get grpc-status 12 from GrpcWire."""
+    await send_json(send, 404, {"code": "unimplemented", "message": f"unknown service {service}"})
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -6,16 +6,26 @@
   gRPC-Web trailer frame.
 - Every gRPC response says which compressions the server accepts (`grpc-accept-encoding`), so a
   client refused with UNIMPLEMENTED for an unknown `grpc-encoding` knows what to use instead.
+- An unknown service or method (HTTP 404 from the router or the runtime) is a proper gRPC answer:
+  HTTP 200 with grpc-status 12 UNIMPLEMENTED, as grpc-go and grpc-java answer.
+- A trailers-only answer (the status in the response headers) over HTTP/2 is sent as headers and
+  then trailers: hypercorn cannot end a stream on its first HEADERS frame (it always adds an
+  empty END_STREAM DATA frame), which grpcio reads as "Stream removed", UNKNOWN. gRPC-Web keeps
+  trailers-only headers, which its spec allows.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 from urllib.parse import unquote_to_bytes
 
 from metald.api.asgi import ASGIApp, Message, Receive, Scope, Send
 
 GRPC_MESSAGE = b"grpc-message"
+GRPC_STATUS = b"grpc-status"
+STATUS_HEADERS = (GRPC_STATUS, GRPC_MESSAGE, b"grpc-status-details-bin")
+UNIMPLEMENTED = b"12"
 TRAILER_FRAME = 0x80
 
 
@@ -53,27 +63,80 @@ class GrpcWire:
         self._accept_encoding = accept_encoding
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _is_grpc(scope):
+        content_type = _content_type(scope)
+        if scope["type"] != "http" or not content_type.startswith(b"application/grpc"):
             await self._app(scope, receive, send)
             return
-
-        async def fixing_send(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.start":
-                headers = fix_headers(list(message.get("headers", [])))
-                headers.append((b"grpc-accept-encoding", self._accept_encoding))
-                message = {**message, "headers": headers}
-            elif kind == "http.response.trailers":
-                message = {**message, "headers": fix_headers(list(message.get("headers", [])))}
-            elif kind == "http.response.body" and not message.get("more_body", False):
-                message = {**message, "body": fix_trailer_frame(bytes(message.get("body", b"")))}
-            await send(message)
-
-        await self._app(scope, receive, fixing_send)
+        await self._app(scope, receive, _GrpcResponse(scope, content_type, send, self._accept_encoding).send)
 
 
-def _is_grpc(scope: Scope) -> bool:
-    for name, value in scope.get("headers", []):
-        if name.lower() == b"content-type":
-            return bytes(value).startswith(b"application/grpc")
-    return False
+class _GrpcResponse:
+    """One gRPC or gRPC-Web response on its way out."""
+
+    def __init__(self, scope: Scope, content_type: bytes, send: Send, accept_encoding: bytes) -> None:
+        self._send = send
+        self._path: str = scope["path"]
+        web = content_type.startswith(b"application/grpc-web")
+        self._content_type = b"application/grpc-web" if web else b"application/grpc"
+        self._accept_encoding = accept_encoding
+        te = next((v for k, v in scope.get("headers", []) if k.lower() == b"te"), b"")
+        # hypercorn sends trailers only to a request that said `te: trailers` (every gRPC client)
+        self._real_trailers = not web and scope.get("http_version") == "2" and te == b"trailers"
+        self._not_found: bytes | None = None  # the body of a 404, replaced by UNIMPLEMENTED
+        self._held_status: list[tuple[bytes, bytes]] = []
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if self._not_found is not None:
+            if kind == "http.response.body":
+                self._not_found += bytes(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body, self._not_found = self._not_found, None
+                    await self._unimplemented(_json_message(body) or f"no such method {self._path}")
+            return
+        if kind == "http.response.start":
+            if message.get("status") == 404:
+                self._not_found = b""
+                return
+            headers = [
+                *fix_headers(list(message.get("headers", []))),
+                (b"grpc-accept-encoding", self._accept_encoding),
+            ]
+            if self._real_trailers and not message.get("trailers", False):
+                self._held_status = [(k, v) for k, v in headers if k.lower() in STATUS_HEADERS]
+                if self._held_status:
+                    headers = [(k, v) for k, v in headers if k.lower() not in STATUS_HEADERS]
+                    message = {**message, "trailers": True}
+            message = {**message, "headers": headers}
+        elif kind == "http.response.trailers":
+            message = {**message, "headers": fix_headers(list(message.get("headers", [])))}
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            message = {**message, "body": fix_trailer_frame(bytes(message.get("body", b"")))}
+            if self._held_status:
+                await self._send(message)
+                message = {
+                    "type": "http.response.trailers",
+                    "headers": self._held_status,
+                    "more_trailers": False,
+                }
+        await self._send(message)
+
+    async def _unimplemented(self, text: str) -> None:
+        status = [(GRPC_STATUS, UNIMPLEMENTED), (GRPC_MESSAGE, spec_percent_encode(text.encode()))]
+        start = {"type": "http.response.start", "status": 200, "trailers": False}
+        await self.send({**start, "headers": [(b"content-type", self._content_type), *status]})
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _json_message(body: bytes) -> str:
+    """The `message` of a Connect-style JSON error body, if it is one."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return ""
+    message = payload.get("message", "") if isinstance(payload, dict) else ""
+    return message if isinstance(message, str) else ""
+
+
+def _content_type(scope: Scope) -> bytes:
+    return bytes(next((v for k, v in scope.get("headers", []) if k.lower() == b"content-type"), b""))

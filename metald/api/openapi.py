@@ -34,10 +34,10 @@ PATH = Path(__file__).with_name("openapi.json")
 ERROR_STATUSES = {
     "400": "invalid_argument (or a request the decoder refuses)",
     "401": "unauthenticated",
-    "403": "permission_denied: the VM belongs to another customer",
+    "403": "permission_denied: the VM (or snapshot) belongs to another customer",
     "404": "not_found",
     "409": "already_exists",
-    "412": "failed_precondition: the VM's state does not allow the operation",
+    "412": "failed_precondition: the VM's state (or the host) does not allow the operation",
     "429": "resource_exhausted: quota, capacity or request size",
     "500": "internal",
     "503": "unavailable",
@@ -132,9 +132,10 @@ class _Schemas:
         return self.element(value.scalar)
 
 
-def _vm_id_parameter() -> dict[str, Any]:
+def _id_parameter(name: str = "vm_id") -> dict[str, Any]:
+    """A path parameter: a vm_id or a snapshot_id (snapshot ids follow the vm ids' rules)."""
     return {
-        "name": "vm_id",
+        "name": name,
         "in": "path",
         "required": True,
         "schema": {"type": "string", "pattern": f"^{VM_ID_PATTERN.pattern}$"},
@@ -153,8 +154,8 @@ def _rpc_operation(route: RestRoute, schemas: _Schemas) -> dict[str, Any]:
         "operationId": route.rpc,
         "summary": route.summary,
         "description": f"Calls `{SERVICE.type_name}/{route.rpc}`; same auth, errors and codes.",
-        "tags": ["VMs"],
-        "parameters": [_vm_id_parameter()] if path_params else [],
+        "tags": [route.tag],
+        "parameters": [_id_parameter(name) for name in route.path_params],
         "responses": {
             "200": {
                 "description": "OK",
@@ -187,7 +188,7 @@ def _console_operation(route: RestRoute) -> dict[str, Any]:
         "X-Console-Offset to follow. Only the VM's owner may read it.",
         "tags": ["VMs"],
         "parameters": [
-            _vm_id_parameter(),
+            _id_parameter(),
             {"name": "offset", "in": "query", "schema": {**integer, "maximum": 2**62}},
             {
                 "name": "limit",
@@ -265,7 +266,7 @@ def build_openapi() -> dict[str, Any]:
             "served on the same port). Errors have the Connect error body.",
         },
         "security": [{"bearer": []}],
-        "tags": [{"name": "VMs"}, {"name": "Operations"}],
+        "tags": [{"name": "VMs"}, {"name": "Snapshots"}, {"name": "Operations"}],
         "paths": paths,
         "components": {
             "securitySchemes": {

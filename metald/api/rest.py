@@ -1,7 +1,7 @@
 """REST over the RPCs: `/v1/vms...` requests become Connect-JSON calls to the very same ASGI app,
 so auth (before the body is parsed), validation, errors, metrics, logs and traces are the RPCs'
 own. Path and query parameters are folded into the request JSON; the proto decoder remains the
-only judge of types and unknown fields. Plus `GET /v1/vms/{vm_id}/console`, the one route that is
+only judge of types and unknown fields (so `bytes` travel base64 in JSON, as in Connect). Plus `GET /v1/vms/{vm_id}/console`, the one route that is
 not an RPC: a VM's console log, owner-checked, read from an offset.
 """
 
@@ -63,6 +63,7 @@ class RestRoute:
     rpc: str | None
     body: bool
     summary: str
+    tag: str = "VMs"
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -89,6 +90,16 @@ ROUTES: tuple[RestRoute, ...] = (
     RestRoute("DELETE", "/v1/vms/{vm_id}", "DeleteVm", False, "Delete a VM"),
     *(RestRoute("POST", f"/v1/vms/{{vm_id}}:{verb}", rpc, True, summary) for verb, rpc, summary in _VERBS),
     RestRoute("GET", "/v1/vms/{vm_id}/console", None, False, "Read a VM's console output"),
+    RestRoute("POST", "/v1/vms/{vm_id}:exec", "ExecVm", True, "Run a command in a RUNNING VM's guest"),
+    RestRoute("GET", "/v1/vms/{vm_id}/files", "ReadFile", False, "Read a file of the guest (query: path)"),
+    RestRoute("PUT", "/v1/vms/{vm_id}/files", "WriteFile", True, "Write a file into the guest"),
+    RestRoute(
+        "POST", "/v1/vms/{vm_id}:snapshot", "SnapshotVm", True, "Snapshot a RUNNING or PAUSED VM", "Snapshots"
+    ),
+    RestRoute("GET", "/v1/snapshots", "ListSnapshots", False, "List the caller's snapshots", "Snapshots"),
+    RestRoute(
+        "DELETE", "/v1/snapshots/{snapshot_id}", "DeleteSnapshot", False, "Delete a snapshot", "Snapshots"
+    ),
 )
 _COMPILED = tuple((route, route.pattern) for route in ROUTES)
 

@@ -32,6 +32,7 @@ from metald.service.transitions import Transitions
 
 if TYPE_CHECKING:
     from metald.guestwork import GuestWork
+    from metald.service.event_tail import CustomerTail
 
 log = logging.getLogger("metald.service")
 T = TypeVar("T")
@@ -85,6 +86,7 @@ class ServiceBase:
         self._create_lock = asyncio.Lock()  # id check, quota and insert of CreateVm, as one
         self._boot_lock = asyncio.Lock()  # capacity check of BootVm and the boots in flight
         self._booting: dict[str, Vm] = {}
+        self._tails: dict[str, CustomerTail] = {}  # the watches' shared event tails, per customer
         self._graceful: dict[str, asyncio.Event] = {}  # set by a forced stop to cut a graceful one short
         backend.set_exit_listener(self._on_vmm_exit)
 

@@ -125,18 +125,23 @@ def test_refusals_over_keepalive_connect_node(daemon: Daemon, protocol: str) -> 
 # ---- gRPC wire details ---------------------------------------------------------------------------
 
 
-def _grpc_curl(daemon: Daemon, method: str, body: bytes, headers: dict[str, str]) -> dict[str, str]:
-    """The response headers and trailers of a raw gRPC call (curl, h2c prior knowledge)."""
+def _grpc_curl(
+    daemon: Daemon, method: str, body: bytes, headers: dict[str, str], service: str = SERVICE
+) -> dict[str, str]:
+    """The response headers and trailers of a raw gRPC call (curl, h2c prior knowledge), with the
+    HTTP status as `:status`."""
     argv = ["curl", "-s", "-i", "--http2-prior-knowledge", "--data-binary", "@-", "-o", "-"]
     for key, value in {"content-type": "application/grpc", "te": "trailers", **headers}.items():
         argv += ["-H", f"{key}: {value}"]
     proc = subprocess.run(
-        [*argv, f"{daemon.url}/{SERVICE}/{method}"], input=body, capture_output=True, timeout=60, check=True
+        [*argv, f"{daemon.url}/{service}/{method}"], input=body, capture_output=True, timeout=60, check=True
     )
     fields: dict[str, str] = {}
     for line in proc.stdout.split(b"\r\n"):
         key, sep, value = line.partition(b":")
-        if sep and key and not key.startswith(b"HTTP"):
+        if line.startswith(b"HTTP/"):
+            fields[":status"] = line.split()[1].decode()
+        elif sep and key:
             fields[key.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
     return fields
 
@@ -174,10 +179,65 @@ def test_grpc_message_escapes_what_the_spec_requires(daemon: Daemon, customer: s
     assert "héllo 100%" in caught.value.details()
 
 
-def test_unknown_service_is_unimplemented(daemon: Daemon, customer: str) -> None:
+UNKNOWN_RPCS = [
+    ("no.such.v1.Service", "Method", "no.such.v1.Service"),
+    (SERVICE, "NoSuchMethod", "NoSuchMethod"),
+]
+
+
+@pytest.mark.parametrize(("service", "method", "named"), UNKNOWN_RPCS)
+def test_unknown_rpc_is_unimplemented_over_connect(
+    daemon: Daemon, customer: str, service: str, method: str, named: str
+) -> None:
     auth = {"authorization": f"Bearer {token(customer)}"}
-    response = httpx.post(f"{daemon.url}/no.such.v1.Service/Method", json={}, headers=auth, timeout=30)
-    assert response.status_code == 404 and response.json()["code"] == "unimplemented"
+    response = httpx.post(f"{daemon.url}/{service}/{method}", json={}, headers=auth, timeout=30)
+    # HTTP 404 is what Connect clients read as unimplemented; the runtime's own 404 has no body
+    assert response.status_code == 404
+    assert not response.content or response.json()["code"] == "unimplemented"
+
+
+@pytest.mark.parametrize(("service", "method", "named"), UNKNOWN_RPCS)
+def test_unknown_rpc_is_unimplemented_over_grpcio(
+    daemon: Daemon, customer: str, service: str, method: str, named: str
+) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
+        call = channel.unary_unary(
+            f"/{service}/{method}", request_serializer=bytes, response_deserializer=bytes
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            call(b"", metadata=[("authorization", f"Bearer {token(customer)}")], timeout=30)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED, caught.value.details()
+    assert named in caught.value.details()
+
+
+@pytest.mark.parametrize(("service", "method", "named"), UNKNOWN_RPCS)
+def test_unknown_rpc_is_a_proper_grpc_answer(
+    daemon: Daemon, customer: str, service: str, method: str, named: str
+) -> None:
+    """HTTP 200, application/grpc, the status in trailers (after the headers), over curl."""
+    fields = _grpc_curl(daemon, method, _frame(b""), {"authorization": f"Bearer {token(customer)}"}, service)
+    assert fields[":status"] == "200", fields
+    assert fields["content-type"].startswith("application/grpc"), fields
+    assert fields["grpc-status"] == "12" and named in fields["grpc-message"], fields
+
+
+@pytest.mark.parametrize(("service", "method", "named"), UNKNOWN_RPCS)
+def test_unknown_rpc_is_unimplemented_over_grpc_web(
+    daemon: Daemon, customer: str, service: str, method: str, named: str
+) -> None:
+    response = httpx.post(
+        f"{daemon.url}/{service}/{method}",
+        content=_frame(b""),
+        headers={
+            "content-type": "application/grpc-web+proto",
+            "x-grpc-web": "1",
+            "authorization": f"Bearer {token(customer)}",
+        },
+        timeout=30,
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/grpc-web")
+    assert response.headers["grpc-status"] == "12" and named in response.headers["grpc-message"]
 
 
 def test_unimplemented_compression_names_the_accepted_ones(daemon: Daemon, customer: str) -> None:

@@ -43,7 +43,17 @@ def test_served_document(daemon: Daemon) -> None:
         "/v1/vms/{vm_id}",
         "/v1/vms/{vm_id}/console",
         *(f"/v1/vms/{{vm_id}}:{verb}" for verb in ("boot", "pause", "resume", "reboot", "shutdown")),
+        "/v1/vms/{vm_id}:exec",
+        "/v1/vms/{vm_id}/files",
+        "/v1/vms/{vm_id}:snapshot",
+        "/v1/snapshots",
+        "/v1/snapshots/{snapshot_id}",
     }
+    files = doc["paths"]["/v1/vms/{vm_id}/files"]
+    assert (files["get"]["operationId"], files["put"]["operationId"]) == ("ReadFile", "WriteFile")
+    assert [p["name"] for p in files["get"]["parameters"]] == ["vm_id", "path"]
+    deleted = doc["paths"]["/v1/snapshots/{snapshot_id}"]["delete"]
+    assert [p["name"] for p in deleted["parameters"]] == ["snapshot_id"] and deleted["tags"] == ["Snapshots"]
     schemas = doc["components"]["schemas"]
     assert schemas["vmprovisioner.v1.MemoryConfig"]["properties"]["size_bytes"]["format"] == "int64"
     assert "VM_STATE_RUNNING" in schemas["vmprovisioner.v1.GetVmInfoResponse"]["properties"]["state"]["enum"]
@@ -81,6 +91,6 @@ def test_schemathesis_against_the_daemon(start_daemon: StartDaemon, tmp_path: Pa
     done = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its caches
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     summary = done.stdout.split("SUMMARY")[-1]
-    assert "11 selected / 11 total" in done.stdout and " passed" in done.stdout and "failed" not in summary
+    assert "17 selected / 17 total" in done.stdout and " passed" in done.stdout and "failed" not in summary
     assert "rpc CreateVm ok" in daemon.logs()  # it got past validation, too
     assert time.monotonic() - started < 120

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from metald.domain.errors import ErrorCode, MetaldError
-from metald.domain.events import VmEventType
+from metald.domain.events import VmEvent, VmEventType
 from metald.domain.states import VmState
 from metald.usecases import WatchItem
 from tests.service.conftest import CUSTOMER, World, open_world
@@ -142,3 +142,62 @@ async def test_a_cursor_older_than_the_retention_is_out_of_range(world: World) -
         assert [i.event.vm_id for i in kept] == ["vm-1", "vm-2", "vm-3"]
     finally:
         await w.close()
+
+
+async def test_watchers_of_one_customer_share_the_log_reads(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each wake-up reads the log once for all the customer's watches, not once per watch."""
+    reads: list[int] = []
+    read = world.store.events.events_after
+
+    async def counted(customer_id: str, after_seq: int, limit: int) -> list[VmEvent]:
+        reads.append(after_seq)
+        return await read(customer_id, after_seq, limit)
+
+    monkeypatch.setattr(world.store.events, "events_after", counted)
+    await world.create("vm-a")
+    streams = [watch(world, cursor="") for _ in range(50)]
+    waiting = [asyncio.ensure_future(take(s, 3)) for s in streams]
+    await asyncio.sleep(0.05)
+    reads.clear()
+    await world.boot("vm-a")
+    await world.service.pause(CUSTOMER, "vm-a")
+    await world.service.resume(CUSTOMER, "vm-a")
+    for result in await asyncio.gather(*waiting):
+        assert [i.event.state for i in result] == [VmState.RUNNING, VmState.PAUSED, VmState.RUNNING]
+    assert 0 < len(reads) <= 6, reads  # one per notification at most (the old way: 150)
+
+
+async def test_a_watch_behind_the_shared_window_reads_the_log_until_it_catches_up(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("metald.service.event_tail.TAIL_WINDOW", 3)
+    for module in ("event_tail", "watch"):  # fewer than a batch means "caught up" to both
+        monkeypatch.setattr(f"metald.service.{module}.WATCH_BATCH", 4)
+    ahead = watch(world, cursor="")
+    following = asyncio.ensure_future(take(ahead, 20))
+    await asyncio.sleep(0.05)
+    for i in range(20):  # the window moves past the first events
+        await world.create(f"vm-{i:02d}")
+    live = [i.event.vm_id for i in await following]
+    assert live == [f"vm-{i:02d}" for i in range(20)]
+    behind = watch(world, cursor="0")  # starts far behind the window, joins it, then live events
+    caught_up = await take(behind, 20)
+    assert [i.event.vm_id for i in caught_up] == live
+    await world.boot("vm-07")
+    [item] = await take(behind, 1)
+    assert (item.event.vm_id, item.event.state) == ("vm-07", VmState.RUNNING)
+    assert [int(i.cursor) for i in [*caught_up, item]] == sorted({int(i.cursor) for i in [*caught_up, item]})
+
+
+async def test_the_shared_tail_goes_with_the_customers_last_watch(world: World) -> None:
+    await world.create("vm-a")
+    streams = [watch(world) for _ in range(2)]
+    for stream in streams:
+        await take(stream, 1)
+    assert CUSTOMER in world.service._tails
+    await streams[0].aclose()  # type: ignore[attr-defined]
+    assert CUSTOMER in world.service._tails
+    await streams[1].aclose()  # type: ignore[attr-defined]
+    assert CUSTOMER not in world.service._tails
