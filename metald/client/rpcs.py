@@ -1,6 +1,6 @@
 """Every RPC of vmprovisioner.v1.VmService, once: its name, request and response types, whether it
 streams, and whether the SDK may retry it. Both clients send what this table says
-(tests/client/test_core.py holds it against the service's own descriptor)."""
+(tests/unit/test_client_core.py holds it against the service's own descriptor)."""
 
 from __future__ import annotations
 
