@@ -4,7 +4,7 @@ twin by construction: both get their methods from the core)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from types import TracebackType
 from typing import TypeVar
 
@@ -91,7 +91,7 @@ class AsyncClient(core.AsyncCore):
         vm_ids: Iterable[str] = (),
         after_cursor: str = "",
         reconnect: bool = False,
-    ) -> AsyncIterator[pb.VmEvent]:
+    ) -> AsyncGenerator[pb.VmEvent]:
         """The caller's VM events after `after_cursor` (empty: live ones only), until the stream
         ends; with `reconnect`, resumed from the last event's cursor whenever it breaks."""
         watch = core.Watch.of(states, vm_ids, after_cursor, reconnect, self.options.retry)

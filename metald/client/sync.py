@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
 from typing import TypeVar
 
@@ -84,7 +84,7 @@ class Client(core.SyncCore):
         vm_ids: Iterable[str] = (),
         after_cursor: str = "",
         reconnect: bool = False,
-    ) -> Iterator[pb.VmEvent]:
+    ) -> Generator[pb.VmEvent]:
         """The caller's VM events after `after_cursor` (empty: live ones only), until the stream
         ends; with `reconnect`, resumed from the last event's cursor whenever it breaks."""
         watch = core.Watch.of(states, vm_ids, after_cursor, reconnect, self.options.retry)
