@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.ops.conftest import StartDaemon
 from tests.ops.support import METALCTL, metalctl
 from tests.support.daemon import REPO, Daemon
 from tests.support.rpc import Rpc, token
@@ -163,3 +164,31 @@ def test_snapshot_commands_and_a_clone(daemon: Daemon, rpc: Rpc, customer: str) 
     missing = run("snapshot", "delete", snap)
     assert missing.returncode == 5 and "SNAPSHOT_NOT_FOUND" in missing.stderr
     assert run("snapshot", "create", "no-such-vm").returncode == 5
+
+
+def test_watch_reconnect_resumes_across_a_daemon_kill(start_daemon: StartDaemon) -> None:
+    daemon = start_daemon("cliwatch")
+    run = lambda *a: metalctl(*a, url=daemon.url, token=token("cliwatcher"))  # noqa: E731
+    assert run("create", "before-kill").returncode == 0
+    plain = Watcher(daemon, "cliwatcher", "--after", "0")
+    resuming = Watcher(daemon, "cliwatcher", "--after", "0", "--reconnect", "-o", "json")
+    try:
+        assert plain.line(30).startswith("CURSOR") and _row(plain.line(30))[1] == "before-kill"
+        first = json.loads(resuming.line(30))
+        assert first["vm_id"] == "before-kill"
+        daemon.kill9()
+        assert plain.proc.wait(30) == 14  # unavailable: the stream broke, no --reconnect
+        daemon.start()
+        assert run("create", "after-kill").returncode == 0
+        assert run("delete", "before-kill").returncode == 0
+        later = [json.loads(resuming.line(60)) for _ in range(2)]
+    finally:
+        status, err = resuming.interrupt()
+        plain.proc.kill()
+        plain.proc.wait(10)
+    assert status == 130, err
+    assert [(e["vm_id"], e["type"]) for e in later] == [
+        ("after-kill", "VM_EVENT_TYPE_CREATED"),
+        ("before-kill", "VM_EVENT_TYPE_DELETED"),
+    ]
+    assert int(first["cursor"]) < int(later[0]["cursor"]) < int(later[1]["cursor"])  # each once
