@@ -5,7 +5,7 @@ endpoint is set (OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOIN
 OTEL_SDK_DISABLED=true. The exporters, sampler (OTEL_TRACES_SAMPLER), batching (OTEL_BSP_*) and
 resource (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES) read their own variables.
 
-Each RPC gets one SERVER span (W3C `traceparent` from the caller is honoured) named
+Each RPC (a server stream too, for as long as it streams) gets one SERVER span (W3C `traceparent` from the caller is honoured) named
 `vmprovisioner.v1.VmService/<Method>`, with the RPC, customer id, VM id and code as attributes;
 calls into the store, the backend and the network made during it are its child spans.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextvars import Token
 from typing import Any, TypeVar, cast
 
@@ -112,8 +112,9 @@ class RpcSpans:
 
 
 class VmIdOnSpan:
-    """Innermost unary interceptor: names the VM on the RPC's span (for CreateVm without a
-    vm_id, the id the daemon chose)."""
+    """Innermost interceptor: names the VM on the RPC's span (for CreateVm without a vm_id, the
+    id the daemon chose). A server stream's span lasts the whole stream (RpcSpans ends it after
+    the last message); this adds the VMs it watches and, at its end, how many messages it sent."""
 
     async def intercept_unary(self, call_next: Callable[[Any, Ctx], Any], request: Any, ctx: Ctx, /) -> Any:
         span = trace.get_current_span()
@@ -123,6 +124,24 @@ class VmIdOnSpan:
         if not vm_id and (vm_id := getattr(response, "vm_id", "")):
             span.set_attribute("metald.vm_id", vm_id)
         return response
+
+    async def intercept_server_stream(
+        self, call_next: Callable[[Any, Ctx], AsyncIterator[Any]], request: Any, ctx: Ctx, /
+    ) -> AsyncIterator[Any]:
+        span = trace.get_current_span()
+        span.set_attribute("rpc.server_streaming", True)
+        if vm_ids := list(getattr(request, "vm_ids", ())):
+            span.set_attribute("metald.vm_ids", vm_ids)
+        sent = 0
+        responses = call_next(request, ctx)
+        try:
+            async for response in responses:
+                sent += 1
+                yield response
+        finally:
+            span.set_attribute("metald.stream.messages_sent", sent)
+            if (aclose := getattr(responses, "aclose", None)) is not None:
+                await aclose()  # a generator wrapping another does not close it by itself
 
 
 class _TracedPort:

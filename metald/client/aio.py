@@ -1,51 +1,37 @@
-"""The asyncio client: metald.client.sync.Client's methods, awaitable."""
+"""The asyncio client: the methods of metald.client.core, awaitable (metald.client.sync.Client's
+twin by construction: both get their methods from the core)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from connectrpc.client import ConnectClient
 from connectrpc.errors import ConnectError
 from pyqwest import Client as HttpClient
 from pyqwest import FullResponse, HTTPTransport
 
-from metald.client import common
-from metald.client.common import ConfigLike, ConsoleChunk, Options, RetryPolicy, StateLike
+from metald.client import common, core
+from metald.client.calls import Call, HttpGet, RpcCall
+from metald.client.common import StateLike
 from metald.client.errors import from_connect
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
-from metald.gen.vmprovisioner.v1.vm_connect import VmServiceClient
 
 R = TypeVar("R")
 
 
-class AsyncClient:
+class AsyncClient(core.AsyncCore):
     """>>> async with AsyncClient("http://127.0.0.1:8080", token="dev_customer_123") as c:
     ...     vms = [vm async for vm in c.iter_vms()]
     """
 
-    def __init__(
-        self,
-        url: str = "",
-        token: str = "",
-        *,
-        timeout: float = 60.0,
-        protocol: str = "connect",
-        retry: RetryPolicy | None = None,
-        tls_ca: Path | None = None,
-        tls_cert: Path | None = None,
-        tls_key: Path | None = None,
-    ) -> None:
-        self.options = Options(
-            url, token, timeout, protocol, retry or RetryPolicy(), tls_ca, tls_cert, tls_key
-        ).resolved()
+    def _open(self) -> None:
         self._transport = HTTPTransport(**self.options.transport_kwargs())
         self._http = HttpClient(self._transport)
-        self._rpc = VmServiceClient(
-            self.options.url, protocol=common.PROTOCOLS[protocol], http_client=self._http
+        self._rpc = ConnectClient(
+            self.options.url, protocol=common.PROTOCOLS[self.options.protocol], http_client=self._http
         )
 
     async def close(self) -> None:
@@ -60,140 +46,83 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
-    async def _call(
-        self,
-        method: Callable[..., Awaitable[R]],
-        request: Any,
-        *,
-        read: bool = False,
-        timeout: float | None = None,
-    ) -> R:
-        policy = self.options.retry if read else common.NO_RETRY
-        delays = policy.delays()
-        timeout_ms = int((timeout or self.options.timeout) * 1000)
+    async def _unary(self, call: Call[R]) -> R:
+        if isinstance(call, HttpGet):
+            return call.parse(await self._get(call.path))
+        attempts = core.Attempts(call, self.options)
         while True:
             try:
-                return await method(request, headers=self.options.headers, timeout_ms=timeout_ms)
+                return await self._rpc.execute_unary(
+                    request=call.request,
+                    method=call.rpc.method,
+                    headers=self.options.headers,
+                    timeout_ms=attempts.timeout_ms,
+                )
             except ConnectError as exc:
-                delay = next(delays, None) if exc.code in policy.retry_on else None
-                if delay is None:
-                    raise from_connect(exc) from None
-            await asyncio.sleep(delay)
+                await asyncio.sleep(attempts.delay_after(exc))
 
-    async def _get(self, url: str) -> FullResponse:
+    async def _stream(self, call: RpcCall[R]) -> AsyncIterator[R]:
+        stream = self._rpc.execute_server_stream(
+            request=call.request, method=call.rpc.method, headers=self.options.headers
+        )
         try:
+            async for message in stream:
+                yield message
+        except ConnectError as exc:
+            raise from_connect(exc) from None
+        except common.TRANSPORT_ERRORS as exc:
+            raise common.unavailable(exc) from exc
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _get(self, path: str) -> FullResponse:
+        try:
+            url = self.options.url + path
             return await asyncio.wait_for(self._http.get(url, self.options.headers), self.options.timeout)
         except common.TRANSPORT_ERRORS as exc:
             raise common.unavailable(exc) from exc
 
-    # ---- the RPCs ------------------------------------------------------------------------------
+    # ---- conveniences over the methods of core.VmServiceMethods ---------------------------------
 
-    async def create_vm(self, config: ConfigLike = None, *, vm_id: str = "") -> pb.CreateVmResponse:
-        request = pb.CreateVmRequest(vm_id=vm_id, config=common.config(config))
-        return await self._call(self._rpc.create_vm, request)
-
-    async def boot_vm(
-        self, vm_id: str, *, wait_for_ready: bool = False, wait_timeout_seconds: int = 0
-    ) -> pb.BootVmResponse:
-        request = pb.BootVmRequest(
-            vm_id=vm_id, wait_for_ready=wait_for_ready, wait_timeout_seconds=wait_timeout_seconds
-        )
-        timeout = common.boot_timeout(wait_for_ready, wait_timeout_seconds, self.options.timeout)
-        return await self._call(self._rpc.boot_vm, request, timeout=timeout)
-
-    async def shutdown_vm(
-        self, vm_id: str, *, force: bool = False, timeout_seconds: int = 0
-    ) -> pb.ShutdownVmResponse:
-        request = pb.ShutdownVmRequest(vm_id=vm_id, force=force, timeout_seconds=timeout_seconds)
-        timeout = common.shutdown_timeout(force, timeout_seconds, self.options.timeout)
-        return await self._call(self._rpc.shutdown_vm, request, timeout=timeout)
-
-    async def pause_vm(self, vm_id: str) -> pb.PauseVmResponse:
-        return await self._call(self._rpc.pause_vm, pb.PauseVmRequest(vm_id=vm_id))
-
-    async def resume_vm(self, vm_id: str) -> pb.ResumeVmResponse:
-        return await self._call(self._rpc.resume_vm, pb.ResumeVmRequest(vm_id=vm_id))
-
-    async def reboot_vm(self, vm_id: str, *, force: bool = False) -> pb.RebootVmResponse:
-        return await self._call(self._rpc.reboot_vm, pb.RebootVmRequest(vm_id=vm_id, force=force))
-
-    async def delete_vm(self, vm_id: str, *, force: bool = False) -> pb.DeleteVmResponse:
-        return await self._call(self._rpc.delete_vm, pb.DeleteVmRequest(vm_id=vm_id, force=force))
-
-    async def get_vm_info(self, vm_id: str) -> pb.GetVmInfoResponse:
-        return await self._call(self._rpc.get_vm_info, pb.GetVmInfoRequest(vm_id=vm_id), read=True)
-
-    async def list_vms(
-        self, *, states: Iterable[StateLike] = (), page_size: int = 0, page_token: str = ""
-    ) -> pb.ListVmsResponse:
-        request = pb.ListVmsRequest(
-            state_filter=[common.state(s) for s in states], page_size=page_size, page_token=page_token
-        )
-        return await self._call(self._rpc.list_vms, request, read=True)
-
-    async def exec_vm(
+    async def watch_vms(
         self,
-        vm_id: str,
-        command: Sequence[str],
         *,
-        env: Mapping[str, str] | None = None,
-        stdin: bytes = b"",
-        working_dir: str = "",
-        timeout_seconds: int = 0,
-    ) -> pb.ExecVmResponse:
-        """Run argv in the running guest; the call waits for the command (+ a margin)."""
-        request = pb.ExecVmRequest(
-            vm_id=vm_id, command=list(command), env=dict(env or {}), stdin=stdin,
-            working_dir=working_dir, timeout_seconds=timeout_seconds,
-        )  # fmt: skip
-        return await self._call(
-            self._rpc.exec_vm, request, timeout=common.exec_timeout(timeout_seconds, self.options.timeout)
-        )
-
-    async def write_file(
-        self, vm_id: str, path: str, content: bytes, *, mode: int = 0
-    ) -> pb.WriteFileResponse:
-        request = pb.WriteFileRequest(vm_id=vm_id, path=path, content=content, mode=mode)
-        return await self._call(self._rpc.write_file, request)
-
-    async def read_file(self, vm_id: str, path: str) -> pb.ReadFileResponse:
-        return await self._call(self._rpc.read_file, pb.ReadFileRequest(vm_id=vm_id, path=path), read=True)
-
-    # ---- conveniences --------------------------------------------------------------------------
+        states: Iterable[StateLike] = (),
+        vm_ids: Iterable[str] = (),
+        after_cursor: str = "",
+        reconnect: bool = False,
+    ) -> AsyncGenerator[pb.VmEvent]:
+        """The caller's VM events after `after_cursor` (empty: live ones only), until the stream
+        ends; with `reconnect`, resumed from the last event's cursor whenever it breaks."""
+        watch = core.Watch.of(states, vm_ids, after_cursor, reconnect, self.options.retry)
+        while (step := watch.next()) is not None:
+            await asyncio.sleep(step[0])
+            with watch.guard():
+                async for event in self._stream(step[1]):
+                    yield watch.seen(event)
 
     async def iter_vms(
         self, *, states: Iterable[StateLike] = (), page_size: int = 100
     ) -> AsyncIterator[pb.VmInfo]:
-        wanted = list(states)
-        token = ""
-        while True:
-            page = await self.list_vms(states=wanted, page_size=page_size, page_token=token)
-            for vm in page.vms:
+        """Every VM of the caller, page after page."""
+        pages = core.vm_pages(states, page_size)
+        while (call := pages.next()) is not None:
+            for vm in pages.items(await self._unary(call)):
                 yield vm
-            token = page.next_page_token
-            if not token:
-                return
+
+    async def iter_snapshots(self, *, page_size: int = 100) -> AsyncIterator[pb.Snapshot]:
+        """Every snapshot of the caller, oldest first."""
+        pages = core.snapshot_pages(page_size)
+        while (call := pages.next()) is not None:
+            for snapshot in pages.items(await self._unary(call)):
+                yield snapshot
 
     async def wait_for_state(
         self, vm_id: str, state: StateLike, *, timeout: float = 60.0, interval: float = 0.25
     ) -> pb.GetVmInfoResponse:
-        wanted = common.state(state)
-        deadline = time.monotonic() + timeout
+        """Poll until the VM is in `state`; TimeoutError naming the last state seen otherwise."""
+        wait = core.StateWait(vm_id, state, timeout)
         while True:
-            info = await self.get_vm_info(vm_id)
-            if info.state == wanted:
-                return info
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"{vm_id} is {common.state_name(info.state)} after {timeout:g}s, "
-                    f"not {common.state_name(wanted)}"
-                )
+            if wait.reached(await self.get_vm_info(vm_id)):
+                return wait.info
             await asyncio.sleep(interval)
-
-    async def console(self, vm_id: str, offset: int = 0, limit: int = 1 << 20) -> ConsoleChunk:
-        response = await self._get(self.options.console_url(vm_id, offset, limit))
-        return common.console_chunk(response, offset)
-
-    async def health(self) -> dict[str, Any]:
-        response = await self._get(f"{self.options.url}/health")
-        return common.health_body(response)

@@ -93,7 +93,11 @@ class Options:
         return kwargs
 
     def console_url(self, vm_id: str, offset: int, limit: int) -> str:
-        return f"{self.url}/v1/vms/{quote(vm_id, safe='')}/console?offset={offset}&limit={limit}"
+        return self.url + console_path(vm_id, offset, limit)
+
+
+def console_path(vm_id: str, offset: int, limit: int) -> str:
+    return f"/v1/vms/{quote(vm_id, safe='')}/console?offset={offset}&limit={limit}"
 
 
 def state(value: StateLike) -> pb.VmState:

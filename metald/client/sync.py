@@ -1,51 +1,35 @@
-"""The synchronous client. metald.client.aio.AsyncClient mirrors it method for method."""
+"""The synchronous client: the methods of metald.client.core, carried out with blocking I/O."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from connectrpc.client import ConnectClientSync
 from connectrpc.errors import ConnectError
-from pyqwest import SyncClient, SyncHTTPTransport
+from pyqwest import FullResponse, SyncClient, SyncHTTPTransport
 
-from metald.client import common
-from metald.client.common import ConfigLike, ConsoleChunk, Options, RetryPolicy, StateLike
+from metald.client import common, core
+from metald.client.calls import Call, HttpGet, RpcCall
+from metald.client.common import StateLike
 from metald.client.errors import from_connect
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
-from metald.gen.vmprovisioner.v1.vm_connect import VmServiceClientSync
 
 R = TypeVar("R")
 
 
-class Client:
-    """VmService over Connect (default), gRPC or gRPC-Web, plus the console and health endpoints.
-
-    >>> with Client("http://127.0.0.1:8080", token="dev_customer_123") as c:
+class Client(core.SyncCore):
+    """>>> with Client("http://127.0.0.1:8080", token="dev_customer_123") as c:
     ...     vm = c.create_vm({"cpu": {"vcpu_count": 1}})
     """
 
-    def __init__(
-        self,
-        url: str = "",
-        token: str = "",
-        *,
-        timeout: float = 60.0,
-        protocol: str = "connect",
-        retry: RetryPolicy | None = None,
-        tls_ca: Path | None = None,
-        tls_cert: Path | None = None,
-        tls_key: Path | None = None,
-    ) -> None:
-        self.options = Options(
-            url, token, timeout, protocol, retry or RetryPolicy(), tls_ca, tls_cert, tls_key
-        ).resolved()
+    def _open(self) -> None:
         self._transport = SyncHTTPTransport(**self.options.transport_kwargs())
         self._http = SyncClient(self._transport)
-        self._rpc = VmServiceClientSync(
-            self.options.url, protocol=common.PROTOCOLS[protocol], http_client=self._http
+        self._rpc = ConnectClientSync(
+            self.options.url, protocol=common.PROTOCOLS[self.options.protocol], http_client=self._http
         )
 
     def close(self) -> None:
@@ -60,137 +44,74 @@ class Client:
     ) -> None:
         self.close()
 
-    def _call(
-        self, method: Callable[..., R], request: Any, *, read: bool = False, timeout: float | None = None
-    ) -> R:
-        policy = self.options.retry if read else common.NO_RETRY
-        delays = policy.delays()
-        timeout_ms = int((timeout or self.options.timeout) * 1000)
+    def _unary(self, call: Call[R]) -> R:
+        if isinstance(call, HttpGet):
+            return call.parse(self._get(call.path))
+        attempts = core.Attempts(call, self.options)
         while True:
             try:
-                return method(request, headers=self.options.headers, timeout_ms=timeout_ms)
+                return self._rpc.execute_unary(
+                    request=call.request,
+                    method=call.rpc.method,
+                    headers=self.options.headers,
+                    timeout_ms=attempts.timeout_ms,
+                )
             except ConnectError as exc:
-                delay = next(delays, None) if exc.code in policy.retry_on else None
-                if delay is None:
-                    raise from_connect(exc) from None
-            time.sleep(delay)
+                time.sleep(attempts.delay_after(exc))
 
-    # ---- the RPCs ------------------------------------------------------------------------------
+    def _stream(self, call: RpcCall[R]) -> Iterator[R]:
+        try:
+            yield from self._rpc.execute_server_stream(
+                request=call.request, method=call.rpc.method, headers=self.options.headers
+            )
+        except ConnectError as exc:
+            raise from_connect(exc) from None
+        except common.TRANSPORT_ERRORS as exc:
+            raise common.unavailable(exc) from exc
 
-    def create_vm(self, config: ConfigLike = None, *, vm_id: str = "") -> pb.CreateVmResponse:
-        return self._call(self._rpc.create_vm, pb.CreateVmRequest(vm_id=vm_id, config=common.config(config)))
+    def _get(self, path: str) -> FullResponse:
+        try:
+            return self._http.get(self.options.url + path, self.options.headers, timeout=self.options.timeout)
+        except common.TRANSPORT_ERRORS as exc:
+            raise common.unavailable(exc) from exc
 
-    def boot_vm(
-        self, vm_id: str, *, wait_for_ready: bool = False, wait_timeout_seconds: int = 0
-    ) -> pb.BootVmResponse:
-        request = pb.BootVmRequest(
-            vm_id=vm_id, wait_for_ready=wait_for_ready, wait_timeout_seconds=wait_timeout_seconds
-        )
-        timeout = common.boot_timeout(wait_for_ready, wait_timeout_seconds, self.options.timeout)
-        return self._call(self._rpc.boot_vm, request, timeout=timeout)
+    # ---- conveniences over the methods of core.VmServiceMethods ---------------------------------
 
-    def shutdown_vm(
-        self, vm_id: str, *, force: bool = False, timeout_seconds: int = 0
-    ) -> pb.ShutdownVmResponse:
-        request = pb.ShutdownVmRequest(vm_id=vm_id, force=force, timeout_seconds=timeout_seconds)
-        timeout = common.shutdown_timeout(force, timeout_seconds, self.options.timeout)
-        return self._call(self._rpc.shutdown_vm, request, timeout=timeout)
-
-    def pause_vm(self, vm_id: str) -> pb.PauseVmResponse:
-        return self._call(self._rpc.pause_vm, pb.PauseVmRequest(vm_id=vm_id))
-
-    def resume_vm(self, vm_id: str) -> pb.ResumeVmResponse:
-        return self._call(self._rpc.resume_vm, pb.ResumeVmRequest(vm_id=vm_id))
-
-    def reboot_vm(self, vm_id: str, *, force: bool = False) -> pb.RebootVmResponse:
-        return self._call(self._rpc.reboot_vm, pb.RebootVmRequest(vm_id=vm_id, force=force))
-
-    def delete_vm(self, vm_id: str, *, force: bool = False) -> pb.DeleteVmResponse:
-        return self._call(self._rpc.delete_vm, pb.DeleteVmRequest(vm_id=vm_id, force=force))
-
-    def get_vm_info(self, vm_id: str) -> pb.GetVmInfoResponse:
-        return self._call(self._rpc.get_vm_info, pb.GetVmInfoRequest(vm_id=vm_id), read=True)
-
-    def list_vms(
-        self, *, states: Iterable[StateLike] = (), page_size: int = 0, page_token: str = ""
-    ) -> pb.ListVmsResponse:
-        request = pb.ListVmsRequest(
-            state_filter=[common.state(s) for s in states], page_size=page_size, page_token=page_token
-        )
-        return self._call(self._rpc.list_vms, request, read=True)
-
-    def exec_vm(
+    def watch_vms(
         self,
-        vm_id: str,
-        command: Sequence[str],
         *,
-        env: Mapping[str, str] | None = None,
-        stdin: bytes = b"",
-        working_dir: str = "",
-        timeout_seconds: int = 0,
-    ) -> pb.ExecVmResponse:
-        """Run argv in the running guest; the call waits for the command (+ a margin)."""
-        request = pb.ExecVmRequest(
-            vm_id=vm_id, command=list(command), env=dict(env or {}), stdin=stdin,
-            working_dir=working_dir, timeout_seconds=timeout_seconds,
-        )  # fmt: skip
-        return self._call(
-            self._rpc.exec_vm, request, timeout=common.exec_timeout(timeout_seconds, self.options.timeout)
-        )
-
-    def write_file(self, vm_id: str, path: str, content: bytes, *, mode: int = 0) -> pb.WriteFileResponse:
-        request = pb.WriteFileRequest(vm_id=vm_id, path=path, content=content, mode=mode)
-        return self._call(self._rpc.write_file, request)
-
-    def read_file(self, vm_id: str, path: str) -> pb.ReadFileResponse:
-        return self._call(self._rpc.read_file, pb.ReadFileRequest(vm_id=vm_id, path=path), read=True)
-
-    # ---- conveniences --------------------------------------------------------------------------
+        states: Iterable[StateLike] = (),
+        vm_ids: Iterable[str] = (),
+        after_cursor: str = "",
+        reconnect: bool = False,
+    ) -> Generator[pb.VmEvent]:
+        """The caller's VM events after `after_cursor` (empty: live ones only), until the stream
+        ends; with `reconnect`, resumed from the last event's cursor whenever it breaks."""
+        watch = core.Watch.of(states, vm_ids, after_cursor, reconnect, self.options.retry)
+        while (step := watch.next()) is not None:
+            time.sleep(step[0])
+            with watch.guard():
+                for event in self._stream(step[1]):
+                    yield watch.seen(event)
 
     def iter_vms(self, *, states: Iterable[StateLike] = (), page_size: int = 100) -> Iterator[pb.VmInfo]:
         """Every VM of the caller, page after page."""
-        wanted = list(states)
-        token = ""
-        while True:
-            page = self.list_vms(states=wanted, page_size=page_size, page_token=token)
-            yield from page.vms
-            token = page.next_page_token
-            if not token:
-                return
+        pages = core.vm_pages(states, page_size)
+        while (call := pages.next()) is not None:
+            yield from pages.items(self._unary(call))
+
+    def iter_snapshots(self, *, page_size: int = 100) -> Iterator[pb.Snapshot]:
+        """Every snapshot of the caller, oldest first."""
+        pages = core.snapshot_pages(page_size)
+        while (call := pages.next()) is not None:
+            yield from pages.items(self._unary(call))
 
     def wait_for_state(
         self, vm_id: str, state: StateLike, *, timeout: float = 60.0, interval: float = 0.25
     ) -> pb.GetVmInfoResponse:
         """Poll until the VM is in `state`; TimeoutError naming the last state seen otherwise."""
-        wanted = common.state(state)
-        deadline = time.monotonic() + timeout
+        wait = core.StateWait(vm_id, state, timeout)
         while True:
-            info = self.get_vm_info(vm_id)
-            if info.state == wanted:
-                return info
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"{vm_id} is {common.state_name(info.state)} after {timeout:g}s, "
-                    f"not {common.state_name(wanted)}"
-                )
+            if wait.reached(self.get_vm_info(vm_id)):
+                return wait.info
             time.sleep(interval)
-
-    def console(self, vm_id: str, offset: int = 0, limit: int = 1 << 20) -> ConsoleChunk:
-        """Console output from `offset` (at most `limit` bytes)."""
-        try:
-            response = self._http.get(
-                self.options.console_url(vm_id, offset, limit),
-                self.options.headers,
-                timeout=self.options.timeout,
-            )
-        except common.TRANSPORT_ERRORS as exc:
-            raise common.unavailable(exc) from exc
-        return common.console_chunk(response, offset)
-
-    def health(self) -> dict[str, Any]:
-        """GET /health: the reference's JSON, whatever the status."""
-        try:
-            response = self._http.get(f"{self.options.url}/health", timeout=self.options.timeout)
-        except common.TRANSPORT_ERRORS as exc:
-            raise common.unavailable(exc) from exc
-        return common.health_body(response)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from metald.api.metrics import Metrics
 from metald.assets import AssetResolver
+from metald.client import Client
 from metald.domain.model import VmConfig
 from metald.domain.paging import PageTokens
 from metald.domain.quotas import Quotas
@@ -207,4 +209,41 @@ def test_daemon_exports_rpc_spans_over_otlp(start_daemon: StartDaemon, collector
     assert _attrs(rest_get)["metald.vm_id"] == vm_id
     assert grpc_list.name == "vmprovisioner.v1.VmService/ListVms"
     assert {s.name for s in Collector.spans if s.parent_span_id == grpc_list.span_id} >= {"store.list_page"}
+    assert "Failed to detach context" not in daemon.logs()
+
+
+def test_a_watch_is_one_span_over_the_whole_stream(start_daemon: StartDaemon, collector: str) -> None:
+    daemon = start_daemon(
+        "otelstream",
+        env={
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": collector,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        },
+    )
+    with Client(daemon.url, "dev_customer_streamer") as client:
+        first = client.create_vm(vm_id="watched-1").vm_id
+        events = client.watch_vms(after_cursor="0", vm_ids=[first, "watched-2"])
+        assert next(events).vm_id == first  # kept, replayed
+        opened_ns = time.time_ns()
+        time.sleep(0.5)
+        client.create_vm(vm_id="watched-2")
+        assert next(events).vm_id == "watched-2"  # live, half a second into the stream
+        received_ns = time.time_ns()
+        events.close()
+
+    def watch_span() -> Any:
+        found = [s for s in Collector.spans if s.name == "vmprovisioner.v1.VmService/WatchVms"]
+        return found[0] if found else None
+
+    span = eventually(watch_span, what="the WatchVms span")
+    attrs = _attrs(span)
+    assert span.kind == 2 and attrs["rpc.method"] == "WatchVms" and attrs["metald.customer_id"] == "streamer"
+    assert span.start_time_unix_nano < opened_ns and span.end_time_unix_nano >= received_ns
+    assert attrs["metald.stream.messages_sent"] == 2
+    vm_ids = next(a.value.array_value for a in span.attributes if a.key == "metald.vm_ids")
+    assert [v.string_value for v in vm_ids.values] == [first, "watched-2"]
+    assert next(a.value.bool_value for a in span.attributes if a.key == "rpc.server_streaming")
+    creates = [s for s in Collector.spans if s.name == "vmprovisioner.v1.VmService/CreateVm"]
+    assert len(creates) == 2 and all(c.trace_id != span.trace_id for c in creates)  # their own traces
     assert "Failed to detach context" not in daemon.logs()

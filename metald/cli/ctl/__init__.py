@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from metald import __version__
-from metald.cli.ctl import guest
+from metald.cli.ctl import events, guest
 from metald.cli.ctl.commands import COMMANDS
 from metald.cli.ctl.render import Output
 from metald.cli.ctl.vmspec import metadata_pair, parse_size
@@ -44,6 +44,12 @@ def _connection_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
 
 def _create_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("vm_id", nargs="?", default="", help="the VM's id (default: chosen by the daemon)")
+    p.add_argument(
+        "--from-snapshot",
+        default="",
+        metavar="SNAP",
+        help="a clone of SNAP (its CPU, memory, boot and disks)",
+    )
     p.add_argument("-f", "--file", type=Path, help="CreateVm request or VmConfig, JSON or YAML ('-': stdin)")
     p.add_argument("--vcpus", type=int)
     p.add_argument("--memory", type=parse_size, help="e.g. 512MiB, 1GiB")
@@ -107,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         command("exec", "run a command in a running guest; exits with the command's status"),
         command("cp", "copy a file into (LOCAL VM:/PATH) or out of (VM:/PATH LOCAL) a guest", vm=False),
     )
+    events.add_parsers(command, lambda p: _connection_flags(p, defaults=False))
     return parser
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from metald.cli.ctl import guest, vmspec
+from metald.cli.ctl import events, guest, vmspec
 from metald.cli.ctl.render import Output
 from metald.client import Client
 from metald.client.common import state, state_name
@@ -28,7 +28,7 @@ def _boot(client: Client, out: Output, vm_id: str, args: argparse.Namespace) -> 
 def create(client: Client, args: argparse.Namespace, out: Output) -> int:
     vm_id, config = vmspec.build(args)
     started = time.monotonic()
-    created = client.create_vm(config, vm_id=vm_id)
+    created = client.create_vm(config, vm_id=vm_id, snapshot_id=args.from_snapshot)
     if args.boot:
         return _boot(client, out, created.vm_id, args)
     out.done(created.vm_id, created.state, "created", started)
@@ -137,4 +137,6 @@ COMMANDS: dict[str, Command] = {
     "health": health,
     "exec": guest.exec_,
     "cp": guest.cp,
+    "watch": events.watch,
+    "snapshot": events.snapshot,
 }

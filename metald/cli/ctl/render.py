@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from protobuf import Message
+from protobuf.wkt import Timestamp
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -48,11 +49,19 @@ def _state(value: pb.VmState | int) -> Text:
     return Text(name, style=STATE_STYLES.get(name, ""))
 
 
-def _created(info: pb.VmInfo | pb.GetVmInfoResponse) -> str:
-    if info.created_at is None:
+def _created(info: pb.VmInfo | pb.GetVmInfoResponse | pb.Snapshot) -> str:
+    return _time(info.created_at)
+
+
+def _time(at: Timestamp | None, fraction: bool = False) -> str:
+    if at is None:
         return ""
-    ts = datetime.fromtimestamp(info.created_at.seconds, UTC)
-    return ts.strftime("%Y-%m-%d %H:%M:%SZ")
+    ts = datetime.fromtimestamp(at.seconds + at.nanos / 1e9, UTC)
+    return ts.strftime("%Y-%m-%d %H:%M:%S" + (".%f" if fraction else ""))[: 23 if fraction else 19] + "Z"
+
+
+# `metalctl watch` prints rows as events come, so its columns have fixed widths (the last is free).
+EVENT_COLUMNS = (("CURSOR", 8), ("AT", 24), ("VM ID", 30), ("EVENT", 13), ("STATE", 9), ("PREVIOUS", 9))
 
 
 class Output:
@@ -104,6 +113,73 @@ class Output:
                 human_bytes(config.memory.size_bytes) if config.memory else "",
                 _created(vm),
                 config.metadata.get("name", ""),
+            )
+        self.out.print(table)
+
+    def event_header(self) -> None:
+        if not self.json:
+            self._row([Text(name) for name, _ in EVENT_COLUMNS] + [Text("REASON")], style="bold")
+
+    def event(self, event: pb.VmEvent) -> None:
+        """One VmEvent: a row, or a JSON line (`-o json`); flushed, for a pipe reads it live."""
+        if self.json:
+            sys.stdout.write(json.dumps(as_json(event)) + "\n")
+            sys.stdout.flush()
+            return
+        kind = pb.VmEventType(event.type).name
+        self._row(
+            [
+                Text(event.cursor),
+                Text(_time(event.at, fraction=True)),
+                Text(event.vm_id, style="bold"),
+                Text(kind),
+                _state(event.state) if event.state else Text("-"),
+                _state(event.previous_state) if event.previous_state else Text("-"),
+                Text(event.reason),
+            ]
+        )
+
+    def _row(self, cells: list[Text], style: str = "") -> None:
+        line = Text(style=style)
+        for cell, (_, width) in zip(cells, [*EVENT_COLUMNS, ("", 0)], strict=True):
+            cell.pad_right(max(width - len(cell), 0))
+            line.append_text(cell)
+            line.append("  ")
+        line.rstrip()
+        self.out.print(line, soft_wrap=True)
+        self.out.file.flush()
+
+    def snapshot_taken(self, vm_id: str, taken: pb.SnapshotVmResponse, started: float) -> None:
+        """`snap_x  12.3 MiB  of vm_a, RUNNING, in 0.4s`."""
+        if self.json:
+            self.emit(as_json(taken))
+            return
+        line = Text.assemble(
+            (taken.snapshot_id, "bold"),
+            f"  {human_bytes(taken.size_bytes)}  of {vm_id}, ",
+            _state(taken.state),
+            f", in {time.monotonic() - started:.1f}s",
+        )
+        self.out.print(line)
+
+    def snapshot_list(self, snapshots: Iterable[pb.Snapshot]) -> None:
+        snapshots = list(snapshots)
+        if self.json:
+            self.emit({"snapshots": [as_json(s) for s in snapshots], "total_count": len(snapshots)})
+            return
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("SNAPSHOT ID", "SOURCE VM", "VCPUS", "MEMORY", "SIZE", "WARM POOL", "CREATED"):
+            table.add_column(column, no_wrap=True)
+        for snap in snapshots:
+            config = snap.config or pb.VmConfig()
+            table.add_row(
+                snap.snapshot_id,
+                snap.source_vm_id,
+                str(config.cpu.vcpu_count if config.cpu else ""),
+                human_bytes(config.memory.size_bytes) if config.memory else "",
+                human_bytes(snap.size_bytes),
+                str(snap.warm_pool_size),
+                _created(snap),
             )
         self.out.print(table)
 
