@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from metald.backends.firecracker import FirecrackerBackend
-from metald.backends.firecracker.snapshot import MANIFEST, MEM_FILE, RESTORED, VMSTATE
+from metald.backends.firecracker.api import FirecrackerApi
+from metald.backends.firecracker.snapshot import MANIFEST, MEM_FILE, RESTORED, VMSTATE, create_call
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import LaunchSpec, NicSpec
 from tests.integration.firecracker_double import Contract, FakeFirecracker, destroy_leftovers, launch_spec
@@ -237,3 +238,33 @@ async def test_unjailed_firecracker_says_it_takes_no_snapshots(fake: FakeFirecra
         await backend.snapshot("vm_x", root / "dest")
     assert err.value.code is ErrorCode.FAILED_PRECONDITION
     assert jailed_backend(fake, root).capabilities.supports_snapshots
+
+
+async def test_a_save_cut_by_the_daemon_s_death_leaves_no_memory_file_in_the_jail(
+    backend: FirecrackerBackend, fake: FakeFirecracker, root: Path
+) -> None:
+    """The daemon died after Firecracker wrote the snapshot into the jail: the next daemon's
+    re-adoption removes it (a full copy of guest RAM), and the VM resumes and snapshots again."""
+    spec = source_spec(root)
+    await backend.prepare(spec)
+    await backend.start(spec)
+    await backend.pause(spec.vm_id)
+    layout = backend._layout(spec.vm_id, spec.vm_dir)
+    jail = layout.root
+    api = FirecrackerApi(jail, "fc.sock")
+    try:
+        await api.call(create_call(layout))
+    finally:
+        await api.aclose()
+    assert (jail / MEM_FILE).exists()
+    other = jailed_backend(fake, root)
+    try:
+        runtime = await other.adopt(spec)
+        assert runtime is not None and runtime.paused
+        assert not (jail / MEM_FILE).exists() and not (jail / VMSTATE).exists()
+        await other.resume(spec.vm_id)
+        dest = root / "snap_2"
+        await other.snapshot(spec.vm_id, dest)
+        assert {p.name for p in dest.iterdir()} == SNAPSHOT_FILES
+    finally:
+        await other.close()

@@ -280,7 +280,7 @@ class FirecrackerBackend:
             await self._vms.kill_untracked(vmm)
             await control.close()
             return None
-        ready = await asyncio.to_thread(snapshot.restored_ready, spec.vm_dir)
+        ready = await asyncio.to_thread(snapshot.readopted, layout)
         return await self._runtime(self._track(vmm, control, paused=state == "Paused", ready=ready))
 
     # ---- lifecycle ---------------------------------------------------------------------------

@@ -147,6 +147,9 @@ def forget_restore(layout: Layout) -> None:
     _remove_saved(layout)
 
 
-def restored_ready(vm_dir: Path) -> bool:
-    """For re-adoption: a restored guest that was up prints no new ready line."""
-    return bool((read_json(vm_dir / RESTORED) or {}).get("guest_ready"))
+def readopted(layout: Layout) -> bool:
+    """At re-adoption: whether the guest was restored up (it prints no new ready line). A save the
+    daemon's death cut short may have left a full copy of guest RAM in the jail: it goes (a
+    restored clone's link to its memory file may go too: Firecracker keeps its mapping)."""
+    _remove_saved(layout)
+    return bool((read_json(layout.vm_dir / RESTORED) or {}).get("guest_ready"))
