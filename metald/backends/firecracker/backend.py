@@ -169,15 +169,15 @@ class FirecrackerBackend:
                 await files.sparse_copy(src, dst)
                 await asyncio.to_thread(files.chown, dst, self._uid, self._gid)
 
-    async def _lay_out(self, spec: LaunchSpec, layout: Layout) -> bool | None:
+    async def _lay_out(self, spec: LaunchSpec, layout: Layout) -> bool:
         """Before each start: links into the jail, empty output files, no stale socket; a clone's
-        snapshot files. Restoring, whether the source's guest was up; else None."""
+        snapshot files. Whether the guest is restored up (it prints no new ready line)."""
         for src, dst in layout.links(spec):
             await files.link_or_copy(src, dst)
         await asyncio.to_thread(files.fresh_layout, spec, layout, self._uid, self._gid)
         if spec.restore_from is None:
             await asyncio.to_thread(snapshot.forget_restore, layout)
-            return None
+            return False
         return await snapshot.lay_out_restore(spec.restore_from, layout, self._uid, self._gid)
 
     async def destroy(self, vm_id: str, vm_dir: Path) -> None:
@@ -241,7 +241,7 @@ class FirecrackerBackend:
                     exc.code, f"{exc.message}{tail}", reason=exc.reason, metadata=exc.metadata
                 ) from exc
             raise
-        return await self._runtime(self._track(vmm, control, ready=bool(restored_ready)))
+        return await self._runtime(self._track(vmm, control, ready=restored_ready))
 
     def _log_tail(self, spec: LaunchSpec, layout: Layout) -> str:
         """What Firecracker and its supervisor said, for an error message."""
