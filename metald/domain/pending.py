@@ -15,6 +15,7 @@ class PendingOp(enum.StrEnum):
     STOPPING = "stopping"
     DELETING = "deleting"
     SNAPSHOTTING = "snapshotting"  # the VM's snapshot is being taken (it may be stopped for it)
+    RESTORING = "restoring"  # a clone's first boot: its snapshot is being restored
 
     @classmethod
     def of(cls, stored: str) -> PendingOp:

@@ -22,6 +22,9 @@ class RecoveryAction(enum.Enum):
     FINISH_STOP = "finish_stop"  # a stop was cut short and the VMM still runs: stop it for good
     RECORD_SHUTDOWN = "record_shutdown"  # the VMM is gone (host reboot, crash): SHUTDOWN with a reason
     RESUME_SOURCE = "resume_source"  # a snapshot was cut short: the VM back in its state (run it again)
+    # A clone's restore was cut short: no VMM (killed if it runs: its guest may not have its own
+    # identity yet), fresh disks over the snapshot's (the guest may have written to them), CREATED.
+    UNDO_RESTORE = "undo_restore"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ TABLE: dict[tuple[PendingOp, bool], Rule] = {
     (PendingOp.STOPPING, True): Rule(when_alive=A.FINISH_STOP, when_gone=A.RECORD_SHUTDOWN),
     (PendingOp.SNAPSHOTTING, False): _always(A.UNDO_BOOT),  # never at rest: just clear the mark
     (PendingOp.SNAPSHOTTING, True): Rule(when_alive=A.RESUME_SOURCE, when_gone=A.RECORD_SHUTDOWN),
+    (PendingOp.RESTORING, False): _always(A.UNDO_RESTORE),
+    (PendingOp.RESTORING, True): _always(A.UNDO_RESTORE),  # never active: a clone restores from CREATED
     (PendingOp.NONE, False): _always(A.NOTHING),
     (PendingOp.NONE, True): Rule(when_alive=A.ADOPT, when_gone=A.RECORD_SHUTDOWN),
 }

@@ -43,6 +43,14 @@ class Launch(Snapshots):
             restore_from=self._snapshot_dir(vm.snapshot_id) if restores(vm.state, vm.snapshot_id) else None,
         )
 
+    async def _reset_clone(self, vm: Vm) -> None:
+        """After a restore that did not finish: no VMM and fresh disks over the snapshot's, since
+        the restored guest may have written to its own (the next boot restores the RAM again)."""
+        vm_dir = self._vm_dir(vm.vm_id)
+        await self._backend_call("destroy", lambda: self._backend.destroy(vm.vm_id, vm_dir))
+        spec = await self._launch_spec(vm, None)
+        await self._backend_call("prepare", lambda: self._backend.prepare(spec))
+
     def _console_path(self, vm: Vm) -> Path:
         console = vm.config.console
         return self._vm_dir(vm.vm_id) / ((console.output_file if console else "") or "console.log")

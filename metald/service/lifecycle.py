@@ -34,6 +34,7 @@ from metald.domain.states import ACTIVE_STATES, TARGET, Operation, VmState, requ
 from metald.domain.validation import validate_config, with_defaults
 from metald.ports import NetworkAttachment
 from metald.service.launch import Launch
+from metald.service.snapshots import restores
 
 log = logging.getLogger("metald.service")
 
@@ -120,8 +121,9 @@ class Lifecycle(Launch):
             async with self._boot_lock:
                 await self._capacity_check(vm)
                 self._booting[vm_id] = vm
+            restoring = restores(vm.state, vm.snapshot_id)
             try:
-                await self._records.begin(vm, PendingOp.BOOTING)
+                await self._records.begin(vm, PendingOp.RESTORING if restoring else PendingOp.BOOTING)
                 attachment = await self._attach(vm)
                 spec = await self._launch_spec(vm, attachment)
                 await self._backend_call("start", lambda: self._backend.start(spec))
@@ -131,6 +133,8 @@ class Lifecycle(Launch):
             except BaseException:
                 await self._stop_quietly(vm)
                 with contextlib.suppress(Exception):  # the original error is the one to report
+                    if restoring:
+                        await self._reset_clone(vm)
                     await self._records.restore(vm, previous, previous_reason)
                 raise
             finally:

@@ -45,7 +45,7 @@ class Recovery(Stopping):
             if action is not A.NOTHING:
                 log.info("recovery of %s: %s", vm.vm_id, action.value, extra={"vm_id": vm.vm_id})
             await self._carry_out(vm, action, runtime)
-            return action is A.ADOPT
+            return action in (A.ADOPT, A.RESUME_SOURCE)
 
     async def _probe(self, vm: Vm) -> VmRuntime | None:
         """Re-attach to the VM's VMM if it really still runs."""
@@ -69,9 +69,12 @@ class Recovery(Stopping):
             log.info("re-adopted %s (pid %d)", vm.vm_id, runtime.pid, extra={"vm_id": vm.vm_id})
         elif action is A.RESUME_SOURCE:
             assert runtime is not None
-            if vm.state is VmState.RUNNING and runtime.paused:  # stopped for the save
-                await self._backend.resume(vm.vm_id)
+            await self._resume_source(vm, runtime)
             await self._records.readopted(vm, vm.state)
+        elif action is A.UNDO_RESTORE:
+            await self._reset_clone(vm)  # kills a VMM left running too
+            await self._detach_tolerant(vm, "recovery")
+            await self._records.restore(vm, vm.state, vm.shutdown_reason)
         elif action is A.UNDO_BOOT:
             await self._detach_tolerant(vm, "recovery")
             await self._records.restore(vm, vm.state, vm.shutdown_reason)
@@ -82,3 +85,14 @@ class Recovery(Stopping):
         elif action is A.RECORD_SHUTDOWN:
             await self._detach_tolerant(vm, "recovery")
             await self._records.exited(vm, self._backend.last_exit_reason(vm.vm_id) or VMM_GONE_REASON)
+
+    async def _resume_source(self, vm: Vm, runtime: VmRuntime) -> None:
+        """Back in its state after a save cut short. A VMM stopped by the save but not reported
+        paused (QEMU's "postmigrate", "finish-migrate") is resumed all the same; a PAUSED VM that
+        the save left running, or in "postmigrate" (where it could take no further snapshot), is
+        resumed and paused again."""
+        if vm.state is VmState.RUNNING:
+            await self._backend.resume(vm.vm_id)
+        elif not runtime.paused:
+            await self._backend.resume(vm.vm_id)
+            await self._backend.pause(vm.vm_id)

@@ -183,15 +183,24 @@ class Snapshots(ServiceBase):
             log.info("removed the files of deleted snapshot %s", snapshot.snapshot_id)
 
     async def recover_snapshots(self) -> None:
-        """After a restart: a snapshot cut short is undone (its files and record), as if never taken."""
+        """After a restart: a snapshot cut short is undone (its files and record), as if never
+        taken; files no record names (a save cut before its record was written or after it was
+        purged) go too."""
         if self._snapshots is None or self._opts.snapshots_dir is None:
             return
+        root = self._opts.snapshots_dir
+        kept = set()
         for snapshot in await self._snapshots.all_snapshots():
             if snapshot.pending:
                 log.info("recovery of snapshot %s: undo_create", snapshot.snapshot_id)
-                for name in (snapshot.snapshot_id, TEMP_PREFIX + snapshot.snapshot_id):
-                    await asyncio.to_thread(shutil.rmtree, self._opts.snapshots_dir / name, True)
                 await self._snapshots.purge(snapshot.snapshot_id)
+            else:
+                kept.add(snapshot.snapshot_id)
+        entries = await asyncio.to_thread(lambda: list(root.iterdir()) if root.is_dir() else [])
+        for entry in entries:
+            if entry.name not in kept:
+                log.info("removing %s: no complete snapshot of that name", entry)
+                await asyncio.to_thread(shutil.rmtree, entry, True)
         await self.purge_unused_snapshots()
 
 

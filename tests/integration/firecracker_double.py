@@ -4,7 +4,9 @@ Run as a program it behaves like `firecracker --id ID --api-sock PATH` (or like 
 --api-sock PATH`): it serves HTTP/1.1 on the Unix socket, validates every request body against the
 JSON Schema made from the spec's `definitions` (400 with a fault_message when it does not fit), keeps
 the instance state, writes the serial console, metrics and log files it is configured with, and
-records every request in `$FC_DOUBLE_DIR/calls.ndjson`. Behaviour switches are read from
+records every request in `$FC_DOUBLE_DIR/calls.ndjson`. Snapshots as Firecracker takes and loads
+them: create only when paused, load only into a fresh process, the drives reopened at the paths the
+state recorded, network_overrides applied. Behaviour switches are read from
 `$FC_DOUBLE_DIR/behaviour.json` at start (`ignore_ctrl_alt_del`: the guest never reacts).
 
 Imported by the tests it also gives the contract (`Contract`), the fake binaries (`FakeFirecracker`)
@@ -105,7 +107,8 @@ class Contract:
 
 # ---- the double ------------------------------------------------------------------------------
 
-PRE_BOOT_ONLY_EXCEPT = ("/actions", "/mmds", "/vm")
+PRE_BOOT_ONLY_EXCEPT = ("/actions", "/mmds", "/vm", "/snapshot/create")
+BEFORE_LOAD = {"logger", "metrics"}  # /snapshot/load: "before configuring any resource other than"
 BOOT_OUTPUT = "Linux version 6.1.0 (firecracker test double)\n"
 READY_DELAY = 0.3
 FLUSH_DELTAS = {
@@ -122,6 +125,7 @@ class Double:
         self.work = work
         self.state = "Not started"
         self.config: dict[str, Any] = {}
+        self.restored = False
         behaviour = work / "behaviour.json"
         self.behaviour = json.loads(behaviour.read_text()) if behaviour.exists() else {}
 
@@ -186,6 +190,10 @@ class Double:
                     return f"cannot open {key} {body[key]}"
         elif template == "/actions":
             return self._action(body["action_type"])
+        elif template == "/snapshot/create":
+            return self._snapshot_create(body)
+        elif template == "/snapshot/load":
+            return self._snapshot_load(body)
         elif template == "/vm":
             if self.state == "Not started":
                 return "the microVM is not running"
@@ -193,6 +201,51 @@ class Double:
             return ""
         if method == "PUT":
             self.config[path.strip("/")] = body
+        return ""
+
+    def _snapshot_create(self, body: dict[str, Any]) -> str:
+        """Like Firecracker: only of a paused microVM; the device state names every drive's path
+        and TAP as configured, the memory file has the guest's whole size."""
+        if self.state != "Paused":
+            return f"Create snapshot error: the microVM must be paused (it is {self.state})"
+        if body.get("snapshot_type", "Full") != "Full":
+            return "Diff snapshots need track_dirty_pages"
+        mem_bytes = self.config["machine-config"]["mem_size_mib"] << 20
+        with open(self.host(body["mem_file_path"]), "wb") as f:
+            f.write(f"guest memory of {self.fc_id}\n".encode())
+            f.truncate(mem_bytes)
+        state = {"mem_bytes": mem_bytes, "config": self.config, "source": self.fc_id}
+        self.host(body["snapshot_path"]).write_text(json.dumps(state))
+        return ""
+
+    def _snapshot_load(self, body: dict[str, Any]) -> str:
+        """Like Firecracker: a fresh process only; the memory file fits the state; the drives are
+        reopened at their recorded paths; each override names an interface of the snapshot."""
+        if self.state != "Not started" or set(self.config) - BEFORE_LOAD:
+            return "Loading a microVM snapshot not allowed after configuring boot-specific resources."
+        if ("mem_backend" in body) == ("mem_file_path" in body):
+            return "exactly one of mem_backend and mem_file_path must be given"
+        backend = body.get("mem_backend", {"backend_type": "File", "backend_path": body.get("mem_file_path")})
+        if backend["backend_type"] != "File":
+            return "the double serves memory from a file only"
+        state = json.loads(self.host(body["snapshot_path"]).read_text())
+        mem = self.host(backend["backend_path"])
+        with open(mem, "rb") as f:
+            head = f.read(12)
+        if mem.stat().st_size != state["mem_bytes"] or head != b"guest memory":
+            return f"memory file {backend['backend_path']} does not fit the snapshot"
+        config: dict[str, Any] = state["config"]
+        for key, drive in config.items():
+            if key.startswith("drives/") and not self.host(drive["path_on_host"]).is_file():
+                return f"Block device error: cannot open {drive['path_on_host']}"
+        for override in body.get("network_overrides", []):
+            key = f"network-interfaces/{override['iface_id']}"
+            if key not in config:
+                return f"network override for unknown interface {override['iface_id']}"
+            config[key] = {**config[key], "host_dev_name": override["host_dev_name"]}
+        self.config = {**config, **{k: v for k, v in self.config.items() if k in BEFORE_LOAD}}
+        self.restored = True
+        self.state = "Running" if body.get("resume_vm") else "Paused"
         return ""
 
     def _action(self, action: str) -> str:

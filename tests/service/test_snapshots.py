@@ -192,3 +192,73 @@ async def test_snapshots_page_with_signed_tokens(world: World) -> None:
             "other", 2, (await world.service.list_snapshots(CUSTOMER, 2, "")).next_page_token
         )
     assert e.value.metadata.get("field") == "page_token"
+
+
+async def _left_mid_save(world: World, *, paused: bool, vmm_paused: bool) -> None:
+    """What a kill -9 during SnapshotVm leaves: the source marked SNAPSHOTTING, its VMM stopped or
+    not (the save stops it; QEMU's `cont` then `stop` of a paused VM may have half happened)."""
+    await _running(world)
+    if paused:
+        await world.service.pause(CUSTOMER, "vm-src")
+    vm = await world.vm("vm-src")
+    assert vm is not None
+    vm.pending = PendingOp.SNAPSHOTTING
+    await world.store.vms.save(vm)
+    world.backend.vmms["vm-src"].paused = vmm_paused
+
+
+@pytest.mark.parametrize(
+    ("paused", "vmm_paused"), [(False, True), (False, False), (True, False), (True, True)]
+)
+async def test_a_source_cut_mid_save_is_back_in_its_state_with_its_network(
+    world: World, paused: bool, vmm_paused: bool
+) -> None:
+    await _left_mid_save(world, paused=paused, vmm_paused=vmm_paused)
+    await world.restart()
+    vm = await world.vm("vm-src")
+    assert vm is not None and vm.state is (S.PAUSED if paused else S.RUNNING) and not vm.pending
+    assert world.backend.vmms["vm-src"].paused is paused
+    assert "vm-src" in world.network.attached  # a live VM: the orphan sweep keeps its network
+
+
+async def test_a_clone_cut_mid_restore_is_undone_with_fresh_disks(world: World) -> None:
+    await _running(world)
+    await _snap(world)
+    await world.service.create(CUSTOMER, "vm-clone", NIC, CUSTOMER, snapshot_id="snap-1")
+    await world.boot("vm-clone")
+    clone_dir = world.tmp / "vms" / "vm-clone"
+    (clone_dir / "written-by-the-restored-guest").write_text("x")
+    vm = await world.vm("vm-clone")
+    assert vm is not None
+    vm.state, vm.pending = S.CREATED, PendingOp.RESTORING  # as BootVm left it, the VMM running
+    await world.store.vms.save(vm)
+    await world.restart()
+    vm = await world.vm("vm-clone")
+    assert vm is not None and vm.state is S.CREATED and not vm.pending
+    assert "vm-clone" not in world.backend.vmms and "vm-clone" not in world.network.attached
+    assert "vm-clone" in world.backend.prepared and not (clone_dir / "written-by-the-restored-guest").exists()
+    await world.boot("vm-clone")  # restores again
+    assert (await world.vm("vm-clone")).state is S.RUNNING  # type: ignore[union-attr]
+
+
+async def test_a_failed_restore_leaves_fresh_disks(world: World) -> None:
+    await _running(world)
+    await _snap(world)
+    await world.service.create(CUSTOMER, "vm-clone", NIC, CUSTOMER, snapshot_id="snap-1")
+    clone_dir = world.tmp / "vms" / "vm-clone"
+    (clone_dir / "stale").write_text("x")
+    world.network.faults.fail("attach", OSError(5, "I/O error"))
+    with pytest.raises(MetaldError):
+        await world.boot("vm-clone")
+    vm = await world.vm("vm-clone")
+    assert vm is not None and vm.state is S.CREATED and not vm.pending
+    assert not (clone_dir / "stale").exists() and "vm-clone" in world.backend.prepared
+
+
+async def test_snapshot_files_no_record_names_are_removed_at_start(world: World) -> None:
+    await _running(world)
+    await _snap(world)
+    (world.tmp / "snapshots" / "snap-ghost").mkdir()
+    (world.tmp / "snapshots" / ".tmp-snap-gone").mkdir()
+    await world.restart()
+    assert sorted(p.name for p in (world.tmp / "snapshots").iterdir()) == ["snap-1"]

@@ -7,13 +7,14 @@ serde structs do; each method + path must be one of the spec's paths.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from metald.backends.firecracker import FirecrackerBackend
+from metald.backends.firecracker import FirecrackerBackend, snapshot
 from metald.backends.firecracker.config import configure_calls, token_bucket
 from metald.backends.firecracker.layout import Layout
 from metald.domain.errors import ErrorCode, MetaldError
@@ -124,6 +125,12 @@ async def lifecycle(backend: FirecrackerBackend, spec: LaunchSpec) -> None:
         ("PUT", "/boot-source", None),  # body required
         ("POST", "/actions", {"action_type": "InstanceStart"}),  # no such operation
         ("PUT", "/nonexistent", {}),
+        ("PUT", "/snapshot/create", {"snapshot_path": "/vmstate"}),  # mem_file_path missing
+        ("PUT", "/snapshot/create", {"snapshot_path": "/s", "mem_file_path": "/m", "snapshot_type": "Live"}),
+        ("PUT", "/snapshot/load", {"mem_backend": {"backend_type": "File", "backend_path": "/m"}}),
+        ("PUT", "/snapshot/load", {"snapshot_path": "/s", "mem_backend": {"backend_type": "Memfd"}}),
+        ("PUT", "/snapshot/load", {"snapshot_path": "/s", "network_overrides": [{"iface_id": "eth0"}]}),
+        ("PUT", "/snapshot/load", {"snapshot_path": "/s", "resume": True}),  # unknown member
     ],
 )
 def test_contract_rejects_what_firecracker_rejects(
@@ -139,6 +146,21 @@ def test_contract_accepts_the_spec_own_shapes(contract: Contract) -> None:
 
 
 # ---- the request bodies, pure ----------------------------------------------------------------
+
+
+def test_snapshot_bodies_fit(contract: Contract, tmp_path: Path) -> None:
+    """What snapshot.py sends for a jailed VM with NICs (the double checks them again when sent)."""
+    spec = dataclasses.replace(rich_spec(tmp_path), restore_from=tmp_path / "snap")
+    layout = Layout(spec.vm_dir, tmp_path / "jail" / "root")
+    for call in (
+        snapshot.PAUSE,
+        snapshot.RESUME,
+        snapshot.create_call(layout),
+        snapshot.load_call(spec, layout),
+    ):
+        assert contract.errors(call.method, call.path, call.body) == [], call
+    overrides = snapshot.load_call(spec, layout).body["network_overrides"]  # type: ignore[index]
+    assert [o["host_dev_name"] for o in overrides] == ["tap0", "tap1", "tap2"]
 
 
 def test_token_bucket_mapping() -> None:

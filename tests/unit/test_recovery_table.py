@@ -36,6 +36,8 @@ ROWS = [
     (S.RUNNING, P.SNAPSHOTTING, True, A.RESUME_SOURCE),  # killed while the VM was stopped for a save
     (S.PAUSED, P.SNAPSHOTTING, True, A.RESUME_SOURCE),  # back to PAUSED, as it was
     (S.RUNNING, P.SNAPSHOTTING, False, A.RECORD_SHUTDOWN),
+    (S.CREATED, P.RESTORING, True, A.UNDO_RESTORE),  # a clone's restore cut short: its guest may
+    (S.CREATED, P.RESTORING, False, A.UNDO_RESTORE),  # lack its own identity, its disks may have moved
     (S.CREATED, P.NONE, False, A.NOTHING),
     (S.SHUTDOWN, P.NONE, False, A.NOTHING),
 ]

@@ -3,7 +3,7 @@
 Lifecycle on top of what Firecracker offers: pause/resume are `PATCH /vm`; a graceful stop is
 `SendCtrlAltDel` (x86 only; guests boot with `reboot=k`, so the guest's reboot ends Firecracker),
 then SIGKILL after the timeout; a reboot is a stop followed by a new process with the same config
-(Firecracker cannot restart a guest in place).
+(Firecracker cannot restart a guest in place). Snapshots and clones: snapshot.py (jailed only).
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import logging
 import os
 import platform
 import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from metald.backends.firecracker import files, launch
+from metald.backends.firecracker import files, launch, snapshot
 from metald.backends.firecracker.api import ApiCall, FirecrackerApi
-from metald.backends.firecracker.config import START, configure_calls
-from metald.backends.firecracker.layout import API_SOCKET, FRESH_FILES, METRICS, VMM_LOG, Layout
+from metald.backends.firecracker.config import START, configure_calls, cpu_templates, output_calls
+from metald.backends.firecracker.layout import API_SOCKET, METRICS, VMM_LOG, Layout
 from metald.backends.firecracker.metrics import MetricsReader
 from metald.backends.vmm.backend import VmmBackend
 from metald.backends.vmm.cgroups import Cgroups
@@ -42,18 +41,6 @@ from metald.ports import (
 )
 
 log = logging.getLogger(__name__)
-
-X86_TEMPLATES = ("T2", "T2S", "T2CL", "T2A")
-ARM_TEMPLATES = ("V1N1",)
-
-
-def cpu_templates(machine: str) -> Mapping[str, str]:
-    """Firecracker's static templates for this host's architecture, under their own names."""
-    if machine in ("x86_64", "amd64"):
-        return {name: name for name in X86_TEMPLATES}
-    if machine in ("aarch64", "arm64"):
-        return {name: name for name in ARM_TEMPLATES}
-    return {}
 
 
 @dataclass(eq=False)
@@ -98,6 +85,7 @@ class FirecrackerBackend(VmmBackend[Api]):
             supports_initrd=True,
             supports_pause=True,
             supports_graceful_reboot=machine in ("x86_64", "amd64"),  # SendCtrlAltDel is x86-only
+            supports_snapshots=bool(jailer_binary),  # the drives' recorded paths: snapshot.py
             max_vcpus=32,
         )
         self._firecracker = firecracker_binary
@@ -172,27 +160,21 @@ class FirecrackerBackend(VmmBackend[Api]):
         configure_calls(spec, layout, self.capabilities.cpu_templates)  # refuse before creating anything
         await asyncio.to_thread(layout.root.mkdir, parents=True, exist_ok=True)
         await asyncio.to_thread(spec.vm_dir.mkdir, parents=True, exist_ok=True)
-        for src, dst in layout.copies(spec):
+        for src, dst in snapshot.disk_sources(spec, layout):
             if not await asyncio.to_thread(dst.exists):
                 await files.sparse_copy(src, dst)
                 await asyncio.to_thread(files.chown, dst, self._uid, self._gid)
 
-    async def _lay_out(self, spec: LaunchSpec, layout: Layout) -> None:
-        """Before each start: links into the jail, empty output files, no stale socket."""
+    async def _lay_out(self, spec: LaunchSpec, layout: Layout) -> bool:
+        """Before each start: links into the jail, empty output files, no stale socket; a clone's
+        snapshot files. Whether the guest is restored up (it prints no new ready line)."""
         for src, dst in layout.links(spec):
             await files.link_or_copy(src, dst)
-        await asyncio.to_thread(self._fresh_files, spec, layout)
-
-    def _fresh_files(self, spec: LaunchSpec, layout: Layout) -> None:
-        files.chown(layout.root, self._uid, self._gid)  # Firecracker creates its socket there
-        files.remove(layout.host(API_SOCKET))
-        for name in FRESH_FILES:
-            files.fresh_file(layout.host(name), self._uid, self._gid)
-        files.fresh_file(layout.console_host(spec), self._uid, self._gid)
-        if layout.jail_root is not None:
-            shutil.rmtree(layout.jail_root / "dev", ignore_errors=True)  # the jailer mknods it again
-            files.remove(spec.console_path)
-            spec.console_path.symlink_to(layout.console_host(spec))
+        await asyncio.to_thread(files.fresh_layout, spec, layout, self._uid, self._gid)
+        if spec.restore_from is None:
+            await asyncio.to_thread(snapshot.forget_restore, layout)
+            return False
+        return await snapshot.lay_out_restore(spec.restore_from, layout, self._uid, self._gid)
 
     async def destroy(self, vm_id: str, vm_dir: Path) -> None:
         await self._vms.kill_orphan(vm_id, vm_dir, self._matcher(vm_id))
@@ -217,8 +199,17 @@ class FirecrackerBackend(VmmBackend[Api]):
         await self._vms.supersede(spec.vm_id)
         await self.prepare(spec)
         layout = self._layout(spec.vm_id, spec.vm_dir)
-        calls = configure_calls(spec, layout, self.capabilities.cpu_templates)
-        await self._lay_out(spec, layout)
+        calls = [*configure_calls(spec, layout, self.capabilities.cpu_templates), START]
+        if spec.restore_from is not None:  # a fresh Firecracker: outputs, then the snapshot
+            calls = [*output_calls(layout), snapshot.load_call(spec, layout)]
+        try:
+            restored_ready = await self._lay_out(spec, layout)
+        except OSError as exc:
+            raise MetaldError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"cannot lay out the snapshot: {exc}",
+                reason="SNAPSHOT_INVALID",
+            ) from exc
         try:
             cgroup = await self._vms.create_cgroup(spec)
             vmm = await VmmProcess.spawn(
@@ -233,7 +224,7 @@ class FirecrackerBackend(VmmBackend[Api]):
         )
         try:
             await control.api.wait_up(self._start_timeout, lambda: vmm.running)
-            for call in [*calls, START]:
+            for call in calls:
                 await control.api.call(call)
         except BaseException as exc:
             await self._vms.kill_untracked(vmm)
@@ -244,7 +235,7 @@ class FirecrackerBackend(VmmBackend[Api]):
                     exc.code, f"{exc.message}{tail}", reason=exc.reason, metadata=exc.metadata
                 ) from exc
             raise
-        return await self._runtime(self._track(vmm, control))
+        return await self._runtime(self._track(vmm, control, ready=restored_ready))
 
     def _log_tail(self, spec: LaunchSpec, layout: Layout) -> str:
         """What Firecracker and its supervisor said, for an error message."""
@@ -253,10 +244,12 @@ class FirecrackerBackend(VmmBackend[Api]):
             out += "\n" + layout.host(VMM_LOG).read_text(errors="replace")[-2000:]
         return f"; VMM output: {out.strip()}" if out.strip() else ""
 
-    def _track(self, vmm: VmmProcess, control: Api, *, paused: bool = False) -> RunningVm[Api]:
+    def _track(self, vmm: VmmProcess, control: Api, *, paused: bool = False, ready: bool) -> RunningVm[Api]:
         spec = control.spec
-        # Firecracker's console file is emptied at each start: this boot's output begins at 0.
+        # Firecracker's console file is emptied at each start: this boot's output begins at 0. A
+        # restored guest that was up prints no new ready line.
         watch = ReadyWatch(control.layout.console_host(spec), spec.vm_id, 0)
+        watch.ready = ready
         vm = self._vms.track(spec.vm_id, spec.vm_dir, vmm, control, watch)
         vm.paused = paused
         return vm
@@ -281,7 +274,8 @@ class FirecrackerBackend(VmmBackend[Api]):
             await self._vms.kill_untracked(vmm)
             await control.close()
             return None
-        return await self._runtime(self._track(vmm, control, paused=state == "Paused"))
+        ready = await asyncio.to_thread(snapshot.readopted, layout)
+        return await self._runtime(self._track(vmm, control, paused=state == "Paused", ready=ready))
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -301,7 +295,7 @@ class FirecrackerBackend(VmmBackend[Api]):
         vm = self._vms.get(vm_id)
         graceful = not force and await vm.watch.poll()
         await self.stop(vm_id, graceful=graceful, timeout=self._reboot_timeout)
-        await self.start(vm.control.spec)
+        await self.start(replace(vm.control.spec, restore_from=None))  # a clone reboots cold
 
     async def stop(self, vm_id: str, *, graceful: bool, timeout: float) -> str:
         async def politely(vm: RunningVm[Api]) -> str | None:
@@ -332,12 +326,18 @@ class FirecrackerBackend(VmmBackend[Api]):
         )
 
     async def snapshot(self, vm_id: str, dest: Path) -> SnapshotResult:
-        raise MetaldError(
-            ErrorCode.FAILED_PRECONDITION,
-            "the firecracker backend does not take snapshots on this host yet",
-            reason="SNAPSHOT_UNSUPPORTED",
-            metadata={"vm_id": vm_id},
-        )
+        if not self.capabilities.supports_snapshots:
+            raise MetaldError(
+                ErrorCode.FAILED_PRECONDITION,
+                "an unjailed Firecracker takes no snapshots (set jailer_binary)",
+                reason="SNAPSHOT_UNSUPPORTED",
+                metadata={"vm_id": vm_id},
+            )
+        vm = self._vms.get(vm_id)
+        c = vm.control
+        running = await c.api.instance_state() == "Running"
+        ready = await vm.watch.poll()
+        return await snapshot.take(c.api, c.spec, c.layout, dest, running=running, guest_ready=ready)
 
     async def metrics(self, vm_id: str) -> VmMetrics:
         vm = self._vms.find(vm_id)

@@ -24,6 +24,17 @@ from metald.ports import DiskSpec, LaunchSpec, NicSpec
 MIB = 1024 * 1024
 DEFAULT_REFILL_MS = 1000
 LOG_LEVEL = "Info"
+X86_TEMPLATES = ("T2", "T2S", "T2CL", "T2A")
+ARM_TEMPLATES = ("V1N1",)
+
+
+def cpu_templates(machine: str) -> Mapping[str, str]:
+    """Firecracker's static templates for this host's architecture, under their own names."""
+    if machine in ("x86_64", "amd64"):
+        return {name: name for name in X86_TEMPLATES}
+    if machine in ("aarch64", "arm64"):
+        return {name: name for name in ARM_TEMPLATES}
+    return {}
 
 
 def token_bucket(limit: RateLimit) -> dict[str, int] | None:
@@ -102,6 +113,14 @@ def network_interface(nic: NicSpec) -> dict[str, Any]:
     return body
 
 
+def output_calls(layout: Layout) -> list[ApiCall]:
+    """Firecracker's own log and metrics: the only resources a snapshot load may follow."""
+    return [
+        ApiCall("PUT", "/logger", {"log_path": layout.vmm(VMM_LOG), "level": LOG_LEVEL, "show_level": True}),
+        ApiCall("PUT", "/metrics", {"metrics_path": layout.vmm(METRICS)}),
+    ]
+
+
 def configure_calls(spec: LaunchSpec, layout: Layout, cpu_templates: Mapping[str, str]) -> list[ApiCall]:
     """Every request before InstanceStart, in order; raises MetaldError for what cannot be honoured."""
     if spec.console_type != "SERIAL":
@@ -109,8 +128,7 @@ def configure_calls(spec: LaunchSpec, layout: Layout, cpu_templates: Mapping[str
             "config.console.type", f"{spec.console_type} is not supported by Firecracker (serial only)"
         )
     calls = [
-        ApiCall("PUT", "/logger", {"log_path": layout.vmm(VMM_LOG), "level": LOG_LEVEL, "show_level": True}),
-        ApiCall("PUT", "/metrics", {"metrics_path": layout.vmm(METRICS)}),
+        *output_calls(layout),
         ApiCall("PUT", "/machine-config", machine_config(spec, cpu_templates)),
         ApiCall("PUT", "/boot-source", boot_source(spec, layout)),
     ]

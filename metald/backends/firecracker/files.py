@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import shutil
 from pathlib import Path
 
+from metald.backends.firecracker.layout import API_SOCKET, FRESH_FILES, Layout
 from metald.backends.vmm.tools import run_tool
+from metald.ports import LaunchSpec
 
 
 async def sparse_copy(src: Path, dst: Path) -> None:
@@ -54,3 +58,27 @@ def fresh_file(path: Path, uid: int | None, gid: int | None) -> None:
 def remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+async def move(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`; across filesystems (a jail elsewhere), a sparse copy, then unlink."""
+    try:
+        await asyncio.to_thread(os.replace, src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        await sparse_copy(src, dst)
+        await asyncio.to_thread(remove, src)
+
+
+def fresh_layout(spec: LaunchSpec, layout: Layout, uid: int | None, gid: int | None) -> None:
+    """Before each start: empty output files, no stale socket, (jailed) no stale /dev; blocking."""
+    chown(layout.root, uid, gid)  # Firecracker creates its socket there
+    remove(layout.host(API_SOCKET))
+    for name in FRESH_FILES:
+        fresh_file(layout.host(name), uid, gid)
+    fresh_file(layout.console_host(spec), uid, gid)
+    if layout.jail_root is not None:
+        shutil.rmtree(layout.jail_root / "dev", ignore_errors=True)  # the jailer mknods it again
+        remove(spec.console_path)
+        spec.console_path.symlink_to(layout.console_host(spec))
