@@ -15,6 +15,7 @@ from bench import (
     api_load,
     boot_overhead,
     cost_per_vm,
+    fleet_gateway,
     guest_exec,
     parallel_boots,
     plots,
@@ -30,6 +31,7 @@ BENCHMARKS: tuple[tuple[Callable[[list[str]], int], str, list[str]], ...] = (
     (cost_per_vm.main, "cost_per_vm", ["--levels", "0,10", "--settle", "3"]),
     (guest_exec.main, "guest_exec", []),
     (snapshot_boot.main, "snapshot_boot", ["--runs", "3", "--counts", "1,4", "--snapshots", "3"]),
+    (fleet_gateway.main, "fleet_gateway", ["--rounds", "100", "--creates", "30"]),
 )
 
 
