@@ -29,7 +29,8 @@ class FleetProcess(ServedProcess):
         self.argv = argv
         self.log_path = log_path
         self.proxy = proxy
-        self.url = proxy.url
+        self.url = proxy.url  # from the root namespace, through the proxy
+        self.inner_url = f"http://{proxy.target[0]}:{proxy.target[1]}"  # from inside the bridge namespace
         self.proc = None
 
     def start(self, timeout: float = 30) -> FleetProcess:
