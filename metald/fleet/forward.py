@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from connectrpc.errors import ConnectError
@@ -101,7 +101,7 @@ class HostClients:
 
     async def watch(
         self, host_id: str, url: str, customer_id: str, request: pb.WatchVmsRequest
-    ) -> AsyncIterator[pb.VmEvent]:
+    ) -> AsyncGenerator[pb.VmEvent, None]:
         """The host's WatchVms stream for the customer (no deadline); errors as for `call`."""
         self._metrics.watch_opened(host_id)
         try:

@@ -173,9 +173,10 @@ class FleetWatch:
         request: pb.WatchVmsRequest,
         arrivals: asyncio.Queue[_Arrival],
     ) -> None:
-        try:
-            async for event in self._hosts.watch(host_id, url, customer_id, request):
-                await arrivals.put((host_id, event))
+        try:  # aclosing: a cancelled pump closes its host stream now, not at garbage collection
+            async with contextlib.aclosing(self._hosts.watch(host_id, url, customer_id, request)) as events:
+                async for event in events:
+                    await arrivals.put((host_id, event))
         except MetaldError as exc:
             await arrivals.put((host_id, exc))
             return
