@@ -15,6 +15,7 @@ from bench import (
     api_load,
     boot_overhead,
     cost_per_vm,
+    fleet_gateway,
     guest_exec,
     parallel_boots,
     plots,
@@ -32,6 +33,7 @@ BENCHMARKS: tuple[tuple[Callable[[list[str]], int], str, list[str]], ...] = (
     (guest_exec.main, "guest_exec", []),
     (watch_fanout.main, "watch_fanout", ["--watchers", "1,100", "--cycles", "100"]),
     (snapshot_boot.main, "snapshot_boot", ["--runs", "3", "--counts", "1,4", "--snapshots", "3"]),
+    (fleet_gateway.main, "fleet_gateway", ["--rounds", "100", "--creates", "30"]),
 )
 
 

@@ -200,6 +200,8 @@ async def run(settings: Settings) -> None:
                 host_identity(settings),
                 heartbeat=settings.fleet_heartbeat_seconds,
                 lease=settings.fleet_lease_seconds,
+                snapshots=store.snapshots,
+                events=store.events,
             )
             await fleet_agent.start()
             stack.push_async_callback(fleet_agent.close)

@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     )
     fleet_heartbeat_seconds: float = Field(5.0, gt=0, description="how often a host renews its lease")
     fleet_lease_seconds: float = Field(15.0, gt=0, description="a host without a heartbeat this long is down")
+    fleet_operator_token_file: Path | None = Field(
+        None, description="gateway: file with the operator token for GET /v1/fleet/hosts (metalctl hosts)"
+    )
 
     max_connections: int = Field(
         0, ge=0, description="client connections served at once (more get 503); 0: half the fd limit"

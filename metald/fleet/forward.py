@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from connectrpc.errors import ConnectError
@@ -19,6 +19,7 @@ from metald.client.errors import ApiError, from_connect
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.fleet.metrics import FleetMetrics
 from metald.fleet.tokens import GatewayTokens
+from metald.gen.vmprovisioner.v1 import vm_pb as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceClient
 from metald.usecases import ConsoleChunk
 
@@ -98,18 +99,37 @@ class HostClients:
         finally:
             self._metrics.forwarded(host_id, code, time.monotonic() - started)
 
+    async def watch(
+        self, host_id: str, url: str, customer_id: str, request: pb.WatchVmsRequest
+    ) -> AsyncGenerator[pb.VmEvent, None]:
+        """The host's WatchVms stream for the customer (no deadline); errors as for `call`."""
+        self._metrics.watch_opened(host_id)
+        try:
+            async for event in self.rpc(url).watch_vms(request, headers=self._headers(host_id, customer_id)):
+                yield event
+        except ConnectError as exc:
+            raise _from_host(exc, host_id) from None
+        except common.TRANSPORT_ERRORS as exc:
+            raise host_unreachable(host_id, exc) from exc
+        finally:
+            self._metrics.watch_closed(host_id)
+
     async def console(
         self, host_id: str, url: str, customer_id: str, vm_id: str, offset: int, limit: int
     ) -> ConsoleChunk:
         target = common.Options(url=url).resolved().console_url(vm_id, offset, limit)
+        started = time.monotonic()
         try:
             response = await asyncio.wait_for(
                 self._http.get(target, self._headers(host_id, customer_id)), DEFAULT_TIMEOUT_SECONDS
             )
         except common.TRANSPORT_ERRORS as exc:
+            self._metrics.forwarded(host_id, "unavailable", time.monotonic() - started)
             raise host_unreachable(host_id, exc) from exc
         try:
             chunk = common.console_chunk(response, offset)
         except ApiError as exc:
+            self._metrics.forwarded(host_id, exc.code.value, time.monotonic() - started)
             raise _from_api(exc) from None
+        self._metrics.forwarded(host_id, "ok", time.monotonic() - started)
         return ConsoleChunk(chunk.data, chunk.offset, chunk.size)

@@ -1,11 +1,13 @@
 """The fleet gateway's use cases: VmUseCases over many hosts. Creates are placed and reserved in
-the fleet inventory, then sent to the chosen host; by-id calls go to the owning host; ListVms
-reads the fleet view (every host, one keyset order, last known states of hosts that are down)."""
+the fleet inventory, then sent to the chosen host (a clone: to its snapshot's host); by-id calls go
+to the owning host; ListVms reads the fleet view (every host, one keyset order, last known states
+of hosts that are down); snapshots and WatchVms are in gateway_snapshots.py and gateway_watch.py."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -16,11 +18,11 @@ from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 from metald.api.convert import config_from_proto, config_to_proto, from_message, state_from_proto
 from metald.client import common
 from metald.domain import ids
+from metald.domain.clones import clone_config
 from metald.domain.errors import (
     ErrorCode,
     MetaldError,
     customer_mismatch,
-    unimplemented,
 )
 from metald.domain.model import Vm, VmConfig
 from metald.domain.ownership import owned
@@ -31,6 +33,8 @@ from metald.domain.validation import Defaults, Limits, validate_config, with_def
 from metald.fleet import inventory
 from metald.fleet.db import FleetDb
 from metald.fleet.forward import HostClients
+from metald.fleet.gateway_snapshots import FleetSnapshots
+from metald.fleet.gateway_watch import FleetWatch
 from metald.fleet.inventory import VmLocation
 from metald.fleet.metrics import FleetMetrics
 from metald.fleet.placement import host_unavailable, reserve
@@ -67,10 +71,6 @@ def _datetime(value: Timestamp | None) -> datetime:
     return datetime.fromtimestamp(value.seconds + value.nanos / 1e9, UTC)
 
 
-def _unimplemented(rpc: str) -> MetaldError:
-    return unimplemented(rpc, "through the fleet gateway")
-
-
 class FleetGateway:
     def __init__(
         self,
@@ -85,6 +85,8 @@ class FleetGateway:
         self._tokens = page_tokens
         self._opts = options
         self._metrics = metrics
+        self._snapshots = FleetSnapshots(db, hosts, page_tokens)
+        self._watch = FleetWatch(db, hosts)
 
     # ---- routing -------------------------------------------------------------------------------
 
@@ -120,21 +122,29 @@ class FleetGateway:
     async def create(
         self, customer_id: str, vm_id: str, config: VmConfig, claimed_customer: str, snapshot_id: str = ""
     ) -> Vm:
-        if snapshot_id:
-            raise _unimplemented("CreateVm of a clone")
         if claimed_customer and claimed_customer != customer_id:
             raise customer_mismatch(customer_id)
         vm_id = ids.check_vm_id(vm_id) if vm_id else ids.new_vm_id()
-        validate_config(config, self._opts.limits)
+        machine, on_host = config, ""
+        if snapshot_id:  # a clone: the snapshot's machine, on the snapshot's host
+            source = await self._snapshots.clone_source(customer_id, snapshot_id)
+            machine, on_host = clone_config(config, source.config), source.host_id
+        validate_config(machine, self._opts.limits)
         now = datetime.now(UTC)
-        sized = Vm(vm_id, customer_id, with_defaults(config, self._opts.defaults), VmState.CREATED, now, now)
+        sized = Vm(
+            vm_id, customer_id, with_defaults(machine, self._opts.defaults), VmState.CREATED, now, now,
+            snapshot_id=snapshot_id,
+        )  # fmt: skip
+        started = time.monotonic()
         try:
-            placement = await reserve(self._db, sized, self._opts.quotas)
+            placement = await reserve(self._db, sized, self._opts.quotas, on_host)
         except MetaldError as exc:
-            self._metrics.placed("", exc.reason.lower() or exc.code.value)
+            self._metrics.placed(on_host, exc.reason.lower() or exc.code.value)
             raise
+        finally:
+            self._metrics.placement_took(time.monotonic() - started)
         location = VmLocation(vm_id, customer_id, placement.host_id, placement.url, True, True)
-        request = pb.CreateVmRequest(vm_id=vm_id, config=config_to_proto(config))
+        request = pb.CreateVmRequest(vm_id=vm_id, config=config_to_proto(config), snapshot_id=snapshot_id)
         try:
             response = await self._forward(location, customer_id, "create_vm", request)
         except MetaldError as exc:
@@ -238,21 +248,21 @@ class FleetGateway:
         )
         return GuestFile(r.content, r.mode, r.size_bytes)
 
-    # ---- not through a gateway yet (docs/fleet.md): the fleet has no map of snapshots or events -
+    # ---- snapshots and watches: gateway_snapshots.py, gateway_watch.py ----------------------------
 
-    async def watch(
+    def watch(
         self, customer_id: str, states: Sequence[VmState], vm_ids: Sequence[str], after_cursor: str
     ) -> AsyncIterator[WatchItem]:
-        raise _unimplemented("WatchVms")
-        yield  # pragma: no cover
+        return self._watch.watch(customer_id, states, vm_ids, after_cursor)
 
     async def snapshot(
         self, customer_id: str, vm_id: str, snapshot_id: str, metadata: dict[str, str], warm_pool_size: int
     ) -> SnapshotTaken:
-        raise _unimplemented("SnapshotVm")
+        location = await self._route(customer_id, vm_id)
+        return await self._snapshots.take(location, snapshot_id, metadata, warm_pool_size)
 
     async def list_snapshots(self, customer_id: str, page_size: int, page_token: str) -> SnapshotPage:
-        raise _unimplemented("ListSnapshots")
+        return await self._snapshots.list(customer_id, page_size, page_token)
 
     async def delete_snapshot(self, customer_id: str, snapshot_id: str) -> None:
-        raise _unimplemented("DeleteSnapshot")
+        await self._snapshots.delete(customer_id, snapshot_id)

@@ -34,6 +34,7 @@ class HostRow:
     capacity: HostCapacity
     lease_age_seconds: float
     live: bool
+    last_event_seq: int = 0  # the newest event seq the host reported (WatchVms starts there)
 
 
 @dataclass(frozen=True)
@@ -71,20 +72,20 @@ def vm_from_row(row: Sequence[Any]) -> Vm:
 
 
 async def heartbeat(
-    db: FleetDb, host_id: str, url: str, capacity: HostCapacity, lease_seconds: float
+    db: FleetDb, host_id: str, url: str, capacity: HostCapacity, lease_seconds: float, last_event_seq: int = 0
 ) -> None:
     """Register the host or renew its lease, with its capacity and usage now."""
     c = capacity
     async with db.connection() as conn:
         await conn.execute(
             """INSERT INTO fleet_hosts (host_id, url, vcpus_total, memory_total, vms_max,
-                   vcpus_used, memory_used, vm_count, lease_until)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s))
+                   vcpus_used, memory_used, vm_count, last_event_seq, lease_until)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s))
                ON CONFLICT (host_id) DO UPDATE SET url = EXCLUDED.url,
                    vcpus_total = EXCLUDED.vcpus_total, memory_total = EXCLUDED.memory_total,
                    vms_max = EXCLUDED.vms_max, vcpus_used = EXCLUDED.vcpus_used,
                    memory_used = EXCLUDED.memory_used, vm_count = EXCLUDED.vm_count,
-                   heartbeat_at = now(), lease_until = EXCLUDED.lease_until""",
+                   last_event_seq = EXCLUDED.last_event_seq, heartbeat_at = now(), lease_until = EXCLUDED.lease_until""",
             (
                 host_id,
                 url,
@@ -94,6 +95,7 @@ async def heartbeat(
                 c.vcpus_used,
                 c.memory_used,
                 c.vm_count,
+                last_event_seq,
                 lease_seconds,
             ),
         )
@@ -113,17 +115,20 @@ async def upsert_vms(db: FleetDb, host_id: str, vms: Sequence[Vm]) -> None:
             vm.config.memory_bytes,
             config_bytes(vm),
             vm.created_at,
+            vm.snapshot_id,
         )
         for vm in vms
     ]
     async with db.connection() as conn, conn.cursor() as cursor:
         await cursor.executemany(
-            """INSERT INTO fleet_vms (vm_id, customer_id, host_id, state, vcpus, memory_bytes, config, created_at)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+            """INSERT INTO fleet_vms (vm_id, customer_id, host_id, state, vcpus, memory_bytes, config, created_at,
+                   snapshot_id)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
                ON CONFLICT (vm_id) DO UPDATE SET customer_id = EXCLUDED.customer_id,
                    host_id = EXCLUDED.host_id, state = EXCLUDED.state, reserved = false,
                    vcpus = EXCLUDED.vcpus, memory_bytes = EXCLUDED.memory_bytes,
-                   config = EXCLUDED.config, created_at = EXCLUDED.created_at, updated_at = now()""",
+                   config = EXCLUDED.config, created_at = EXCLUDED.created_at,
+                   snapshot_id = EXCLUDED.snapshot_id, updated_at = now()""",
             rows,
         )
 
@@ -179,7 +184,8 @@ async def hosts(db: FleetDb) -> list[HostRow]:
     async with db.connection() as conn:
         cursor = await conn.execute(
             """SELECT host_id, url, vcpus_total, memory_total, vms_max, vcpus_used, memory_used,
-                   vm_count, extract(epoch FROM now() - heartbeat_at), lease_until > now()
+                   vm_count, extract(epoch FROM now() - heartbeat_at), lease_until > now(),
+                   last_event_seq
                FROM fleet_hosts ORDER BY host_id"""
         )
         rows = await cursor.fetchall()
@@ -190,6 +196,7 @@ async def hosts(db: FleetDb) -> list[HostRow]:
             HostCapacity(*(int(v) for v in r[2:8])),
             float(r[8]),
             bool(r[9]),
+            int(r[10]),
         )
         for r in rows
     ]
@@ -265,3 +272,19 @@ async def state_counts(db: FleetDb) -> dict[tuple[str, VmState], int]:
         )
         rows = await cursor.fetchall()
     return {(str(c), VmState(int(s))): int(n) for c, s, n in rows}
+
+
+async def host_counts(db: FleetDb, active: Sequence[VmState]) -> dict[str, tuple[int, int, int]]:
+    """host id -> (VMs the fleet view holds, of them in `active` states, snapshots)."""
+    async with db.connection() as conn:
+        cursor = await conn.execute(
+            """SELECT h.host_id,
+                   (SELECT count(*) FROM fleet_vms v WHERE v.host_id = h.host_id AND NOT v.reserved),
+                   (SELECT count(*) FROM fleet_vms v WHERE v.host_id = h.host_id AND NOT v.reserved
+                       AND v.state = ANY(%s)),
+                   (SELECT count(*) FROM fleet_snapshots s WHERE s.host_id = h.host_id)
+               FROM fleet_hosts h""",
+            ([int(s) for s in active],),
+        )
+        rows = await cursor.fetchall()
+    return {str(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in rows}

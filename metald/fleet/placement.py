@@ -73,12 +73,14 @@ def host_unavailable(host_id: str, vm_id: str = "") -> MetaldError:
 
 
 _LIVE_HOSTS = """SELECT host_id, url, vcpus_total, memory_total, vms_max FROM fleet_hosts
-    WHERE lease_until > now() AND vcpus_total > 0 AND memory_total > 0
+    WHERE lease_until > now() AND vcpus_total > 0 AND memory_total > 0 AND (%(host)s = '' OR host_id = %(host)s)
     ORDER BY greatest(vcpus_used::float8 / vcpus_total, memory_used::float8 / memory_total)"""
 
 
-async def _candidates(conn: psycopg.AsyncConnection[tuple[Any, ...]], limit: int | None) -> list[Candidate]:
-    cursor = await conn.execute(_LIVE_HOSTS + (f" LIMIT {int(limit)}" if limit else ""))
+async def _candidates(
+    conn: psycopg.AsyncConnection[tuple[Any, ...]], limit: int | None, host_id: str = ""
+) -> list[Candidate]:
+    cursor = await conn.execute(_LIVE_HOSTS + (f" LIMIT {int(limit)}" if limit else ""), {"host": host_id})
     hosts = {str(r[0]): r for r in await cursor.fetchall()}
     cursor = await conn.execute(
         "SELECT host_id, count(*), sum(vcpus), sum(memory_bytes) FROM fleet_vms "
@@ -104,8 +106,9 @@ async def _candidates(conn: psycopg.AsyncConnection[tuple[Any, ...]], limit: int
     return out
 
 
-async def reserve(db: FleetDb, vm: Vm, quotas: Quotas) -> Placement:
-    """Reserve `vm.vm_id` on a host (vm.config has the defaults applied: it sizes the VM)."""
+async def reserve(db: FleetDb, vm: Vm, quotas: Quotas, on_host: str = "") -> Placement:
+    """Reserve `vm.vm_id` on a host (vm.config has the defaults applied: it sizes the VM); with
+    `on_host`, on that host only (a clone goes where its snapshot is)."""
     vcpus, memory = vm.config.vcpu_count, vm.config.memory_bytes
     try:
         async with db.connection() as conn, conn.transaction():
@@ -128,11 +131,16 @@ async def reserve(db: FleetDb, vm: Vm, quotas: Quotas) -> Placement:
             )
             row = await cursor.fetchone()
             check_create(quotas, int(row[0]) if row else 0, 0)
-            chosen = choose(await _candidates(conn, CANDIDATES), vcpus, memory) or choose(
-                await _candidates(conn, None), vcpus, memory
-            )
-            if chosen is None:
-                raise await _no_room(conn, vcpus, memory)
+            if on_host:
+                chosen = choose(await _candidates(conn, None, on_host), vcpus, memory)
+                if chosen is None:
+                    raise await _no_room_on(conn, on_host, vcpus, memory)
+            else:
+                chosen = choose(await _candidates(conn, CANDIDATES), vcpus, memory) or choose(
+                    await _candidates(conn, None), vcpus, memory
+                )
+                if chosen is None:
+                    raise await _no_room(conn, vcpus, memory)
             await conn.execute(
                 """INSERT INTO fleet_vms (vm_id, customer_id, host_id, state, reserved, vcpus,
                        memory_bytes, config) VALUES (%s, %s, %s, %s, true, %s, %s, %s)""",
@@ -153,6 +161,24 @@ async def _no_room(conn: psycopg.AsyncConnection[tuple[Any, ...]], vcpus: int, m
         "FLEET_CAPACITY_EXHAUSTED",
         f"no host in the fleet has room for {vcpus} vCPUs and {memory} bytes of memory ({live} live hosts full)",
         live_hosts=str(live),
+        vcpus=str(vcpus),
+        memory_bytes=str(memory),
+    )
+
+
+async def _no_room_on(
+    conn: psycopg.AsyncConnection[tuple[Any, ...]], host_id: str, vcpus: int, memory: int
+) -> MetaldError:
+    """Why a clone cannot go on its snapshot's host: the host is down, or it has no room."""
+    cursor = await conn.execute("SELECT lease_until > now() FROM fleet_hosts WHERE host_id = %s", (host_id,))
+    row = await cursor.fetchone()
+    if row is None or not row[0]:
+        return host_unavailable(host_id)
+    return exhausted(
+        "SNAPSHOT_HOST_FULL",
+        f"host {host_id}, which holds the snapshot, has no room for a clone of {vcpus} vCPUs and "
+        f"{memory} bytes of memory (clones run where their snapshot is)",
+        host_id=host_id,
         vcpus=str(vcpus),
         memory_bytes=str(memory),
     )

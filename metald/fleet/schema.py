@@ -42,6 +42,28 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX fleet_vms_customer_seq ON fleet_vms (customer_id, seq)",
         "CREATE INDEX fleet_vms_host ON fleet_vms (host_id) INCLUDE (vcpus, memory_bytes, state)",
     ),
+    # 2: snapshots live on the host of their source VM: the fleet's map of snapshot -> host (hosts
+    # write their rows as they write their VMs'), the snapshot a clone was made from, and each
+    # host's newest event seq (where a gateway watch that has seen nothing of it starts).
+    (
+        """CREATE TABLE fleet_snapshots (
+            snapshot_id    text PRIMARY KEY,
+            seq            bigint GENERATED ALWAYS AS IDENTITY,
+            customer_id    text NOT NULL,
+            host_id        text NOT NULL REFERENCES fleet_hosts (host_id),
+            source_vm_id   text NOT NULL,
+            size_bytes     bigint NOT NULL,
+            warm_pool_size integer NOT NULL DEFAULT 0,
+            metadata       jsonb NOT NULL DEFAULT '{}',
+            config         bytea NOT NULL,
+            created_at     timestamptz NOT NULL,
+            updated_at     timestamptz NOT NULL DEFAULT now()
+        )""",
+        "CREATE INDEX fleet_snapshots_customer_seq ON fleet_snapshots (customer_id, seq)",
+        "CREATE INDEX fleet_snapshots_host ON fleet_snapshots (host_id)",
+        "ALTER TABLE fleet_vms ADD COLUMN snapshot_id text NOT NULL DEFAULT ''",
+        "ALTER TABLE fleet_hosts ADD COLUMN last_event_seq bigint NOT NULL DEFAULT 0",
+    ),
 )
 
 

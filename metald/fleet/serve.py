@@ -20,6 +20,7 @@ from metald.fleet.db import FleetDb
 from metald.fleet.forward import HostClients
 from metald.fleet.gateway import FleetGateway, GatewayOptions
 from metald.fleet.metrics import FleetMetrics
+from metald.fleet.operator import OperatorApi, load_operator_token
 from metald.fleet.tokens import GatewayTokens, derive_key
 from metald.logs import configure_logging
 from metald.ports import CheckResult
@@ -47,6 +48,7 @@ def gateway_options(settings: Settings) -> GatewayOptions:
 async def run_gateway(settings: Settings) -> None:
     configure_logging(settings.log_format, settings.log_level)
     secret = gateway_fleet_secret(settings)
+    operator_token = load_operator_token(settings.fleet_operator_token_file)
     authenticator = build_authenticator(settings)
     tracing = Tracing.from_env(os.environ)
     async with AsyncExitStack() as stack:
@@ -81,4 +83,4 @@ async def run_gateway(settings: Settings) -> None:
             settings=settings,
             tracing=tracing,
         )
-        await serve_api(app, settings)
+        await serve_api(OperatorApi(app, db, operator_token), settings)

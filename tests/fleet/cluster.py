@@ -3,12 +3,8 @@ gateways in the bridge namespace; every process reachable from the tests through
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +13,14 @@ import httpx
 from metald.fleet.tokens import GatewayTokens
 from tests.fleet.netns import FleetNetwork, NetnsProxy
 from tests.fleet.postgres import Postgres
-from tests.support.daemon import METALD, REPO, kill_leftovers
+from tests.support.daemon import METALD, ServedProcess, kill_leftovers
 
 HOST_PORT = 8080
 HEARTBEAT_SECONDS = 1.0
 LEASE_SECONDS = 4.0
 
 
-class FleetProcess:
+class FleetProcess(ServedProcess):
     """One metald process inside a namespace (`ip netns exec` execs it: its pid is metald's)."""
 
     def __init__(self, name: str, netns: str, argv: list[str], log_path: Path, proxy: NetnsProxy) -> None:
@@ -33,43 +29,13 @@ class FleetProcess:
         self.argv = argv
         self.log_path = log_path
         self.proxy = proxy
-        self.url = proxy.url
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = proxy.url  # from the root namespace, through the proxy
+        self.inner_url = f"http://{proxy.target[0]}:{proxy.target[1]}"  # from inside the bridge namespace
+        self.proc = None
 
     def start(self, timeout: float = 30) -> FleetProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns, *METALD, *self.argv],
-                stdout=log,
-                stderr=log,
-                cwd=REPO,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=2).status_code in (200, 503):
-                    return self
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not answer within {timeout}s:\n{self.logs()[-3000:]}")
-
-    def kill9(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        self.spawn(["ip", "netns", "exec", self.netns, *METALD, *self.argv], self.name, timeout)
+        return self
 
 
 class Fleet:
@@ -83,6 +49,10 @@ class Fleet:
         self.secret_file.write_bytes(self.secret)
         self.secret_file.chmod(0o600)
         self.tokens = GatewayTokens(self.secret)
+        self.operator_token = secrets.token_hex(24)
+        self.operator_token_file = root / "operator.token"
+        self.operator_token_file.write_text(self.operator_token)
+        self.operator_token_file.chmod(0o600)
         self.assets_dir = assets_dir
         self._proxies: list[NetnsProxy] = []
         self.hosts = [self._host(i) for i in range(hosts)]
@@ -125,7 +95,10 @@ class Fleet:
 
     def _gateway(self, i: int) -> FleetProcess:
         name, port = f"gateway{i + 1}", 9100 + i
-        argv = ["gateway", "--listen", f"127.0.0.1:{port}", *self.fleet_flags()]
+        argv = [
+            "gateway", "--listen", f"127.0.0.1:{port}",
+            "--fleet-operator-token-file", str(self.operator_token_file), *self.fleet_flags(),
+        ]  # fmt: skip
         proxy = self._proxy(self.net.bridge_ns, ("127.0.0.1", port))
         return FleetProcess(name, self.net.bridge_ns, argv, self.root / f"{name}.log", proxy)
 

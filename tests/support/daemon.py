@@ -23,7 +23,48 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Daemon:
+class ServedProcess:
+    """A metald process that answers /health at `url` once up, its output in `log_path`."""
+
+    url: str
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self, argv: list[str], what: str, timeout: float) -> None:
+        """Start `argv` and wait until /health answers (200 or 503); RuntimeError with the log's
+        tail if it exits or stays silent."""
+        log = self.log_path.open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=REPO, env=env)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=2).status_code in (200, 503):
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"{what} did not answer within {timeout}s:\n{self.logs()[-4000:]}")
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Daemon(ServedProcess):
     """One metald process. Stopping it leaves its VMs running, as in production."""
 
     def __init__(self, data_dir: Path, assets_dir: Path, *extra_args: str, name: str = "metald") -> None:
@@ -34,7 +75,7 @@ class Daemon:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / f"{name}.log"
         self.host_netns = f"mdt{os.getpid() % 100000}{name[-3:]}"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = None
 
     def argv(self) -> list[str]:
         return [
@@ -57,39 +98,12 @@ class Daemon:
 
     def start(self, timeout: float = 30) -> Daemon:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, cwd=REPO, env=env)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"metald exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=2).status_code in (200, 503):
-                    return self
-            time.sleep(0.1)
-        raise RuntimeError(f"metald did not answer within {timeout}s:\n{self.logs()[-4000:]}")
-
-    def kill9(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+        self.spawn(self.argv(), "metald", timeout)
+        return self
 
     def restart(self, *, hard: bool = True) -> Daemon:
         self.kill9() if hard else self.stop()
         return self.start()
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 def vmm_pids(data_dir: Path) -> list[int]:

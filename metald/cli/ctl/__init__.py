@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from metald import __version__
-from metald.cli.ctl import events, guest
+from metald.cli.ctl import events, guest, hosts
 from metald.cli.ctl.commands import COMMANDS
 from metald.cli.ctl.render import Output
 from metald.cli.ctl.vmspec import metadata_pair, parse_size
@@ -114,12 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         command("cp", "copy a file into (LOCAL VM:/PATH) or out of (VM:/PATH LOCAL) a guest", vm=False),
     )
     events.add_parsers(command, lambda p: _connection_flags(p, defaults=False))
+    command("hosts", hosts.HELP, vm=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Output(json_mode=args.output == "json")
+    if args.command == "hosts":  # the gateway's operator endpoint, not the VmService
+        return hosts.run(args, out)
     try:
         with Client(
             args.url,

@@ -1,0 +1,227 @@
+"""What the fleet gateway costs and how it spreads: `python -m bench.fleet_gateway`.
+
+A real fleet (tests/fleet/cluster.py: a throwaway PostgreSQL, 3 equal hosts each in its own
+network namespace, 2 gateways) and three measurements, VMs created but never booted:
+- latency: GetVmInfo and ListVms (the same 20 VMs, all on host1) straight to the host and through
+  a gateway, interleaved call by call in one run (the order alternates each round), binary Connect
+  over one HTTP connection per side, from a client inside the bridge namespace (as a client next
+  to a gateway: the gateway on loopback, hosts over their veths; no test proxy in the path);
+  ratio = gateway p50 / direct p50 (target <= 1.5);
+- balance: 60 VMs created through both gateways: VMs per host, most/fewest (target <= 1.5);
+- create rate: CreateVm calls per second through one gateway, then through two (the same total,
+  the same client concurrency, split over both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from connectrpc.codec import proto_binary_codec
+
+from bench.common import machine_context, parser, percentile, print_table, workdir, write_results
+from metald.gen.vmprovisioner.v1 import vm_pb as pb
+from metald.gen.vmprovisioner.v1.vm_connect import VmServiceClient
+from tests.fleet.cluster import Fleet, FleetRpc
+from tests.fleet.netns import enter_netns
+
+LIST_VMS = 20
+Call = Callable[[], Awaitable[Any]]
+T = TypeVar("T")
+
+
+def in_bridge(fleet: Fleet, measure: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run an async measurement on a thread that entered the fleet's bridge namespace."""
+
+    def run() -> T:
+        enter_netns(fleet.net.bridge_ns)
+        return asyncio.run(measure(*args))  # type: ignore[arg-type]
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(run).result()
+
+
+def _summary(samples_ms: Sequence[float]) -> dict[str, float]:
+    return {
+        "p50_ms": statistics.median(samples_ms),
+        "p99_ms": percentile(samples_ms, 99),
+        "mean_ms": statistics.mean(samples_ms),
+        "n": len(samples_ms),
+    }
+
+
+async def _interleaved(direct: Call, gateway: Call, rounds: int, warmup: int) -> dict[str, Any]:
+    for _ in range(warmup):
+        await direct()
+        await gateway()
+    times: dict[str, list[float]] = {"direct": [], "gateway": []}
+    sides = (("direct", direct), ("gateway", gateway))
+    for i in range(rounds):
+        for name, call in sides if i % 2 == 0 else sides[::-1]:
+            started = time.perf_counter()
+            await call()
+            times[name].append((time.perf_counter() - started) * 1000)
+    out: dict[str, Any] = {name: _summary(samples) for name, samples in times.items()}
+    out["ratio_p50"] = out["gateway"]["p50_ms"] / out["direct"]["p50_ms"]
+    out["ratio_p99"] = out["gateway"]["p99_ms"] / out["direct"]["p99_ms"]
+    return out
+
+
+async def latency(fleet: Fleet, customer: str, vm_id: str, rounds: int, warmup: int) -> dict[str, Any]:
+    host, gateway = fleet.hosts[0], fleet.gateways[0]
+    gateway_headers = {"authorization": f"Bearer dev_customer_{customer}"}
+    codec = proto_binary_codec()
+    async with (
+        VmServiceClient(host.inner_url, codec=codec) as direct,
+        VmServiceClient(gateway.inner_url, codec=codec) as through,
+    ):
+
+        def host_headers() -> dict[str, str]:  # what a gateway sends: a fresh gateway token
+            return {"authorization": f"Bearer {fleet.host_token(host, customer)}"}
+
+        info = pb.GetVmInfoRequest(vm_id=vm_id)
+        listing = pb.ListVmsRequest(page_size=LIST_VMS)
+        direct_list = await direct.list_vms(listing, headers=host_headers())
+        gateway_list = await through.list_vms(listing, headers=gateway_headers)
+        assert len(direct_list.vms) == len(gateway_list.vms) == LIST_VMS, "both sides list the same VMs"
+        return {
+            "GetVmInfo": await _interleaved(
+                lambda: direct.get_vm_info(info, headers=host_headers()),
+                lambda: through.get_vm_info(info, headers=gateway_headers),
+                rounds,
+                warmup,
+            ),
+            "ListVms": await _interleaved(
+                lambda: direct.list_vms(listing, headers=host_headers()),
+                lambda: through.list_vms(listing, headers=gateway_headers),
+                rounds,
+                warmup,
+            ),
+        }
+
+
+async def _create_many(
+    urls: Sequence[str], customer: str, count: int, concurrency: int
+) -> tuple[list[str], float]:
+    """`count` CreateVm calls spread round-robin over `urls`, `concurrency` in flight; (ids, seconds)."""
+    headers = {"authorization": f"Bearer dev_customer_{customer}"}
+    codec = proto_binary_codec()
+    clients = [VmServiceClient(url, codec=codec) for url in urls]
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(count):
+        queue.put_nowait(i)
+    created: list[str] = []
+
+    async def worker() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            request = pb.CreateVmRequest(config=pb.VmConfig())
+            created.append((await clients[i % len(clients)].create_vm(request, headers=headers)).vm_id)
+
+    try:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return created, time.perf_counter() - started
+    finally:
+        for client in clients:
+            await client.close()
+
+
+def _wait_listed(rpc: FleetRpc, customer: str, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while len(rpc.list_all(0, customer)) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the fleet view never listed {count} VMs of {customer}")
+        time.sleep(0.2)
+
+
+def _delete_all(rpc: FleetRpc, customer: str) -> None:
+    for vm_id in rpc.list_all(0, customer):
+        rpc.ok(0, "DeleteVm", {"vm_id": vm_id}, customer)
+
+
+def main(argv: Sequence[str]) -> int:
+    p = parser("fleet_gateway", __doc__ or "")
+    p.add_argument("--rounds", type=int, default=400, help="interleaved calls per side and RPC")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--balance-vms", type=int, default=60)
+    p.add_argument("--creates", type=int, default=60, help="CreateVm calls per create-rate run")
+    p.add_argument("--concurrency", type=int, default=8, help="CreateVm calls in flight")
+    args = p.parse_args(argv)
+    with workdir(args.workdir) as root:
+        (root / "fleet").mkdir(parents=True, exist_ok=True)
+        fleet = Fleet(root / "fleet", args.assets_dir.resolve())
+        try:
+            fleet.start()
+            results = run(fleet, args)
+        finally:
+            fleet.destroy()
+    context = machine_context()
+    write_results("fleet_gateway", argv, args, context, results)
+    return 0
+
+
+def run(fleet: Fleet, args: Any) -> dict[str, Any]:
+    rpc = FleetRpc(fleet)
+    results: dict[str, Any] = {}
+
+    # Balance first, on empty hosts.
+    urls = [g.inner_url for g in fleet.gateways]
+    ids, _ = in_bridge(fleet, _create_many, urls, "bench-balance", args.balance_vms, args.concurrency)
+    per_host = Counter({name: len(vms) for name, vms in rpc.truth("bench-balance").items()})
+    assert sum(per_host.values()) == len(ids) == args.balance_vms
+    results["balance"] = {
+        "vms": args.balance_vms,
+        "per_host": dict(per_host),
+        "most_over_fewest": max(per_host.values()) / max(1, min(per_host.values())),
+    }
+    print_table("balance", ["host", "VMs"], sorted(per_host.items()))
+    _delete_all(rpc, "bench-balance")
+
+    # Latency: the same 20 VMs on host1, made there directly; the fleet view learns them by heartbeat.
+    host = fleet.hosts[0]
+    made = [
+        rpc.call(host.url, "CreateVm", {"config": {}}, fleet.host_token(host, "bench-latency")).json()[
+            "vm_id"
+        ]
+        for _ in range(LIST_VMS)
+    ]
+    _wait_listed(rpc, "bench-latency", LIST_VMS)
+    results["latency"] = in_bridge(
+        fleet, lambda: latency(fleet, "bench-latency", made[0], args.rounds, args.warmup)
+    )
+    rows = [
+        (rpc_name, side, r[side]["p50_ms"], r[side]["p99_ms"], r["ratio_p50"] if side == "gateway" else "")
+        for rpc_name, r in results["latency"].items()
+        for side in ("direct", "gateway")
+    ]
+    print_table("latency (ms)", ["rpc", "side", "p50", "p99", "ratio p50"], rows)
+    _delete_all(rpc, "bench-latency")
+
+    # Create rate through one gateway, then two.
+    rates = {}
+    for gateways in (1, 2):
+        some = [g.inner_url for g in fleet.gateways[:gateways]]
+        customer = f"bench-rate{gateways}"
+        ids, seconds = in_bridge(fleet, _create_many, some, customer, args.creates, args.concurrency)
+        rates[f"{gateways}_gateway{'s' if gateways > 1 else ''}"] = {
+            "creates": len(ids),
+            "seconds": seconds,
+            "per_second": len(ids) / seconds,
+        }
+        _delete_all(rpc, f"bench-rate{gateways}")
+    results["create_rate"] = rates
+    print_table(
+        "CreateVm rate", ["gateways", "creates", "s", "per s"], [(k, *v.values()) for k, v in rates.items()]
+    )
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
