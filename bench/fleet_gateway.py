@@ -154,6 +154,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--creates", type=int, default=60, help="CreateVm calls per create-rate run")
     p.add_argument("--concurrency", type=int, default=8, help="CreateVm calls in flight")
     args = p.parse_args(argv)
+    context = machine_context()
     with workdir(args.workdir) as root:
         (root / "fleet").mkdir(parents=True, exist_ok=True)
         fleet = Fleet(root / "fleet", args.assets_dir.resolve())
@@ -162,7 +163,6 @@ def main(argv: Sequence[str]) -> int:
             results = run(fleet, args)
         finally:
             fleet.destroy()
-    context = machine_context()
     write_results("fleet_gateway", argv, args, context, results)
     return 0
 
