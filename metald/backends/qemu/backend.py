@@ -114,7 +114,7 @@ class QemuBackend:
             supports_snapshots=self._ram is not None,
             supports_warm_pool=self._ram is not None,
         )
-        self._pool = PoolSlots(self._launch, self._vms)
+        self._pool = PoolSlots(self._launch, self.start, self._vms)
 
     def set_exit_listener(self, listener: ExitListener) -> None:
         self._vms.set_exit_listener(listener)
@@ -210,6 +210,8 @@ class QemuBackend:
             restored_ready=bool(boot.get("restored_ready")),
             vmm_name=boot.get("vmm_name") if isinstance(boot.get("vmm_name"), str) else None,
         )
+        if control.vmm_name:
+            self._pool.mark_pool_born(control, spec)
         watch.ready = control.restored_ready
         if not await self._connect(spec.vm_dir, vmm, control):
             return None
@@ -245,7 +247,6 @@ class QemuBackend:
         return True
 
     # ---- warm pool slots (pool.py) ----------------------------------------------------------
-
     async def start_pool_slot(self, spec: LaunchSpec) -> None:
         await self._pool.start(spec)
 
@@ -256,7 +257,6 @@ class QemuBackend:
         await self._pool.stop(slot_dir)
 
     # ---- snapshots (snapshot.py) ----------------------------------------------------------------
-
     async def _restore(self, vm: RunningVm[Qmp], state_fd: int, snapshot_dir: Path) -> None:
         """Load a clone's device state (a VMM that cannot be restored is killed); a snapshot of a
         guest that was up is up at once (no new ready line)."""
@@ -289,8 +289,10 @@ class QemuBackend:
     async def reboot(self, vm_id: str, *, force: bool) -> None:
         """force, or a guest not up yet (it would miss any request): system_reset. Graceful: the
         guest agent's `reboot` if it answers a ping quickly, else Ctrl-Alt-Del on the i8042
-        keyboard (the default guest's init reboots on it)."""
+        keyboard (the default guest's init reboots on it). Born in a pool slot: see pool.py."""
         vm = self._vms.get(vm_id)
+        if vm.control.reset_elsewhere is not None:
+            return await vm.control.reset_elsewhere()
         up = await vm.watch.poll()
         await self._new_boot(vm)
         if force or not up:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ class Qmp:
     ram_fd: int | None = None  # the RAM file's descriptor in QEMU (a snapshot copies it)
     restored_ready: bool = False  # restored from a snapshot of a guest that was up (no ready line)
     vmm_name: str | None = None  # QEMU's -name when it is not the VM's id (a warm pool slot's)
+    # A pool-born VM's reset: it moves to a QEMU of its own (pool.py) instead of resetting here.
+    reset_elsewhere: Callable[[], Coroutine[Any, Any, None]] | None = field(default=None, repr=False)
     client: QmpClient | None = None
     vm: RunningVm[Qmp] | None = field(default=None, repr=False)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
@@ -37,12 +40,17 @@ class Qmp:
             return
         if event.get("event") == "SHUTDOWN":
             self.vm.guest_poweroff = bool(event.get("data", {}).get("guest"))
+        elif event.get("event") == "RESET" and self.reset_elsewhere is not None:
+            self._spawn(self.reset_elsewhere())
         elif event.get("event") == "RESET":
             self.restored_ready = False
             self.vm.watch.restart()
-            task = asyncio.create_task(save_boot_state(self.vm))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(save_boot_state(self.vm))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def execute(
         self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0

@@ -10,7 +10,9 @@ relative to their working directory, which follows), `migrate-incoming` and `con
 What must be in QEMU's argv cannot differ between slot and clone. NICs are (microvm has no
 hotplug, and a virtio-net device needs its netdev at start), so only clones without interfaces
 take a slot; the name (`-name`) and the kernel command line are the slot's (boot.json records the
-process name, which re-adoption then looks for).
+process name, which re-adoption then looks for). A reset would boot the guest again with the
+slot's kernel command line (its vm_id), so a pool-born VM's reboot starts a QEMU of its own
+instead: a cold boot of its own disk, as after a shutdown.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import shutil
@@ -29,7 +32,8 @@ from metald.backends.qemu.cmdline import name_matches
 from metald.backends.qemu.control import Qmp, write_boot_state
 from metald.backends.vmm.lifecycle import VmmLifecycle
 from metald.backends.vmm.process import VmmProcess
-from metald.ports import LaunchSpec
+from metald.domain.errors import MetaldError
+from metald.ports import LaunchSpec, VmRuntime
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,11 @@ class Slot:
     monitor: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
+def own_spec(spec: LaunchSpec) -> LaunchSpec:
+    """How a VM born in a slot is started again in a QEMU of its own (its disks as they are)."""
+    return dataclasses.replace(spec, restore_from=None, pool_slot=None)
+
+
 def exchange_dirs(a: Path, b: Path) -> None:
     """Swap two directories atomically (both must exist, on one filesystem); blocking."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -63,12 +72,16 @@ def exchange_dirs(a: Path, b: Path) -> None:
 
 class PoolSlots:
     """The slots this daemon started, by directory. `launch` starts a QEMU for a spec (the
-    backend's own launch); `lifecycle` is the backend's VMM bookkeeping (kills, cgroups)."""
+    backend's own launch), `start` a VM; `lifecycle` is the backend's VMM bookkeeping."""
 
     def __init__(
-        self, launch: Callable[[LaunchSpec], Awaitable[Launched]], lifecycle: VmmLifecycle[Qmp]
+        self,
+        launch: Callable[[LaunchSpec], Awaitable[Launched]],
+        start: Callable[[LaunchSpec], Awaitable[VmRuntime]],
+        lifecycle: VmmLifecycle[Qmp],
     ) -> None:
         self._launch = launch
+        self._start = start
         self._vms = lifecycle
         self._slots: dict[Path, Slot] = {}
 
@@ -90,7 +103,7 @@ class PoolSlots:
     async def _watch(self, slot_dir: Path, slot: Slot) -> None:
         """A slot whose QEMU ends by itself is gone: nothing of it is left."""
         with contextlib.suppress(asyncio.CancelledError):
-            await slot.launched.vmm.exited
+            await asyncio.shield(slot.launched.vmm.exited)  # cancelled when taken: the VMM runs on
             if self._slots.get(slot_dir) is slot:
                 log.warning("warm pool slot %s: QEMU ended while waiting", slot_dir.name)
                 await self.stop(slot_dir)
@@ -113,6 +126,7 @@ class PoolSlots:
             await self.stop(spec.pool_slot, slot)
             return None
         slot.launched.vmm.vm_dir = spec.vm_dir
+        self.mark_pool_born(slot.launched.control, spec)
         await asyncio.to_thread(shutil.rmtree, spec.pool_slot, True)  # what create made for the clone
         return slot.launched
 
@@ -130,6 +144,22 @@ class PoolSlots:
             await self._vms.kill_untracked(orphan)
         await self._vms.remove_cgroup(slot_dir.name, slot_dir)
         await asyncio.to_thread(shutil.rmtree, slot_dir, True)
+
+    def mark_pool_born(self, control: Qmp, spec: LaunchSpec) -> None:
+        """The VM `spec` runs in a slot's QEMU: a reset (ours or the guest's) would boot the slot's
+        kernel command line, so it moves the VM to a QEMU of its own, booting its disk."""
+
+        async def restart() -> None:
+            if control.vm is None or not control.vm.vmm.running:
+                return
+            try:
+                await self._vms.kill(control.vm)
+                await self._start(own_spec(spec))
+            except MetaldError as e:
+                log.error("vm %s: cannot restart out of its pool slot's QEMU: %s", spec.vm_id, e.message)
+                raise
+
+        control.reset_elsewhere = restart
 
     async def close(self) -> None:
         """At daemon shutdown: slots are not left behind (the next daemon fills its own)."""
