@@ -7,7 +7,8 @@ a clone's device state (WarmPoolBackend), so a clone's BootVm skips the VMM's st
 - Fill: one background task per pool starts slots one at a time until N wait; a failure is retried
   with a growing delay, and after `MAX_FAILURES` in a row the pool stops trying until its next use.
 - Take: the first BootVm of a clone takes a waiting slot if the clone can run in it (no NICs, the
-  default console file: both are fixed in the slot's command line); the pool then refills. Without
+  default console file: both are fixed in the slot's command line); the pool refills a second
+  later (REFILL_DELAY_SECONDS), once that clone's restore no longer needs the CPU. Without
   a slot the clone restores the normal way (a miss).
 - Stop: deleting the snapshot stops its slots. A daemon restart (or one killed with -9) removes
   every slot an earlier daemon left (process, cgroup, directory), then refills every pool.
@@ -36,6 +37,9 @@ log = logging.getLogger("metald.service")
 
 MAX_FAILURES = 3
 RETRY_SECONDS = 2.0
+# A refill after a take waits this long: starting a slot (qemu-img, the supervisor's Python, QEMU)
+# would otherwise take the CPU from the clone that just took one, whose guest must answer its agent.
+REFILL_DELAY_SECONDS = 1.0
 SLOT_PREFIX = "pool_"
 
 
@@ -111,11 +115,12 @@ class Pools(Launch):
 
     # ---- filling ----
 
-    def _kick(self, pool: _Pool) -> None:
+    def _kick(self, pool: _Pool, delay: float = 0.0) -> None:
         if not pool.stopped and (pool.task is None or pool.task.done()):
-            pool.task = asyncio.create_task(self._fill(pool))
+            pool.task = asyncio.create_task(self._fill(pool, delay))
 
-    async def _fill(self, pool: _Pool) -> None:
+    async def _fill(self, pool: _Pool, delay: float = 0.0) -> None:
+        await asyncio.sleep(delay)
         port = self._pool_port()
         assert port is not None and self._opts.pool_dir is not None
         if pool.snapshot.config.network:
@@ -181,7 +186,7 @@ class Pools(Launch):
             return spec
         slot = pool.ready.pop(0)
         pool.failures = 0
-        self._kick(pool)
+        self._kick(pool, REFILL_DELAY_SECONDS)
         return dataclasses.replace(spec, pool_slot=slot)
 
     def _count_pool_use(self, spec: LaunchSpec, runtime: VmRuntime) -> None:

@@ -44,6 +44,7 @@ def _with_pool_dir(world: World):  # type: ignore[no-untyped-def]
 @pytest.fixture(autouse=True)
 def _no_retry_delay(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("metald.service.pool.RETRY_SECONDS", 0.0)
+    monkeypatch.setattr("metald.service.pool.REFILL_DELAY_SECONDS", 0.0)
 
 
 @pytest.fixture
