@@ -5,7 +5,8 @@ a clone's device state (WarmPoolBackend), so a clone's BootVm skips the VMM's st
   while the host's memory limit (`max_host_memory_bytes`) has room for it next to the VMs running
   or booting and the other slots; a pool short of room says so in its status and fills later.
 - Fill: one background task per pool starts slots one at a time until N wait; a failure is retried
-  with a growing delay, and after `MAX_FAILURES` in a row the pool stops trying until its next use.
+  with a growing delay, and after `MAX_FAILURES` in a row the pool stops trying until its next use
+  (a clone's boot that takes a slot, or finds none).
 - Take: the first BootVm of a clone takes a waiting slot if the clone can run in it (no NICs, the
   default console file: both are fixed in the slot's command line); the pool refills a second
   later (REFILL_DELAY_SECONDS), once that clone's restore no longer needs the CPU. Without
@@ -143,7 +144,8 @@ class Pools(Launch):
                 pool.blocked = f"slot failed to start: {exc}"
                 log.warning("warm pool of %s: %s", pool.snapshot.snapshot_id, pool.blocked)
                 await port.stop_pool_slot(slot_dir)
-                await asyncio.sleep(RETRY_SECONDS * pool.failures)
+                if pool.failures < MAX_FAILURES:
+                    await asyncio.sleep(RETRY_SECONDS * pool.failures)
                 continue
             finally:
                 pool.starting -= 1
@@ -183,6 +185,9 @@ class Pools(Launch):
         fits = not spec.nics and spec.console_path == spec.vm_dir / "console.log"
         if not fits or not pool.ready:
             self._pool_misses += 1
+            if not pool.ready:  # a pool that gave up (failures, no room) tries again
+                pool.failures = 0
+                self._kick(pool, REFILL_DELAY_SECONDS)
             return spec
         slot = pool.ready.pop(0)
         pool.failures = 0

@@ -145,6 +145,12 @@ async def test_a_failing_slot_is_retried_then_reported(pooled: World) -> None:
     )
     check = await pooled.service.warm_pool_check()
     assert check.status == "degraded" and "qemu says no" in check.detail
+    # The next clone's boot finds the pool empty (a miss) and makes it try again.
+    pooled.backend.faults.clear("start_pool_slot")
+    await pooled.service.create(CUSTOMER, "clone-1", VmConfig(), "", snapshot_id="snap-1")
+    await pooled.boot("clone-1")
+    await _filled(pooled)
+    assert len(_slots(pooled)) == 1 and (await pooled.service.warm_pool_check()).status == "healthy"
 
 
 async def test_deleting_the_snapshot_stops_its_slots(pooled: World) -> None:
