@@ -9,6 +9,8 @@
 - watch_fanout.png: WatchVms deliveries/s, daemon CPU per delivery and lag against watchers
   (watch_fanout.json; the lag of the fixed-rate run watch_fanout_rate30.json if present; the runs
   before the shared tail, *_before.json, and the pause/resume run beside them).
+- snapshot_boot.png: start to ready per start path (cold, clone, clone from a warm pool, and the
+  same restores by hand), and N clones at once against N restores by hand.
 
 Each plot's footer names the machine, the commit and the load during its run.
 
@@ -225,6 +227,34 @@ def plot_watch_fanout(
     return _save(fig, closed[0][1], path)
 
 
+def plot_snapshots(payload: dict[str, Any], path: Path) -> Path:
+    results = payload["results"]
+    runs: dict[str, list[float]] = results["runs_s"]
+    fig, (ax, ax_n) = plt.subplots(1, 2, figsize=(12, 5))
+    sides = list(runs)
+    ax.boxplot([[1000 * v for v in runs[s]] for s in sides], showfliers=False)
+    ax.set_xticks(range(1, len(sides) + 1), sides)
+    for i, side in enumerate(sides, start=1):
+        values = [1000 * v for v in runs[side]]
+        ax.scatter([i] * len(values), values, s=14, alpha=0.6, color="tab:red", zorder=3)
+        ax.annotate(f"{1000 * results['median_s'][side]:.0f} ms", (i, max(values)), fontsize=8, ha="center")
+    ax.set_yscale("log")
+    ax.set_ylabel("ms from the call (or spawn) to ready (log scale)")
+    ax.set_title("One VM: cold boot, clone, clone from a warm pool, by hand")
+    ax.grid(True, axis="y", alpha=0.3)
+    scaling = results["scaling"]
+    ns = sorted(int(n) for n in scaling)
+    for key, label in (("clone_all_ready_s", "clones (API)"), ("hand_all_ready_s", "restores by hand")):
+        ax_n.plot(ns, [scaling[str(n)][key] for n in ns], marker="o", label=label)
+    ax_n.set_xlabel("started at once (N)")
+    ax_n.set_ylabel("seconds until the last is ready")
+    ax_n.set_title("N clones of one snapshot at once")
+    ax_n.set_ylim(bottom=0)
+    ax_n.grid(True, alpha=0.3)
+    ax_n.legend(fontsize=8)
+    return _save(fig, payload, path)
+
+
 def plot_all(results_dir: Path = RESULTS_DIR) -> list[Path]:
     """Every plot whose results file is present."""
     written = []
@@ -261,6 +291,9 @@ def plot_all(results_dir: Path = RESULTS_DIR) -> list[Path]:
     parallel = results_dir / "parallel_boots.json"
     if parallel.exists():
         written.append(plot_parallel(json.loads(parallel.read_text()), results_dir / "parallel_boots.png"))
+    snapshots = results_dir / "snapshot_boot.json"
+    if snapshots.exists():
+        written.append(plot_snapshots(json.loads(snapshots.read_text()), results_dir / "snapshot_boot.png"))
     return written
 
 

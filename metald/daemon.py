@@ -89,6 +89,7 @@ def service_options(settings: Settings) -> ServiceOptions:
         max_snapshots_per_customer=settings.max_snapshots_per_customer,
         max_snapshot_bytes_per_customer=settings.max_snapshot_mib_per_customer * MIB,
         max_warm_pool_size=settings.max_warm_pool_size,
+        pool_dir=settings.pool_dir,
     )
 
 
@@ -173,7 +174,8 @@ async def run(settings: Settings) -> None:
             backend=tracing.port(backend, "backend"),
             network=tracing.port(network, "network"),
             assets=AssetResolver(
-                settings.assets_root, private=(settings.vms_dir, settings.db_path, settings.snapshots_dir)
+                settings.assets_root,
+                private=(settings.vms_dir, settings.db_path, settings.snapshots_dir, settings.pool_dir),
             ),
             page_tokens=PageTokens(await store.secrets.secret("page_token_key", os.urandom(32))),
             events=metrics,
@@ -188,6 +190,9 @@ async def run(settings: Settings) -> None:
         }
         if network is not None:
             checks["network"] = network.ping
+        if backend.capabilities.supports_warm_pool:
+            checks["warm_pool"] = service.warm_pool_check
+            metrics.watch_warm_pool(service.warm_pool_status)
         health = HealthReporter(
             backend_type=backend.capabilities.backend_type, checks=checks, data_dir=settings.data_dir
         )

@@ -56,6 +56,8 @@ class BackendCapabilities:
     supports_graceful_reboot: bool = True
     supports_snapshots: bool = False
     max_vcpus: int = 32
+    # Clones can boot into a VMM started ahead of time (WarmPoolBackend, docs/snapshots.md).
+    supports_warm_pool: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,9 @@ class LaunchSpec:
     # the backend's default), decided once by the service. None only in specs built by hand (tests,
     # the accel probe): the backend then looks cpu_template up itself.
     cpu_model: str | None = None
+    # A clone's first boot into this warm pool slot (WarmPoolBackend.start_pool_slot) rather than a
+    # VMM of its own; a slot that is gone makes the backend restore the normal way.
+    pool_slot: Path | None = None
 
     def __post_init__(self) -> None:
         """Disks in launch order, decided here once: the root device first (it becomes /dev/vda),
@@ -192,6 +197,35 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Detach from every VMM without stopping them (daemon shutdown)."""
+
+
+class WarmPoolBackend(Protocol):
+    """Warm pool slots (capabilities.supports_warm_pool): a VMM started ahead of time for a clone of
+    one snapshot, waiting for its device state. A slot is a directory; `start` of a clone's spec
+    with `pool_slot` set takes it over (its directory becomes the VM's)."""
+
+    async def start_pool_slot(self, spec: LaunchSpec) -> None:
+        """Start a slot for spec.restore_from in spec.vm_dir (made here); returns once it waits."""
+
+    def pool_slot_running(self, slot_dir: Path) -> bool:
+        """Whether the slot's VMM still waits (it was started by this daemon and not taken)."""
+
+    async def stop_pool_slot(self, slot_dir: Path) -> None:
+        """Kill the slot's VMM (also one left by an earlier daemon), remove its cgroup and
+        directory. Idempotent."""
+
+
+@dataclass(frozen=True)
+class WarmPoolStatus:
+    """The host's warm pools together (metald/service/pool.py), for /health and /metrics."""
+
+    pools: int = 0  # snapshots with a warm_pool_size
+    target: int = 0  # slots they ask for
+    ready: int = 0  # slots waiting
+    starting: int = 0
+    hits: int = 0  # clone boots that took a slot
+    misses: int = 0  # clone boots of a pooled snapshot that found none that fits
+    blocked: tuple[str, ...] = ()  # "<snapshot_id>: why its pool is not full"
 
 
 class ServiceEvents(Protocol):

@@ -166,6 +166,11 @@ class Settings(BaseSettings):
         return self.data_dir / "snapshots"
 
     @property
+    def pool_dir(self) -> Path:
+        """Warm pool slots: beside vms_dir, as a slot's directory is renamed into it."""
+        return self.data_dir / "pool"
+
+    @property
     def db_path(self) -> Path:
         return self.data_dir / "metald.db"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from prometheus_client import (
@@ -16,9 +16,12 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from metald import __version__
 from metald.domain.states import VmState
+from metald.ports import WarmPoolStatus
 
 
 class StateCounts(Protocol):
@@ -118,6 +121,10 @@ class Metrics:
     def snapshot_taken(self, backend_type: str, paused_seconds: float) -> None:
         self._snapshot_pause.labels(backend=backend_type).observe(paused_seconds)
 
+    def watch_warm_pool(self, status: Callable[[], WarmPoolStatus]) -> None:
+        """Serve the warm pools' state (metald/service/pool.py) at every scrape."""
+        self.registry.register(_WarmPoolCollector(status))
+
     # ---- scrape ----
     async def render(self, store: StateCounts, *, per_customer: bool = False) -> bytes:
         """The scrape. `unkey_metald_customer_vms` has samples only with `per_customer` (an
@@ -136,3 +143,23 @@ class Metrics:
             self._by_customer.labels(customer_id=customer).set(n)
         self._active.set(per_state[VmState.RUNNING] + per_state[VmState.PAUSED])
         return generate_latest(self.registry)
+
+
+class _WarmPoolCollector(Collector):
+    def __init__(self, status: Callable[[], WarmPoolStatus]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._status()
+        slots = GaugeMetricFamily(f"{PREFIX}_warm_pool_slots", "warm pool slots by state", labels=["state"])
+        slots.add_metric(["ready"], s.ready)
+        slots.add_metric(["starting"], s.starting)
+        yield slots
+        yield GaugeMetricFamily(
+            f"{PREFIX}_warm_pool_target_slots", "slots the snapshots ask for", value=s.target
+        )
+        yield GaugeMetricFamily(f"{PREFIX}_warm_pools", "snapshots with a warm pool", value=s.pools)
+        yield CounterMetricFamily(f"{PREFIX}_warm_pool_hits", "clone boots that took a slot", value=s.hits)
+        yield CounterMetricFamily(
+            f"{PREFIX}_warm_pool_misses", "clone boots of a pooled snapshot without a slot", value=s.misses
+        )

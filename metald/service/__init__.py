@@ -5,7 +5,8 @@ and watch VMs; recovery after a restart. Split by concern:
 - lifecycle.py, stopping.py: the operations that change a VM;
 - queries.py, watch.py: reads and the event stream;
 - recovery.py: the decision table of metald/domain/recovery.py carried out;
-- launch.py: from a record to a backend's LaunchSpec.
+- launch.py: from a record to a backend's LaunchSpec;
+- snapshots.py, pool.py: SnapshotVm and its kin; the snapshots' warm pools.
 """
 
 from metald.service.base import ServiceOptions

@@ -53,6 +53,7 @@ class ServiceOptions:
     max_snapshots_per_customer: int = 0  # 0: unlimited
     max_snapshot_bytes_per_customer: int = 0
     max_warm_pool_size: int = 0
+    pool_dir: Path | None = None  # warm pool slots' directories (same filesystem as vms_dir); None: no pools
 
 
 class ServiceBase:

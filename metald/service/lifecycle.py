@@ -33,7 +33,7 @@ from metald.domain.quotas import Usage, check_boot, check_create
 from metald.domain.states import ACTIVE_STATES, TARGET, Operation, VmState, require_allowed
 from metald.domain.validation import validate_config, with_defaults
 from metald.ports import NetworkAttachment
-from metald.service.launch import Launch
+from metald.service.pool import Pools
 from metald.service.snapshots import restores
 
 log = logging.getLogger("metald.service")
@@ -43,7 +43,7 @@ UNDO_RETRY_SECONDS = 1.0
 MAX_WAIT_TIMEOUT_SECONDS = 3600
 
 
-class Lifecycle(Launch):
+class Lifecycle(Pools):
     # ---- create ----
 
     async def create(
@@ -125,8 +125,9 @@ class Lifecycle(Launch):
             try:
                 await self._records.begin(vm, PendingOp.RESTORING if restoring else PendingOp.BOOTING)
                 attachment = await self._attach(vm)
-                spec = await self._launch_spec(vm, attachment)
-                await self._backend_call("start", lambda: self._backend.start(spec))
+                spec = self._with_pool_slot(vm, await self._launch_spec(vm, attachment))
+                runtime = await self._backend_call("start", lambda: self._backend.start(spec))
+                self._count_pool_use(spec, runtime)
                 if spec.restore_from is not None:
                     await self._refresh_clone(vm)
                 vm = await self._records.settle(vm, VmState.RUNNING, reason="")

@@ -9,6 +9,7 @@ from metald.domain.pending import PendingOp
 from metald.domain.recovery import VMM_GONE_REASON, RecoveryAction, rule
 from metald.domain.states import VmState
 from metald.ports import VmRuntime
+from metald.service.snapshots import restores
 from metald.service.stopping import Stopping
 
 log = logging.getLogger("metald.service")
@@ -65,6 +66,8 @@ class Recovery(Stopping):
             await self._remove(vm)
         elif action is A.ADOPT:
             assert runtime is not None
+            if vm.pending == PendingOp.BOOTING and restores(vm.state, vm.snapshot_id):
+                await self._refresh_clone(vm)  # the kill may have come between restore and refresh
             await self._records.readopted(vm, VmState.PAUSED if runtime.paused else VmState.RUNNING)
             log.info("re-adopted %s (pid %d)", vm.vm_id, runtime.pid, extra={"vm_id": vm.vm_id})
         elif action is A.RESUME_SOURCE:

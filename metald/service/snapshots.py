@@ -138,7 +138,14 @@ class Snapshots(ServiceBase):
                 snapshot_id, vm_id, result.size_bytes, result.paused_seconds * 1000,
                 extra={"vm_id": vm_id},
             )  # fmt: skip
-            return SnapshotTaken(record, vm.state)
+        await self._snapshot_added(record)
+        return SnapshotTaken(record, vm.state)
+
+    async def _snapshot_added(self, snapshot: Snapshot) -> None:
+        """A snapshot was taken (its warm pool starts filling: pool.py)."""
+
+    async def _snapshot_removed(self, snapshot_id: str) -> None:
+        """A snapshot was deleted (its warm pool stops: pool.py)."""
 
     async def _refresh_clone(self, vm: Vm) -> None:
         """Right after a restore: the clone's own clock, entropy and identity (guestwork.py). A
@@ -171,6 +178,7 @@ class Snapshots(ServiceBase):
         records, _ = self._snapshot_store()
         await self._owned_snapshot(customer_id, snapshot_id)
         await records.mark_deleted(snapshot_id)
+        await self._snapshot_removed(snapshot_id)
         await self.purge_unused_snapshots()
 
     async def purge_unused_snapshots(self) -> None:

@@ -36,17 +36,20 @@ class FakeVmm:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     boots: int = 1
+    pool_slot: str = ""  # the warm pool slot it was started in
 
 
 class FakeBackend:
-    def __init__(self, *, max_vcpus: int = 32) -> None:
+    def __init__(self, *, max_vcpus: int = 32, warm_pool: bool = False) -> None:
         self.capabilities = BackendCapabilities(
             backend_type="fake",
             cpu_templates={"host": "host"},
             console_types=frozenset({"SERIAL", "VIRTIO_CONSOLE"}),
             max_vcpus=max_vcpus,
             supports_snapshots=True,
+            supports_warm_pool=warm_pool,
         )
+        self.pool_slots: dict[Path, LaunchSpec] = {}  # waiting slots (WarmPoolBackend)
         self.faults = Faults()
         self.vmms: dict[str, FakeVmm] = {}
         self.prepared: set[str] = set()
@@ -90,6 +93,10 @@ class FakeBackend:
         if spec.vm_id in self.vmms:
             raise precondition("RUNNING", f"{spec.vm_id} already runs")
         vmm = self.vmms[spec.vm_id] = FakeVmm(spec, next(self._pids))
+        if spec.pool_slot is not None and self.pool_slots.pop(spec.pool_slot, None) is not None:
+            shutil.rmtree(spec.vm_dir, ignore_errors=True)
+            spec.pool_slot.rename(spec.vm_dir)
+            vmm.pool_slot = spec.pool_slot.name
         self.exits.pop(spec.vm_id, None)
         if self.guest == "poweroff":
             self._end(spec.vm_id, "guest_poweroff")
@@ -169,6 +176,18 @@ class FakeBackend:
         await self.faults.step("snapshot")
         return SnapshotResult(size_bytes=4096, paused_seconds=0.001 if not vmm.paused else 0.0)
 
+    async def start_pool_slot(self, spec: LaunchSpec) -> None:
+        await self.faults.step("start_pool_slot")
+        spec.vm_dir.mkdir(parents=True)
+        self.pool_slots[spec.vm_dir] = spec
+
+    def pool_slot_running(self, slot_dir: Path) -> bool:
+        return slot_dir in self.pool_slots
+
+    async def stop_pool_slot(self, slot_dir: Path) -> None:
+        self.pool_slots.pop(slot_dir, None)
+        shutil.rmtree(slot_dir, ignore_errors=True)
+
     async def runtime(self, vm_id: str) -> VmRuntime | None:
         await self.faults.step("runtime")
         vmm = self.vmms.get(vm_id)
@@ -206,7 +225,8 @@ class FakeBackend:
 
     @staticmethod
     def _runtime(vmm: FakeVmm) -> VmRuntime:
-        return VmRuntime(vmm.pid, f"/fake/{vmm.spec.vm_id}.sock", vmm.ready.is_set(), vmm.paused)
+        extra = {"warm_pool_slot": vmm.pool_slot} if vmm.pool_slot else {}
+        return VmRuntime(vmm.pid, f"/fake/{vmm.spec.vm_id}.sock", vmm.ready.is_set(), vmm.paused, extra)
 
 
 def _write_snapshot(dest: Path, vm_id: str) -> None:

@@ -88,8 +88,9 @@ def test_health_has_the_reference_shape(daemon: Daemon) -> None:
     datetime.strptime(body["timestamp"], "%Y-%m-%dT%H:%M:%SZ")
     # real checks: the VMM binary answered, SQLite answered, the data dir's disk, the bridges' netns
     checks = body["checks"]
-    assert set(checks) == {"backend_ping", "store", "disk", "network"}
+    assert set(checks) == {"backend_ping", "store", "disk", "network", "warm_pool"}  # warm_pool: issue 13
     assert "QEMU emulator version" in checks["backend_ping"]["detail"]
+    assert "slots ready" in checks["warm_pool"]["detail"]
     assert "MiB free" in checks["disk"]["detail"]
     assert "host namespace" in checks["network"]["detail"]
     for check in checks.values():

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from metald.backends.qemu import control as qemu_control
 from metald.backends.qemu import layout, snapshot
 from metald.backends.qemu.accel import AccelSelector, ProbeAssets, host_tsc_khz, qemu_version
 from metald.backends.qemu.agent import GuestAgent
@@ -21,17 +22,18 @@ from metald.backends.qemu.cmdline import CPU_TEMPLATES, HostOptions, launch_cpu_
 from metald.backends.qemu.control import Qmp, save_boot_state, write_boot_state
 from metald.backends.qemu.files import RamFile, VmmFileError, close_fds, log_paths, open_vmm_files
 from metald.backends.qemu.overlay import prepare_vm_dir
+from metald.backends.qemu.pool import Launched, PoolSlots
 from metald.backends.qemu.qmp import QmpClient, QmpClosedError, QmpError
 from metald.backends.vmm.backend import VmmBackend
 from metald.backends.vmm.cgroups import VMM_MEMORY_OVERHEAD, Cgroups
 from metald.backends.vmm.console import ReadyWatch, file_size
 from metald.backends.vmm.jsonfile import read_json
 from metald.backends.vmm.lifecycle import RunningVm, VmmLifecycle, vmm_failed
-from metald.backends.vmm.process import VmmProcess, VmmStartError, read_log_tail
+from metald.backends.vmm.process import CmdlineMatcher, VmmProcess, VmmStartError, read_log_tail
 from metald.backends.vmm.relay import Relay
 from metald.backends.vmm.sandbox import VmmUser, kvm_group, wrap_argv
 from metald.backends.vmm.tools import tool_missing
-from metald.domain.errors import ErrorCode, MetaldError, invalid, precondition
+from metald.domain.errors import MetaldError, invalid
 from metald.ports import (
     BackendCapabilities,
     CheckResult,
@@ -47,13 +49,6 @@ _CTRL_ALT_DEL = ("ctrl", "alt", "delete")
 QMP_CONNECT_TIMEOUT = 10.0
 AGENT_PING_TIMEOUT = 1.5  # the agent polls its port once a second while nobody is connected
 QUIT_TIMEOUT = 5.0
-# What QEMU says of a kernel image it cannot load (x86 loader, QEMU 7.2).
-_KERNEL_REFUSED = (
-    "invalid kernel header",
-    "could not load kernel",
-    "Error loading uncompressed kernel",
-    "linux kernel too old",
-)
 CONSOLE_LOG_MAX_BYTES = 4 << 20  # console.log + console.log.1 together, the newest output
 
 
@@ -116,7 +111,9 @@ class QemuBackend(VmmBackend[Qmp]):
             cpu_templates=dict(CPU_TEMPLATES),
             console_types=frozenset({"SERIAL", "VIRTIO_CONSOLE"}),
             supports_snapshots=self._ram is not None,
+            supports_warm_pool=self._ram is not None,
         )
+        self._pool = PoolSlots(self._launch, self.start, self._vms)
 
     # ---- files ------------------------------------------------------------------------------
 
@@ -124,7 +121,7 @@ class QemuBackend(VmmBackend[Qmp]):
         await prepare_vm_dir(spec, qemu_img=self._img_binary)
 
     async def destroy(self, vm_id: str, vm_dir: Path) -> None:
-        await self._vms.kill_orphan(vm_id, vm_dir, functools.partial(name_matches, vm_id=vm_id))
+        await self._vms.kill_orphan(vm_id, vm_dir, await self._matcher(vm_id, vm_dir))
         await asyncio.to_thread(shutil.rmtree, vm_dir, True)
 
     # ---- starting and re-adopting ------------------------------------------------------------
@@ -133,6 +130,22 @@ class QemuBackend(VmmBackend[Qmp]):
         if (runtime := await self.adopt(spec)) is not None:
             return runtime  # already running (e.g. a retried BootVm): never a second QEMU
         await self._vms.supersede(spec.vm_id)
+        launched = await self._pool.take(spec) if spec.pool_slot is not None else None
+        if launched is None:
+            launched = await self._launch(spec)
+        control, vmm = launched.control, launched.vmm
+        watch = ReadyWatch(spec.console_path, spec.vm_id, launched.console_offset)
+        vm = control.vm = self._vms.track(spec.vm_id, spec.vm_dir, vmm, control, watch)
+        if launched.incoming is not None and spec.restore_from is not None:
+            await self._restore(vm, launched.incoming, spec.restore_from)
+        await asyncio.to_thread(write_boot_state, vm.vm_dir, watch.offset, control)
+        log.info(
+            "vm %s: qemu pid %d started (%s, cpu %s)", spec.vm_id, vmm.pid, control.accel, control.cpu_model
+        )
+        return await self._runtime(vm)
+
+    async def _launch(self, spec: LaunchSpec) -> Launched:
+        """A new QEMU for `spec`, its QMP connected; not tracked yet (a warm pool slot never is)."""
         accel = self._accel.current()
         try:
             model = launch_cpu_model(spec, accel)
@@ -164,33 +177,23 @@ class QemuBackend(VmmBackend[Qmp]):
             raise vmm_failed(spec.vm_id, str(e)) from e
         finally:
             close_fds(fds)
-        watch = ReadyWatch(spec.console_path, spec.vm_id, offset)
+        control = Qmp(accel, model, ram_fd=fds.ram)
         try:
-            vm = await self._connect(spec, vmm, watch, Qmp(accel, model, ram_fd=fds.ram))
+            connected = await self._connect(spec.vm_dir, vmm, control)
         except BaseException:  # cancelled: no QEMU may run untracked
             vmm.kill()
             vmm.detach()
             raise
-        if vm is None:
-            tail = await asyncio.to_thread(read_log_tail, spec.vm_dir, vmm.log_offset)
-            if any(marker in tail for marker in _KERNEL_REFUSED):  # the customer's input, not our fault
-                raise precondition(
-                    "KERNEL_INVALID",
-                    f"VM {spec.vm_id}: QEMU cannot boot config.boot.kernel_path: {tail}",
-                    vm_id=spec.vm_id,
-                    field="config.boot.kernel_path",
-                )
-            raise vmm_failed(spec.vm_id, f"QEMU did not come up: {tail}")
-        if fds.incoming is not None and spec.restore_from is not None:
-            await self._restore(vm, fds.incoming, spec.restore_from)
-        await asyncio.to_thread(write_boot_state, vm)
-        log.info("vm %s: qemu pid %d started (%s, cpu %s)", spec.vm_id, vmm.pid, accel, model)
-        return await self._runtime(vm)
+        if not connected:
+            raise qemu_control.did_not_come_up(
+                spec.vm_id, await asyncio.to_thread(read_log_tail, spec.vm_dir, vmm.log_offset)
+            )
+        return Launched(vmm, control, fds.incoming, offset)
 
     async def adopt(self, spec: LaunchSpec) -> VmRuntime | None:
         if (vm := self._vms.find(spec.vm_id)) is not None:
             return await self._runtime(vm)
-        vmm = await self._vms.attach(spec, functools.partial(name_matches, vm_id=spec.vm_id))
+        vmm = await self._vms.attach(spec, await self._matcher(spec.vm_id, spec.vm_dir))
         if vmm is None:
             return None
         boot = await asyncio.to_thread(read_json, spec.vm_dir / layout.BOOT_STATE) or {}
@@ -201,21 +204,34 @@ class QemuBackend(VmmBackend[Qmp]):
             str(boot.get("cpu_model", "unknown")),
             ram_fd=ram_fd if isinstance(ram_fd, int) else None,
             restored_ready=bool(boot.get("restored_ready")),
+            vmm_name=boot.get("vmm_name") if isinstance(boot.get("vmm_name"), str) else None,
         )
+        if control.vmm_name:
+            self._pool.mark_pool_born(control, spec)
         watch.ready = control.restored_ready
-        vm = await self._connect(spec, vmm, watch, control)
-        if vm is None:
+        if not await self._connect(spec.vm_dir, vmm, control):
             return None
+        if await qemu_control.awaiting_restore(
+            control
+        ):  # a restore cut short: that QEMU holds no machine yet
+            await control.close()
+            await self._vms.kill_untracked(vmm)
+            return None
+        control.vm = self._vms.track(spec.vm_id, spec.vm_dir, vmm, control, watch)
         log.info("vm %s: re-adopted qemu pid %d", spec.vm_id, vmm.pid)
-        return await self._runtime(vm)
+        return await self._runtime(control.vm)
 
-    async def _connect(
-        self, spec: LaunchSpec, vmm: VmmProcess, watch: ReadyWatch, control: Qmp
-    ) -> RunningVm[Qmp] | None:
-        """Connect QMP and start watching the VM; a VMM that cannot be controlled is killed (None)."""
+    @staticmethod
+    async def _matcher(vm_id: str, vm_dir: Path) -> CmdlineMatcher:
+        """How the VM's QEMU is recognised: by its -name, the VM's id or its warm pool slot's."""
+        name = await asyncio.to_thread(qemu_control.recorded_vmm_name, vm_dir) or vm_id
+        return functools.partial(name_matches, vm_id=name)
+
+    async def _connect(self, vm_dir: Path, vmm: VmmProcess, control: Qmp) -> bool:
+        """Connect QMP; a VMM that cannot be controlled is killed (False)."""
         try:
             control.client = await QmpClient.connect(
-                spec.vm_dir,
+                vm_dir,
                 layout.QMP_SOCKET,
                 timeout=QMP_CONNECT_TIMEOUT,
                 on_event=control.on_event,
@@ -223,15 +239,23 @@ class QemuBackend(VmmBackend[Qmp]):
             )
         except (OSError, QmpError, TimeoutError, ValueError):
             await self._vms.kill_untracked(vmm)
-            return None
-        control.vm = self._vms.track(spec.vm_id, spec.vm_dir, vmm, control, watch)
-        return control.vm
+            return False
+        return True
+
+    # ---- warm pool slots (pool.py) ----------------------------------------------------------
+    async def start_pool_slot(self, spec: LaunchSpec) -> None:
+        await self._pool.start(spec)
+
+    def pool_slot_running(self, slot_dir: Path) -> bool:
+        return self._pool.running(slot_dir)
+
+    async def stop_pool_slot(self, slot_dir: Path) -> None:
+        await self._pool.stop(slot_dir)
 
     # ---- snapshots (snapshot.py) ----------------------------------------------------------------
-
     async def _restore(self, vm: RunningVm[Qmp], state_fd: int, snapshot_dir: Path) -> None:
-        """Load a clone's device state; a VMM that cannot be restored is not left running. A
-        snapshot of a guest that was up is up at once: it prints no new ready line."""
+        """Load a clone's device state (a VMM that cannot be restored is killed); a snapshot of a
+        guest that was up is up at once (no new ready line)."""
         assert vm.control.client is not None
         try:
             await snapshot.restore(vm.control.client, state_fd)
@@ -243,28 +267,9 @@ class QemuBackend(VmmBackend[Qmp]):
         )
 
     async def snapshot(self, vm_id: str, dest: Path) -> SnapshotResult:
-        vm = self._vms.get(vm_id)
-        if vm.control.ram_fd is None or vm.control.client is None:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"VM {vm_id} was started without its RAM in a file; shut it down and boot it again",
-                reason="SNAPSHOT_UNSUPPORTED",
-                metadata={"vm_id": vm_id},
-            )
-        status = await vm.control.execute("query-status")
-        try:
-            saved = await snapshot.take(
-                vm.control.client,
-                ram=Path(f"/proc/{vm.vmm.pid}/fd/{vm.control.ram_fd}"),
-                vm_dir=vm.vm_dir,
-                dest=dest,
-                resume=status.get("status") == "running",
-                guest_ready=await vm.watch.poll(),
-                ram_owner=self._ram.owner if self._ram else None,
-            )
-        except (snapshot.SnapshotError, QmpError, QmpClosedError, TimeoutError) as e:
-            raise vmm_failed(vm_id, f"snapshot failed: {e}") from e
-        return SnapshotResult(saved.size_bytes, saved.paused_seconds)
+        return await snapshot.take_vm(
+            self._vms.get(vm_id), dest, ram_owner=self._ram.owner if self._ram else None
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -277,8 +282,10 @@ class QemuBackend(VmmBackend[Qmp]):
     async def reboot(self, vm_id: str, *, force: bool) -> None:
         """force, or a guest not up yet (it would miss any request): system_reset. Graceful: the
         guest agent's `reboot` if it answers a ping quickly, else Ctrl-Alt-Del on the i8042
-        keyboard (the default guest's init reboots on it)."""
+        keyboard (the default guest's init reboots on it). Born in a pool slot: see pool.py."""
         vm = self._vms.get(vm_id)
+        if vm.control.reset_elsewhere is not None:
+            return await vm.control.reset_elsewhere()
         up = await vm.watch.poll()
         await self._new_boot(vm)
         if force or not up:
@@ -337,7 +344,8 @@ class QemuBackend(VmmBackend[Qmp]):
             socket_path=str(vm.vm_dir / layout.QMP_SOCKET),
             guest_ready=await vm.watch.poll(),
             paused=status.get("status") == "paused",
-            extra={"accelerator": vm.control.accel, "cpu_model": vm.control.cpu_model},
+            extra={"accelerator": vm.control.accel, "cpu_model": vm.control.cpu_model}
+            | ({"warm_pool_slot": vm.control.vmm_name} if vm.control.vmm_name else {}),
         )
 
     async def metrics(self, vm_id: str) -> VmMetrics:
@@ -363,10 +371,11 @@ class QemuBackend(VmmBackend[Qmp]):
             detail = f"{self._img_binary} not found: VM disks cannot be made"
             return CheckResult("unhealthy", detail)
         accel = self._accel.current()
-        detail = f"{version}; accel={accel} ({self._accel.detail}); {len(self._vms)} VMs"
+        detail = f"{version}; accel={accel} ({self._accel.detail}); {len(self._vms)} VMs, {len(self._pool)} pool slots"
         return CheckResult("healthy", detail)
 
     async def close(self) -> None:
+        await self._pool.close()
         await self._vms.close()
         await self._accel.close()
 

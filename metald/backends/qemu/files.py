@@ -193,11 +193,12 @@ def _memory_files(opener: _Opener, spec: LaunchSpec, ram: RamFile | None) -> tup
 
 
 def log_paths(spec: LaunchSpec) -> list[Path]:
-    """The files the log pipes of VmmFds.log_sources end in, in the same order."""
+    """The files the log pipes of VmmFds.log_sources end in, in the same order; relative to vm_dir
+    (the supervisor's working directory), so that they follow it if it is renamed (warm pool)."""
     paths = [spec.console_path]
     if spec.console_type == "VIRTIO_CONSOLE":
         paths.append(spec.vm_dir / layout.SERIAL_LOG)
-    return paths
+    return [p.relative_to(spec.vm_dir) if p.is_relative_to(spec.vm_dir) else p for p in paths]
 
 
 def close_fds(fds: VmmFds) -> None:

@@ -23,10 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metald.backends.qemu.control import Qmp
 from metald.backends.qemu.layout import DISKS_STATE
 from metald.backends.qemu.overlay import recorded_chains
-from metald.backends.qemu.qmp import QmpClient
+from metald.backends.qemu.qmp import QmpClient, QmpClosedError, QmpError
 from metald.backends.vmm.jsonfile import write_json_atomic
+from metald.backends.vmm.lifecycle import RunningVm, vmm_failed
+from metald.domain.errors import ErrorCode, MetaldError
+from metald.ports import SnapshotResult
 
 RAM_FILE = "ram"
 DEVICE_STATE = "state"
@@ -187,3 +191,28 @@ def source_was_ready(snapshot_dir: Path) -> bool:
         return bool(json.loads((snapshot_dir / MANIFEST).read_text()).get("guest_ready"))
     except (OSError, ValueError):
         return False
+
+
+async def take_vm(vm: RunningVm[Qmp], dest: Path, *, ram_owner: int | None) -> SnapshotResult:
+    """`take` a snapshot of a running or paused VM started with its RAM in a file."""
+    if vm.control.ram_fd is None or vm.control.client is None:
+        raise MetaldError(
+            ErrorCode.FAILED_PRECONDITION,
+            f"VM {vm.vm_id} was started without its RAM in a file; shut it down and boot it again",
+            reason="SNAPSHOT_UNSUPPORTED",
+            metadata={"vm_id": vm.vm_id},
+        )
+    status = await vm.control.execute("query-status")
+    try:
+        saved = await take(
+            vm.control.client,
+            ram=Path(f"/proc/{vm.vmm.pid}/fd/{vm.control.ram_fd}"),
+            vm_dir=vm.vm_dir,
+            dest=dest,
+            resume=status.get("status") == "running",
+            guest_ready=await vm.watch.poll(),
+            ram_owner=ram_owner,
+        )
+    except (SnapshotError, QmpError, QmpClosedError, TimeoutError) as e:
+        raise vmm_failed(vm.vm_id, f"snapshot failed: {e}") from e
+    return SnapshotResult(saved.size_bytes, saved.paused_seconds)

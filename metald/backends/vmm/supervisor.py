@@ -16,7 +16,8 @@ into its bounded log file (vmm/relay.py) for as long as the VMM writes to it, in
 directory (joined between fork and exec: the VMM never runs outside it), writes vmm.json (pids,
 start times, cgroup), prints the VMM's pid on stdout and closes it, waits for the VMM, removes the
 cgroup, writes exit.json {"returncode": rc, "oom_killed": bool} (rc < 0: killed by that signal) and
-exits. The supervisor itself stays outside the cgroup: an OOM kill there takes the VMM, never the
+exits. Its state files are written relative to its working directory, which follows vm_dir if that
+is renamed (a warm pool slot becoming a VM's directory). The supervisor itself stays outside the cgroup: an OOM kill there takes the VMM, never the
 process that reports it.
 """
 
@@ -85,7 +86,8 @@ def main(args: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    vm_dir, fds, dirs, command = parsed.vm_dir, parsed.fds, parsed.cgroups, parsed.command
+    fds, dirs, command = parsed.fds, parsed.cgroups, parsed.command
+    here = Path()  # vm_dir, as the daemon starts us in it: followed across a rename
     parent = os.getpid()
     try:
         proc = subprocess.Popen(
@@ -109,7 +111,7 @@ def main(args: Sequence[str]) -> int:
         "supervisor_start_time": _identity(parent),
         "cgroup": [str(d) for d in dirs],
     }
-    write_json_atomic(vm_dir / layout.VMM_STATE, state)
+    write_json_atomic(here / layout.VMM_STATE, state)
     print(proc.pid, flush=True)
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the daemon may go away
     returncode = proc.wait()
@@ -120,7 +122,7 @@ def main(args: Sequence[str]) -> int:
         cgroups.remove_dirs(dirs)
     except OSError as e:
         print(f"supervisor: cannot remove cgroup {e.filename}: {e.strerror}", file=sys.stderr)
-    write_json_atomic(vm_dir / layout.EXIT_STATE, {"returncode": returncode, "oom_killed": oom_killed})
+    write_json_atomic(here / layout.EXIT_STATE, {"returncode": returncode, "oom_killed": oom_killed})
     return 0
 
 

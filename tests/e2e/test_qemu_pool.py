@@ -1,0 +1,154 @@
+"""QemuBackend warm pool slots on real guests (TCG): a clone boots into the QEMU that waited for it,
+is the snapshot's machine in its own directory, and slots stopped (also by another "daemon",
+after a kill -9) leave no process or file."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from metald.backends import procfs
+from metald.backends.qemu.agent import GuestAgent
+from metald.backends.qemu.backend import QemuBackend
+from metald.ports import LaunchSpec
+from tests.e2e.test_qemu_backend import READY_TIMEOUT, _agent_exec, launch_spec
+from tests.e2e.test_qemu_snapshot import backend  # noqa: F401  (the fixture)
+from tests.e2e.test_qemu_snapshot import pytestmark as snapshot_marks
+
+pytestmark = snapshot_marks
+
+
+def _slot_spec(assets: Path, slot_dir: Path, snap: Path) -> LaunchSpec:
+    return dataclasses.replace(launch_spec(assets, slot_dir, slot_dir.name), restore_from=snap)
+
+
+def _vmm_pid(directory: Path) -> int:
+    return int(json.loads((directory / "vmm.json").read_text())["pid"])
+
+
+def _alive(pid: int) -> bool:
+    return procfs.read_stat(pid) is not None
+
+
+async def test_a_clone_boots_into_a_waiting_slot(
+    assets_dir: Path,
+    tmp_path: Path,
+    backend: QemuBackend,  # noqa: F811
+) -> None:
+    assert backend.capabilities.supports_warm_pool
+    source = launch_spec(assets_dir, tmp_path / "src", "vm-src")
+    await backend.start(source)
+    assert await backend.wait_ready("vm-src", READY_TIMEOUT)
+    assert await _agent_exec(source.vm_dir, "echo unsynced > /root/unsynced") == (0, "")
+    snap = tmp_path / "snapshots" / "snap-1"
+    snap.parent.mkdir()
+    await backend.snapshot("vm-src", snap)
+    await backend.stop("vm-src", graceful=False, timeout=0)
+
+    pool = tmp_path / "pool" / "snap-1"
+    pool.mkdir(parents=True)
+    slots = [pool / "pool_a", pool / "pool_b"]
+    for slot_dir in slots:
+        await backend.start_pool_slot(_slot_spec(assets_dir, slot_dir, snap))
+        assert backend.pool_slot_running(slot_dir)
+    waiting_pid = _vmm_pid(slots[0])
+
+    # The clone (its directory made at create, as the service does) takes slot a.
+    clone = dataclasses.replace(
+        launch_spec(assets_dir, tmp_path / "vms" / "vm-clone", "vm-clone"),
+        restore_from=snap,
+        pool_slot=slots[0],
+    )
+    await backend.prepare(clone)
+    runtime = await backend.start(clone)
+    assert runtime.pid == waiting_pid and runtime.extra["warm_pool_slot"] == "pool_a"
+    assert not slots[0].exists() and not backend.pool_slot_running(slots[0])
+    assert await backend.wait_ready("vm-clone", READY_TIMEOUT)
+    assert await _agent_exec(clone.vm_dir, "cat /root/unsynced") == (0, "unsynced")
+    tracked = await backend.runtime("vm-clone")  # tracked as the VM's own, after the slot's watch ended
+    assert tracked is not None and tracked.pid == waiting_pid and tracked.guest_ready
+    assert _vmm_pid(clone.vm_dir) == waiting_pid
+    assert procfs.read_cwd(waiting_pid) == str(clone.vm_dir)  # the slot's directory became the clone's
+    # It writes on its own overlay, over the snapshot's frozen one.
+    assert json.loads((clone.vm_dir / "disks.json").read_text())["disk0.qcow2"][0] == str(
+        snap / "disk0.qcow2"
+    )
+    assert await _agent_exec(clone.vm_dir, "echo mine > /root/mine; sync") == (0, "")
+
+    # Another daemon (this one killed -9) re-adopts the clone by its slot's QEMU name and stops
+    # the slot it never knew of.
+    other = QemuBackend(
+        qemu_binary="qemu-system-x86_64",
+        qemu_img_binary="qemu-img",
+        accel="tcg",
+        state_dir=tmp_path / "state2",
+        probe_kernel=None,
+        probe_initrd=None,
+        probe_rootfs=None,
+        ram_dir=Path("/dev/shm") / f"metald-test-{os.getpid()}-other",
+    )
+    try:
+        spare_pid = _vmm_pid(slots[1])
+        await other.stop_pool_slot(slots[1])
+        assert not slots[1].exists() and not _alive(spare_pid)
+        await backend._vms.close()  # the first "daemon" lets go of its VMs, as a killed one does
+        adopted = await other.adopt(dataclasses.replace(clone, restore_from=None, pool_slot=None))
+        assert adopted is not None and adopted.pid == waiting_pid and adopted.guest_ready
+        assert adopted.extra["warm_pool_slot"] == "pool_a"
+        # A reset would boot the slot's kernel command line: the guest's own reboot moves it to a
+        # QEMU of its own instead.
+        agent = await GuestAgent.connect(clone.vm_dir)
+        try:
+            assert await agent.ping(15.0) and await agent.command("reboot") == "ok"
+        finally:
+            await agent.close()
+        for _ in range(200):
+            rebooted = await other.runtime("vm-clone")
+            if rebooted is not None and rebooted.pid != waiting_pid:
+                break
+            await asyncio.sleep(0.1)
+        assert rebooted is not None and rebooted.pid != waiting_pid and "warm_pool_slot" not in rebooted.extra
+        assert not _alive(waiting_pid)
+        assert await other.wait_ready("vm-clone", READY_TIMEOUT)  # its own ready line, its own vm_id
+        assert await _agent_exec(clone.vm_dir, "cat /root/mine") == (0, "mine")
+        _, cmdline = await _agent_exec(clone.vm_dir, "cat /proc/cmdline")
+        assert "metald.vm_id=vm-clone" in cmdline
+        pid = rebooted.pid
+        await other.destroy("vm-clone", clone.vm_dir)
+        assert not _alive(pid) and not clone.vm_dir.exists()
+    finally:
+        await other.close()
+    assert list(pool.iterdir()) == []
+
+
+async def test_a_slot_gone_makes_the_clone_restore_normally(
+    assets_dir: Path,
+    tmp_path: Path,
+    backend: QemuBackend,  # noqa: F811
+) -> None:
+    source = launch_spec(assets_dir, tmp_path / "src", "vm-src")
+    await backend.start(source)
+    assert await backend.wait_ready("vm-src", READY_TIMEOUT)
+    snap = tmp_path / "snapshots" / "snap-1"
+    snap.parent.mkdir()
+    await backend.snapshot("vm-src", snap)
+    slot_dir = tmp_path / "pool" / "snap-1" / "pool_c"
+    await backend.start_pool_slot(_slot_spec(assets_dir, slot_dir, snap))
+    pid = _vmm_pid(slot_dir)
+    os.kill(pid, 9)  # the slot's QEMU dies while waiting: the backend cleans it up
+    for _ in range(100):
+        if not slot_dir.exists():
+            break
+        await asyncio.sleep(0.05)
+    assert not slot_dir.exists() and not backend.pool_slot_running(slot_dir)
+    clone = dataclasses.replace(
+        launch_spec(assets_dir, tmp_path / "vms" / "vm-c", "vm-c"), restore_from=snap, pool_slot=slot_dir
+    )
+    runtime = await backend.start(clone)
+    assert "warm_pool_slot" not in runtime.extra and runtime.pid != pid
+    assert await backend.wait_ready("vm-c", READY_TIMEOUT)
+    for vm_id in ("vm-src", "vm-c"):
+        await backend.stop(vm_id, graceful=False, timeout=0)
