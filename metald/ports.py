@@ -93,6 +93,10 @@ class LaunchSpec:
     # the backend's default), decided once by the service. None only in specs built by hand (tests,
     # the accel probe): the backend then looks cpu_template up itself.
     cpu_model: str | None = None
+    # The canonical assets root that kernel, initrd and disk paths were resolved under, decided by
+    # the service: the backend opens them beneath it following no symlink (metald/assets.py). None
+    # in specs built by hand (tests, the accel probe): opened by path.
+    assets_root: Path | None = None
 
     def __post_init__(self) -> None:
         """Disks in launch order, decided here once: the root device first (it becomes /dev/vda),
