@@ -107,6 +107,10 @@ class LaunchSpec:
     # A clone's first boot into this warm pool slot (WarmPoolBackend.start_pool_slot) rather than a
     # VMM of its own; a slot that is gone makes the backend restore the normal way.
     pool_slot: Path | None = None
+    # The canonical assets root that kernel, initrd and disk paths were resolved under, decided by
+    # the service: the backend opens them beneath it following no symlink (metald/assets.py). None
+    # in specs built by hand (tests, the accel probe): opened by path.
+    assets_root: Path | None = None
 
     def __post_init__(self) -> None:
         """Disks in launch order, decided here once: the root device first (it becomes /dev/vda),

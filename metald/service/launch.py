@@ -12,10 +12,15 @@ from metald.service.snapshots import Snapshots, restores
 
 
 class Launch(Snapshots):
-    async def _launch_spec(self, vm: Vm, attachment: NetworkAttachment | None) -> LaunchSpec:
+    async def _launch_spec(
+        self, vm: Vm, attachment: NetworkAttachment | None, *, stored: bool = True
+    ) -> LaunchSpec:
+        """`stored`: the VM's paths were accepted before (boot, adoption), not a request's input."""
         config = vm.config
         assert config.boot is not None and config.cpu is not None and config.console is not None
-        kernel = await self._assets.resolve(config.boot.kernel_path, "config.boot.kernel_path")
+        kernel = await self._assets.resolve_kernel(
+            config.boot.kernel_path, "config.boot.kernel_path", accepted=stored
+        )
         initrd = None
         if config.boot.initrd_path:
             initrd = await self._assets.resolve(config.boot.initrd_path, "config.boot.initrd_path")
@@ -41,6 +46,7 @@ class Launch(Snapshots):
             console_path=self._console_path(vm),
             labels={"customer_id": vm.customer_id},
             restore_from=self._snapshot_dir(vm.snapshot_id) if restores(vm.state, vm.snapshot_id) else None,
+            assets_root=await self._assets.canonical_root(),
         )
 
     async def _reset_clone(self, vm: Vm) -> None:

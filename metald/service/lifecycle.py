@@ -63,7 +63,7 @@ class Lifecycle(Pools):
         self._check_capabilities(config)
         now = datetime.now(UTC)
         vm = Vm(vm_id, customer_id, config, VmState.CREATED, now, now, snapshot_id=snapshot_id)
-        spec = await self._launch_spec(vm, None)  # resolves and checks every host path first
+        spec = await self._launch_spec(vm, None, stored=False)  # resolves and checks every host path first
         async with self._create_lock:
             if await self._vms.get(vm_id) is not None:
                 raise vm_exists(vm_id)

@@ -186,3 +186,44 @@ def test_metald_state_is_never_an_asset(state_in_assets: Daemon) -> None:
     for path in (f"/assets/vms/{vm_id}/disk0.qcow2", "/assets/metald.db"):
         body = refused(state_in_assets, attacker, {"storage": disk(path, read_only=True)}, DISK, status=403)
         assert body["code"] == "permission_denied"
+
+
+def test_canonical_file_swapped_for_a_symlink_is_refused_at_boot(
+    own_daemon: Daemon, rpc: Rpc, own_assets: Path, tmp_path: Path
+) -> None:
+    """An operator-side swap of the very file a VM was created with (not of a link to it) for a
+    symlink to a file outside the root: the boot is refused, nothing runs and nothing leaks."""
+    name = f"kernel-{uuid.uuid4().hex[:6]}"
+    kernel = own_assets / name
+    kernel.write_bytes((own_assets / "vmlinux").read_bytes())
+    outside = tmp_path / "outside-kernel"
+    outside.write_bytes(kernel.read_bytes())  # a real kernel: only its place is wrong
+    vm_id = rpc.create({"boot": boot(f"/assets/{name}")})
+    fds_before = len(os.listdir(f"/proc/{own_daemon.proc.pid}/fd")) if own_daemon.proc else 0
+    swap = kernel.with_name(name + ".swap")
+    os.symlink(outside, swap)
+    os.replace(swap, kernel)
+    for _ in range(3):
+        status, body = rpc.error("BootVm", {"vm_id": vm_id})
+        assert status in (400, 412) and body["message"].startswith(KERNEL), body
+        assert body["details"][0]["debug"]["reason"] in ("INVALID_FIELD", "ASSET_CHANGED"), body
+    assert rpc.state(vm_id) == "VM_STATE_CREATED"
+    assert vmm_pids(own_daemon.data_dir / "vms" / vm_id) == [], "no VMM was started"
+    assert own_daemon.proc is not None
+    assert len(os.listdir(f"/proc/{own_daemon.proc.pid}/fd")) <= fds_before + 2, "descriptors leak"
+    rpc.ok("DeleteVm", {"vm_id": vm_id})
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"#!/bin/sh\necho not a kernel\n" * 50, os.urandom(64 * 1024), b""],
+    ids=["text", "random", "empty"],
+)
+def test_a_kernel_that_is_not_a_kernel_is_refused_at_create(
+    own_daemon: Daemon, rpc: Rpc, own_assets: Path, content: bytes
+) -> None:
+    name = f"junk-{uuid.uuid4().hex[:6]}"
+    (own_assets / name).write_bytes(content)
+    body = refused(own_daemon, rpc, {"boot": boot(f"/assets/{name}")}, KERNEL)
+    assert body["code"] == "invalid_argument"
+    assert body["details"][0]["debug"]["reason"] == "KERNEL_INVALID", body

@@ -109,7 +109,9 @@ async def open_world(tmp: Path, quotas: Quotas | None = None, retention: int = 1
     assets = tmp / "assets"
     assets.mkdir(parents=True, exist_ok=True)
     for name in ("vmlinux", "initrd", "rootfs.ext4"):
-        (assets / name).write_bytes(b"x")
+        (assets / name).write_bytes(
+            b"\x7fELF fake kernel" if name == "vmlinux" else b"x"
+        )  # a kernel's header
     store = await SqliteStore.open(tmp / "metald.db", EventRetention(count=retention))
     world = World(tmp, store, FakeBackend(), FakeNetwork(), RecordingEvents(), quotas or Quotas(), None)  # type: ignore[arg-type]
     world.service = world.make_service()

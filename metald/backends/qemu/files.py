@@ -5,6 +5,8 @@ it neither needs any directory on the way to its files to be open to it nor can 
 the daemon later reads as root (a console log turned into a link to /etc/shadow, say):
 - kernel and initrd: /proc/self/fd/N, because QEMU's loaders take a path (reopening through
   /proc checks only the file's own mode: images must be readable by the VMM user, as built ones are);
+  assets (kernel, initrd, read-only disks, overlay bases) are opened following no symlink, so one
+  swapped in after the daemon checked the path is refused (ASSET_CHANGED);
 - disks: the read-only image, or the writable overlay (read-write and read-only) and the base
   recorded when it was made (overlay.py);
 - console and serial log: the writing end of a pipe; the VM's supervisor appends what comes out
@@ -28,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from metald.assets import open_beneath
 from metald.backends.qemu import layout
 from metald.backends.qemu.cmdline import DiskFds, VmmFds
 from metald.backends.qemu.overlay import recorded_chains
@@ -52,6 +55,18 @@ class _Opener:
     def file(self, path: Path | str, flags: int) -> int:
         try:
             fd = os.open(path, flags, 0o640)
+        except OSError as e:
+            raise VmmFileError(f"cannot open {path}: {e.strerror}") from e
+        self.fds.append(fd)
+        return fd
+
+    def asset(self, path: Path, root: Path | None) -> int:
+        """A resolved asset, read-only; under `root` (the spec's canonical assets root) following no
+        symlink, so one swapped in since it was checked is ASSET_CHANGED, never handed to QEMU."""
+        if root is None or not path.is_relative_to(root):
+            return self.file(path, _READ)  # a spec built by hand, or a base outside today's root
+        try:
+            fd = open_beneath(root, path, os.O_RDONLY)
         except OSError as e:
             raise VmmFileError(f"cannot open {path}: {e.strerror}") from e
         self.fds.append(fd)
@@ -141,21 +156,23 @@ def open_vmm_files(spec: LaunchSpec, ram: RamFile | None = None) -> VmmFds:
         disks = []
         for i, disk in enumerate(spec.disks):
             if disk.read_only:
-                disks.append(DiskFds((opener.file(disk.host_path, _READ),)))
+                disks.append(DiskFds((opener.asset(disk.host_path, spec.assets_root),)))
                 continue
             overlay = layout.overlay_path(spec.vm_dir, i)
             if overlay.name not in chains:
                 raise VmmFileError(f"{overlay.name} has no recorded base image")
             rw = opener.file(overlay, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             ro = opener.file(overlay, _READ | os.O_NOFOLLOW)
-            *frozen, base = (opener.file(path, _READ) for path in chains[overlay.name])
+            *frozen_paths, base_path = chains[overlay.name]
+            frozen = [opener.file(path, _READ) for path in frozen_paths]
+            base = opener.asset(Path(base_path), spec.assets_root)
             disks.append(DiskFds((rw, ro), base, tuple(frozen)))
         ram_fd, incoming = _memory_files(opener, spec, ram)
         console_source, console = opener.pipe()
         serial_source, serial = opener.pipe() if spec.console_type == "VIRTIO_CONSOLE" else (None, None)
         return VmmFds(
-            kernel=opener.file(spec.kernel, _READ),
-            initrd=None if spec.initrd is None else opener.file(spec.initrd, _READ),
+            kernel=opener.asset(spec.kernel, spec.assets_root),
+            initrd=None if spec.initrd is None else opener.asset(spec.initrd, spec.assets_root),
             disks=tuple(disks),
             console=console,
             serial=serial,
