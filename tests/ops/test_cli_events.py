@@ -187,6 +187,7 @@ def test_watch_reconnect_resumes_across_a_daemon_kill(start_daemon: StartDaemon)
         plain.proc.kill()
         plain.proc.wait(10)
     assert status == 130, err
+    assert "metalctl: watch broke (unavailable: " in err and f"resuming after cursor {first['cursor']}" in err
     assert [(e["vm_id"], e["type"]) for e in later] == [
         ("after-kill", "VM_EVENT_TYPE_CREATED"),
         ("before-kill", "VM_EVENT_TYPE_DELETED"),
