@@ -4,6 +4,7 @@ twin by construction: both get their methods from the core)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from types import TracebackType
 from typing import TypeVar
@@ -61,7 +62,7 @@ class AsyncClient(core.AsyncCore):
             except ConnectError as exc:
                 await asyncio.sleep(attempts.delay_after(exc))
 
-    async def _stream(self, call: RpcCall[R]) -> AsyncIterator[R]:
+    async def _stream(self, call: RpcCall[R]) -> AsyncGenerator[R]:
         stream = self._rpc.execute_server_stream(
             request=call.request, method=call.rpc.method, headers=self.options.headers
         )
@@ -91,15 +92,18 @@ class AsyncClient(core.AsyncCore):
         vm_ids: Iterable[str] = (),
         after_cursor: str = "",
         reconnect: bool = False,
+        on_reconnect: core.OnReconnect | None = None,
     ) -> AsyncGenerator[pb.VmEvent]:
         """The caller's VM events after `after_cursor` (empty: live ones only), until the stream
-        ends; with `reconnect`, resumed from the last event's cursor whenever it breaks."""
-        watch = core.Watch.of(states, vm_ids, after_cursor, reconnect, self.options.retry)
+        ends; with `reconnect`, resumed from the last event's cursor whenever it breaks (and
+        `on_reconnect(error, cursor, pause)` told each time)."""
+        watch = core.Watch.of(states, vm_ids, after_cursor, reconnect, self.options.retry, on_reconnect)
         while (step := watch.next()) is not None:
             await asyncio.sleep(step[0])
             with watch.guard():
-                async for event in self._stream(step[1]):
-                    yield watch.seen(event)
+                async with contextlib.aclosing(self._stream(step[1])) as events:
+                    async for event in events:
+                        yield watch.seen(event)
 
     async def iter_vms(
         self, *, states: Iterable[StateLike] = (), page_size: int = 100

@@ -201,6 +201,11 @@ class StateWait:
         return False
 
 
+# Told before a watch is opened again: what broke it (None: the server ended it), the cursor it
+# resumes after, and the pause before it does.
+OnReconnect = Callable[[ApiError | None, str, float], None]
+
+
 @dataclasses.dataclass
 class Watch:
     """A WatchVms that follows its cursor. Each `next()` is (pause, call) for the next stream to
@@ -214,6 +219,7 @@ class Watch:
     cursor: str
     reconnect: bool
     retry: RetryPolicy
+    on_reconnect: OnReconnect | None = None
     _opened: bool = False
     _error: ApiError | None = None
     _delays: Iterator[float] = dataclasses.field(default_factory=lambda: iter(()))
@@ -226,8 +232,11 @@ class Watch:
         after_cursor: str,
         reconnect: bool,
         retry: RetryPolicy,
+        on_reconnect: OnReconnect | None = None,
     ) -> Watch:
-        watch = cls([common.state(s) for s in states], list(vm_ids), after_cursor, reconnect, retry)
+        watch = cls(
+            [common.state(s) for s in states], list(vm_ids), after_cursor, reconnect, retry, on_reconnect
+        )
         watch._reset()
         return watch
 
@@ -243,6 +252,8 @@ class Watch:
             if not self.reconnect:
                 return None
             delay = next(self._delays)
+            if self.on_reconnect is not None:
+                self.on_reconnect(error, self.cursor, delay)
         self._opened = True
         return delay, calls.watch_vms(states=self.states, vm_ids=self.vm_ids, after_cursor=self.cursor)
 

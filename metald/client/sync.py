@@ -84,10 +84,12 @@ class Client(core.SyncCore):
         vm_ids: Iterable[str] = (),
         after_cursor: str = "",
         reconnect: bool = False,
+        on_reconnect: core.OnReconnect | None = None,
     ) -> Generator[pb.VmEvent]:
         """The caller's VM events after `after_cursor` (empty: live ones only), until the stream
-        ends; with `reconnect`, resumed from the last event's cursor whenever it breaks."""
-        watch = core.Watch.of(states, vm_ids, after_cursor, reconnect, self.options.retry)
+        ends; with `reconnect`, resumed from the last event's cursor whenever it breaks (and
+        `on_reconnect(error, cursor, pause)` told each time)."""
+        watch = core.Watch.of(states, vm_ids, after_cursor, reconnect, self.options.retry, on_reconnect)
         while (step := watch.next()) is not None:
             time.sleep(step[0])
             with watch.guard():

@@ -4,6 +4,7 @@ snapshot create/list/delete and `create --from-snapshot` restoring a clone."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -78,7 +79,7 @@ def test_watch_shows_create_boot_delete(daemon: Daemon, rpc: Rpc, customer: str)
     try:
         header = watcher.line(30)
         assert header.split() == ["CURSOR", "AT", "VM", "ID", "EVENT", "STATE", "PREVIOUS", "REASON"]
-        run = lambda *a: metalctl(*a, url=daemon.url, token=token(customer))  # noqa: E731
+        run = functools.partial(metalctl, url=daemon.url, token=token(customer))
         assert run("create", "--vcpus", "1", "-m", "name=other").returncode == 0  # not this VM: filtered out
         made = run("create", vm_id, "--boot")
         assert made.returncode == 0, made.stderr
@@ -121,7 +122,7 @@ def test_watch_refusals_exit_with_their_code(daemon: Daemon, customer: str) -> N
 
 
 def test_snapshot_commands_and_a_clone(daemon: Daemon, rpc: Rpc, customer: str) -> None:
-    run = lambda *a: metalctl(*a, url=daemon.url, token=token(customer), timeout=240)  # noqa: E731
+    run = functools.partial(metalctl, url=daemon.url, token=token(customer), timeout=240)
     source, snap = f"src-{customer}", f"snap-{customer}"
     assert run("create", source, "--boot", "--timeout", "90").returncode == 0
     taken = run("snapshot", "create", source, "--id", snap, "-m", "role=template")
@@ -168,7 +169,7 @@ def test_snapshot_commands_and_a_clone(daemon: Daemon, rpc: Rpc, customer: str) 
 
 def test_watch_reconnect_resumes_across_a_daemon_kill(start_daemon: StartDaemon) -> None:
     daemon = start_daemon("cliwatch")
-    run = lambda *a: metalctl(*a, url=daemon.url, token=token("cliwatcher"))  # noqa: E731
+    run = functools.partial(metalctl, url=daemon.url, token=token("cliwatcher"))
     assert run("create", "before-kill").returncode == 0
     plain = Watcher(daemon, "cliwatcher", "--after", "0")
     resuming = Watcher(daemon, "cliwatcher", "--after", "0", "--reconnect", "-o", "json")
@@ -187,6 +188,7 @@ def test_watch_reconnect_resumes_across_a_daemon_kill(start_daemon: StartDaemon)
         plain.proc.kill()
         plain.proc.wait(10)
     assert status == 130, err
+    assert "metalctl: watch broke (unavailable: " in err and f"resuming after cursor {first['cursor']}" in err
     assert [(e["vm_id"], e["type"]) for e in later] == [
         ("after-kill", "VM_EVENT_TYPE_CREATED"),
         ("before-kill", "VM_EVENT_TYPE_DELETED"),

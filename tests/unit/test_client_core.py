@@ -135,7 +135,8 @@ def test_a_watch_without_reconnect_opens_once() -> None:
 
 
 def test_a_reconnecting_watch_resumes_after_the_last_cursor_and_backs_off() -> None:
-    watch = core.Watch.of(["running"], ["a"], "2", True, FAST)
+    told: list[tuple[ApiError | None, str, float]] = []
+    watch = core.Watch.of(["running"], ["a"], "2", True, FAST, lambda *a: told.append(a))
     assert watch.next()[1].request.after_cursor == "2"  # type: ignore[index]
     delays: list[float] = []
     for cursor in ("5", None, None):
@@ -150,7 +151,9 @@ def test_a_reconnecting_watch_resumes_after_the_last_cursor_and_backs_off() -> N
             state_filter=[pb.VmState.RUNNING], vm_ids=["a"], after_cursor="5"
         )
     assert all(0 <= d <= 1.0 for d in delays)
+    assert [(e.code if e else None, c, d) for e, c, d in told] == [(Code.UNAVAILABLE, "5", d) for d in delays]
     assert watch.next() is not None  # a stream the server ended is resumed too
+    assert told[-1][:2] == (None, "5")
     with watch.guard():
         raise ApiError(Code.OUT_OF_RANGE, "cursor expired")
     with pytest.raises(ApiError) as expired:

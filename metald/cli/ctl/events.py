@@ -79,7 +79,11 @@ def _on_a_thread(items: Iterator[T]) -> Iterator[T]:
 def watch(client: Client, args: argparse.Namespace, out: Output) -> int:
     """One row (or JSON line) per event; runs until interrupted (exit 130) or the stream ends."""
     events = client.watch_vms(
-        states=args.state, vm_ids=args.vm, after_cursor=args.after, reconnect=args.reconnect
+        states=args.state,
+        vm_ids=args.vm,
+        after_cursor=args.after,
+        reconnect=args.reconnect,
+        on_reconnect=out.reconnecting,
     )
     out.event_header()
     for event in _on_a_thread(events):

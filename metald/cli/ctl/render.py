@@ -139,6 +139,12 @@ class Output:
             ]
         )
 
+    def reconnecting(self, error: ApiError | None, cursor: str, pause: float) -> None:
+        """`watch --reconnect` says on stderr why and from where it resumes (stdout stays rows)."""
+        why = f"{error.code.value}: {error.message}" if error else "the server ended the stream"
+        after = f"after cursor {cursor}" if cursor else "with live events"
+        self.err.print(f"metalctl: watch broke ({why}); resuming {after} in {pause:.1f}s", soft_wrap=True)
+
     def _row(self, cells: list[Text], style: str = "") -> None:
         line = Text(style=style)
         for cell, (_, width) in zip(cells, [*EVENT_COLUMNS, ("", 0)], strict=True):
