@@ -84,4 +84,6 @@ def test_text_rewrite_leaves_strings_and_map_values_alone() -> None:
         for size in (256, -5, 2**60):
             data = json.loads(codec.encode(_vm_with(metadata, size)))
             assert data["vms"][0]["config"]["metadata"] == metadata
-            assert data["vms"][0]["config"]["memory"]["size_bytes"] == (size if abs(size) < 2**53 else str(size))
+            assert data["vms"][0]["config"]["memory"]["size_bytes"] == (
+                size if abs(size) < 2**53 else str(size)
+            )
