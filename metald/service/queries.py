@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-LIVE_READ_MAX_AGE = 0.25  # seconds a live read (runtime, metrics, links) serves later GetVmInfo calls
+LIVE_READ_MAX_AGE = 0.1  # seconds a live read (runtime, metrics, links) serves later GetVmInfo calls
 _LIVE_KEPT = 4096  # live reads kept before the expired ones are dropped
 
 Live = tuple[VmRuntime | None, VmMetrics, NetworkAttachment | None]
