@@ -6,7 +6,9 @@ Two servers answer the same requests in the same run, in alternating order, roun
 - `floor`: bench.floor_app, the same server stack with a handler that returns the daemon's own
   answer (decoded once, re-encoded per call): what any handler costs in this stack;
 - `bare` (with --sides): connectrpc's application alone on the same server, without the daemon's
-  middleware and interceptors.
+  middleware and interceptors;
+- `daemon-pyvoy`, `floor-pyvoy`, `bare-pyvoy` (with --sides): the same three served by pyvoy's
+  Envoy (`metald serve --server pyvoy`; `pip install pyvoy==1.3.0`).
 
 The stored VMs beyond the running one are copies of a CreateVm'd row written straight into the
 daemon's SQLite file (half CREATED, half SHUTDOWN); ListVms asks for page 50 filtered by SHUTDOWN.
@@ -78,7 +80,16 @@ RUNNING_CONFIG = {
     "network": [{"interface_id": "eth0"}],
     "metadata": {"team": "bench", "purpose": "api-floor"},
 }
-SIDES = ("daemon", "floor", "bare", "floor-pyvoy", "bare-pyvoy")
+SIDES = ("daemon", "floor", "bare", "daemon-pyvoy", "floor-pyvoy", "bare-pyvoy")
+DAEMONS = {"daemon": "hypercorn", "daemon-pyvoy": "pyvoy"}
+# (floor side, daemon side) pairs whose CPU ratio is reported: how close to its floor a daemon is
+PAIRS = (
+    ("floor", "daemon"),
+    ("bare", "daemon"),
+    ("floor-pyvoy", "daemon"),
+    ("bare-pyvoy", "daemon"),
+    ("floor-pyvoy", "daemon-pyvoy"),
+)
 
 
 @dataclass(frozen=True)
@@ -257,19 +268,19 @@ def rotated(sides: Sequence[Server], i: int) -> list[Server]:
 
 @contextlib.contextmanager
 def stocked_daemon(
-    data_dir: Path, assets: Path, stored: int, index: int
+    data_dir: Path, assets: Path, stored: int, index: int, side: str = "daemon"
 ) -> Iterator[tuple[Server, str, int]]:
     """A daemon of its own for one size: one RUNNING VM with a NIC (booted through the API), a
     CreateVm'd template, and copies of the template written into its SQLite file before any load
     (a daemon that has been reading may keep an older snapshot of a file others write)."""
-    limits = ("--max-vms-per-customer", "0", "--max-vms", "0")
-    with own_daemon(data_dir, assets.resolve(), *limits, name=f"bench-{index:03d}") as daemon:
+    flags = ("--max-vms-per-customer", "0", "--max-vms", "0", "--server", DAEMONS[side])
+    with own_daemon(data_dir, assets.resolve(), *flags, name=f"bench-{index:03d}") as daemon:
         assert daemon.proc is not None
         rpc = bench_rpc(daemon)
         running = rpc.create(RUNNING_CONFIG)
         rpc.ok("BootVm", {"vm_id": running, "wait_for_ready": True, "wait_timeout_seconds": 300})
         shutdown = seed_rows(daemon.data_dir / "metald.db", rpc.create(dict(SEED_CONFIG)), stored)
-        yield Server("daemon", daemon.url, daemon.proc.pid), running, shutdown
+        yield Server(side, daemon.url, daemon.proc.pid), running, shutdown
 
 
 def write_bodies(root: Path, vm_id: str) -> dict[tuple[str, str], Path]:
@@ -284,13 +295,13 @@ def write_bodies(root: Path, vm_id: str) -> dict[tuple[str, str], Path]:
 
 @contextlib.contextmanager
 def servers_for(
-    root: Path, responses: Path, daemon_server: Server, sides: Sequence[str]
+    root: Path, responses: Path, daemons: dict[str, Server], sides: Sequence[str]
 ) -> Iterator[list[Server]]:
     with contextlib.ExitStack() as stack:
         out = []
         for side in sides:
-            if side == "daemon":
-                out.append(daemon_server)
+            if side in DAEMONS:
+                out.append(daemons[side])
             else:
                 server = stack.enter_context(floor_server(root, responses, side))
                 check_floor(server, responses)
@@ -322,21 +333,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes_bytes: dict[int, dict[str, int]] = {}
     with workdir(args.workdir) as root:
         for i, stored in enumerate(sizes):
-            with stocked_daemon(root / f"daemon-{stored}", args.assets_dir, stored, i) as (
-                daemon_server,
-                running,
-                shutdown,
-            ):
-                bodies = write_bodies(root, running)
+            with contextlib.ExitStack() as daemons_stack:
+                daemons: dict[str, Server] = {}
+                bodies_of: dict[str, dict[tuple[str, str], Path]] = {}
                 responses = root / f"responses-{stored}"
-                sizes_bytes[stored] = capture(daemon_server.url, running, shutdown, responses)
-                print(
-                    f"stored {stored} VMs ({shutdown} SHUTDOWN); response bytes {sizes_bytes[stored]}",
-                    flush=True,
-                )
-                with servers_for(root, responses, daemon_server, sides) as servers:
+                for k, side in enumerate(s for s in DAEMONS if s in sides):
+                    server, running, shutdown = daemons_stack.enter_context(
+                        stocked_daemon(root / f"{side}-{stored}", args.assets_dir, stored, 2 * i + k, side)
+                    )
+                    daemons[side] = server
+                    (root / side).mkdir(exist_ok=True)
+                    bodies_of[side] = write_bodies(root / side, running)
+                    sizes_bytes[stored] = capture(server.url, running, shutdown, responses)
+                    print(
+                        f"{side}: stored {stored} VMs ({shutdown} SHUTDOWN); response bytes {sizes_bytes[stored]}",
+                        flush=True,
+                    )
+                first = next(iter(bodies_of.values()))
+                with servers_for(root, responses, daemons, sides) as servers:
                     for server in servers:  # warm every path once, unmeasured
-                        for (rpc_name, proto_name), body in bodies.items():
+                        for (rpc_name, proto_name), body in bodies_of.get(server.name, first).items():
                             proto = next(x for x in PROTOCOLS if x.name == proto_name)
                             subprocess.run(
                                 h2load_argv(server.url, rpc_name, proto, body, shapes[0], 0.3, warm_up=0),
@@ -344,23 +360,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 check=True,
                             )
                     for rnd in range(args.rounds):
-                        for (rpc_name, proto_name), body in bodies.items():
+                        for rpc_name, proto_name in first:
                             proto = next(x for x in PROTOCOLS if x.name == proto_name)
                             for shape in shapes:
                                 meta = {"stored": stored, "rpc": rpc_name, "protocol": proto_name}
                                 meta |= {"shape": shape.name, "round": rnd}
                                 for server in rotated(servers, rnd + len(runs)):
+                                    body = bodies_of.get(server.name, first)[(rpc_name, proto_name)]
                                     r = measure(server, rpc_name, proto, body, shape, args.duration, meta)
                                     runs.append(r)
                                     print(
                                         f"  {stored:>6} {rpc_name:<9} {proto_name:<13} {shape.name:<8}"
-                                        f" {server.name:<6} {r.req_per_s:7.0f} req/s  p50 {r.p50_ms:6.2f} ms"
+                                        f" {server.name:<12} {r.req_per_s:7.0f} req/s  p50 {r.p50_ms:6.2f} ms"
                                         f"  CPU {r.cpu_ms_per_req:6.3f} ms/req (children {r.child_cpu_ms_per_req:.3f})"
                                         f"  failed {r.failed}  load {r.loadavg_1m:.1f}",
                                         flush=True,
                                     )
                     if args.profile and stored == sizes[-1]:
-                        profiles = profile_all(root, servers, bodies, shapes[0], args.profile_seconds)
+                        profiles = profile_all(root, servers, bodies_of, shapes[0], args.profile_seconds)
     summary = summarise(runs, sides)
     attach_costs(profiles, summary)
     report(summary, profiles)
@@ -381,14 +398,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def profile_all(
-    root: Path, servers: Sequence[Server], bodies: dict[tuple[str, str], Path], shape: Shape, seconds: float
+    root: Path,
+    servers: Sequence[Server],
+    bodies_of: dict[str, dict[tuple[str, str], Path]],
+    shape: Shape,
+    seconds: float,
 ) -> list[dict[str, Any]]:
     """py-spy on every server under the `load` shape, per rpc and protocol: layer shares and the
     hottest functions."""
     out = []
-    for (rpc, proto_name), body in bodies.items():
+    first = next(iter(bodies_of.values()))
+    for rpc, proto_name in first:
         proto = next(x for x in PROTOCOLS if x.name == proto_name)
         for server in (s for s in servers if not s.name.endswith("-pyvoy")):  # py-spy: hypercorn sides
+            body = bodies_of.get(server.name, first)[(rpc, proto_name)]
             raw = root / f"profile-{server.name}-{rpc}-{proto_name}.txt"
             text = record_profile(server.url, server.pid, raw, rpc, proto, body, shape, seconds)
             top = summarise_profile(text, seconds, PROFILE_RATE, 25)
@@ -441,16 +464,16 @@ def summarise(runs: Sequence[Run], sides: Sequence[str]) -> list[dict[str, Any]]
                 "loadavg_1m",
             ):
                 row[f"{side}_{field}"] = round(median([getattr(r, field) for r in mine]), 4)
-        for side in (s for s in sides if s != "daemon"):
+        for side, daemon in PAIRS:
             pairs = [
                 (d.cpu_ms_per_req, f.cpu_ms_per_req)
                 for d in case
-                if d.side == "daemon"
+                if d.side == daemon
                 for f in case
                 if f.side == side and f.round == d.round and d.cpu_ms_per_req
             ]
             if pairs:
-                row[f"{side}_over_daemon_cpu"] = round(median([f / d for d, f in pairs]), 3)
+                row[f"{side}_over_{daemon}_cpu"] = round(median([f / d for d, f in pairs]), 3)
         out.append(row)
     return out
 
@@ -471,34 +494,45 @@ def targets(summary: Sequence[dict[str, Any]], largest: int) -> dict[str, Any]:
         "list_vms_met": all(s.get("daemon_p50_ms", 1e9) <= LIST_TARGET_P50_MS for s in lists),
         "list_vms_floor_ratio": {s["protocol"]: s.get("floor_over_daemon_cpu") for s in lists},
         "floor_ratio_aim": FLOOR_RATIO_AIM,
+        "pyvoy": {
+            "get_vm_info_cpu_ms": {s["protocol"]: s.get("daemon-pyvoy_cpu_ms_per_req") for s in get},
+            "get_vm_info_floor_ratio": {
+                s["protocol"]: s.get("floor-pyvoy_over_daemon-pyvoy_cpu") for s in get
+            },
+            "list_vms_p50_ms_1_client": {s["protocol"]: s.get("daemon-pyvoy_p50_ms") for s in lists},
+            "list_vms_floor_ratio": {
+                s["protocol"]: s.get("floor-pyvoy_over_daemon-pyvoy_cpu") for s in lists
+            },
+        },
     }
 
 
 def report(summary: Sequence[dict[str, Any]], profiles: Sequence[dict[str, Any]]) -> None:
-    headers = ["stored", "rpc", "protocol", "shape", "daemon req/s", "p50 ms", "p99 ms", "CPU ms/req"]
-    headers += ["floor req/s", "floor p50", "floor CPU ms", "floor/daemon CPU", "load"]
-    print_table(
-        "daemon beside the framework floor (medians over rounds; CPU = server process + reaped children)",
-        headers,
-        [
-            (
-                s["stored"],
-                s["rpc"],
-                s["protocol"],
-                s["shape"],
-                s.get("daemon_req_per_s", ""),
-                s.get("daemon_p50_ms", ""),
-                s.get("daemon_p99_ms", ""),
-                s.get("daemon_cpu_ms_per_req", ""),
-                s.get("floor_req_per_s", ""),
-                s.get("floor_p50_ms", ""),
-                s.get("floor_cpu_ms_per_req", ""),
-                s.get("floor_over_daemon_cpu", ""),
-                s.get("daemon_loadavg_1m", ""),
-            )
-            for s in summary
-        ],
-    )
+    for daemon, floor in (("daemon", "floor"), ("daemon-pyvoy", "floor-pyvoy")):
+        if not any(f"{daemon}_cpu_ms_per_req" in s for s in summary):
+            continue
+        headers = ["stored", "rpc", "protocol", "shape", f"{daemon} req/s", "p50 ms", "p99 ms", "CPU ms/req"]
+        headers += [f"{floor} req/s", "floor p50", "floor CPU ms", "floor/daemon CPU", "load"]
+        print_table(
+            f"{daemon} beside {floor} (medians over rounds; CPU = server process + reaped children)",
+            headers,
+            [
+                (
+                    s["stored"],
+                    s["rpc"],
+                    s["protocol"],
+                    s["shape"],
+                    *(
+                        s.get(f"{daemon}_{k}", "")
+                        for k in ("req_per_s", "p50_ms", "p99_ms", "cpu_ms_per_req")
+                    ),
+                    *(s.get(f"{floor}_{k}", "") for k in ("req_per_s", "p50_ms", "cpu_ms_per_req")),
+                    s.get(f"{floor}_over_{daemon}_cpu", ""),
+                    s.get(f"{daemon}_loadavg_1m", ""),
+                )
+                for s in summary
+            ],
+        )
     for prof in profiles:
         costs = prof.get("ms_per_req", {})
         print_table(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -106,6 +107,7 @@ async def serve_pyvoy(listen: str, responses: Path, *, bare: bool) -> None:
 
     host, _, port = listen.rpartition(":")
     env = {"BENCH_FLOOR_RESPONSES": str(responses), "BENCH_FLOOR_BARE": "1" if bare else "0"}
+    env["BENCH_FLOOR_SHIELD"] = os.environ.get("BENCH_FLOOR_SHIELD", "1")  # bench/floor_pyvoy.py
     server = PyvoyServer(
         "bench.floor_pyvoy:app",
         address=host,

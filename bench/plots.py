@@ -40,6 +40,7 @@ SIDE_STYLE = {
     "daemon": ("tab:red", "o", "-"),
     "floor": ("tab:blue", "s", "--"),
     "bare": ("tab:cyan", "^", ":"),
+    "daemon-pyvoy": ("tab:purple", "P", "-"),
     "floor-pyvoy": ("tab:green", "D", "--"),
     "bare-pyvoy": ("tab:olive", "v", ":"),
 }

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
 
     # --- serving ---
     listen: str = Field("127.0.0.1:8080", description="HOST:PORT the API listens on (all protocols)")
+    server: Literal["hypercorn", "pyvoy"] = Field(
+        "hypercorn",
+        description="HTTP server: hypercorn, or pyvoy (Envoy; cleartext only, `pip install pyvoy`)",
+    )
     data_dir: Path = Field(Path("/var/lib/metald"), description="state: SQLite file, one dir per VM")
     assets_dir: Path | None = Field(
         None, description="host dir behind the virtual /assets/ root (default DATA_DIR/assets)"

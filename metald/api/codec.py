@@ -6,7 +6,9 @@ and values beyond 2^53 (not exact in JavaScript) are still written as strings. R
 accepted in snake_case and lowerCamelCase, with numbers or strings.
 
 Each request is parsed once (`json.loads`, then the parsed value becomes the message) and each
-response encoded once. Unknown JSON fields are dropped, as connect-go and binary protobuf do, so a
+response encoded once: protobuf-py's native JSON text, whose 64-bit integers are then rewritten in
+the text (a key of a 64-bit field, right after `{` or `,`, can only be that field: inside a JSON
+string every quote is escaped), unless a map below holds such a key (then the parsed-value path). Unknown JSON fields are dropped, as connect-go and binary protobuf do, so a
 newer client works against an older daemon; unknown enum names are still refused (a misspelt
 state filter must not silently list everything). A body that does not parse is INVALID_ARGUMENT
 with ErrorInfo reason MALFORMED_REQUEST, in JSON and in binary alike.
@@ -78,6 +80,90 @@ def _known(desc: DescMessage) -> dict[str, DescMessage | None]:
     return keys
 
 
+def _reachable(desc: DescMessage) -> list[DescMessage]:
+    """Our message types at or below `desc` (not the well-known types: they have JSON forms of
+    their own), each once."""
+    seen: dict[str, DescMessage] = {}
+    stack = [desc]
+    while stack:
+        message = stack.pop()
+        if message.type_name in seen or message.type_name.startswith("google."):
+            continue
+        seen[message.type_name] = message
+        stack.extend(sub for field in message.fields if (sub := _kind(field)[1]) is not None)
+    return list(seen.values())
+
+
+@functools.cache
+def _int64_keys(desc: DescMessage) -> frozenset[str]:
+    """The JSON keys of the 64-bit fields below `desc`, for rewriting them in the text; empty when
+    a key name is also some other field's, or a repeated one: then only the parsed path is right."""
+    int64: set[str] = set()
+    other: set[str] = set()
+    for message in _reachable(desc):
+        for field in message.fields:
+            repeated = hasattr(field.value, "element")
+            if _kind(field)[0] == "int64" and repeated:
+                return frozenset()
+            (int64 if _kind(field)[0] == "int64" else other).add(field.name)
+    return frozenset() if int64 & other else frozenset(int64)
+
+
+@functools.cache
+def _map_paths(desc: DescMessage) -> tuple[tuple[str, bool, DescMessage | None], ...]:
+    """(attribute, is a map, message below) of the fields that are string maps or lead to one."""
+    out: list[tuple[str, bool, DescMessage | None]] = []
+    for field in desc.fields:
+        if hasattr(field.value, "key"):
+            out.append((field.local_name, True, None))
+            continue
+        kind, sub = _kind(field)
+        ours = sub is not None and sub is not desc and not sub.type_name.startswith("google.")
+        if kind == "message" and ours and sub is not None and _map_paths(sub):
+            out.append((field.local_name, False, sub))
+    return tuple(out)
+
+
+def _map_holds(message: Any, desc: DescMessage, keys: frozenset[str]) -> bool:
+    """Whether a map anywhere in `message` has one of `keys` (the text rewrite would take it for a field)."""
+    for attr, is_map, sub in _map_paths(desc):
+        value = getattr(message, attr)
+        if is_map:
+            if not keys.isdisjoint(value):
+                return True
+        elif sub is not None:
+            items = value if isinstance(value, list) else ([value] if value is not None else [])
+            if any(_map_holds(item, sub, keys) for item in items):
+                return True
+    return False
+
+
+def _int64_numbers(text: str, keys: frozenset[str]) -> str:
+    """`"key":"123"` -> `"key":123` for each of `keys` right after `{` or `,` (a key there is a
+    field's: inside a JSON string every quote is escaped), up to 2^53."""
+    for key in keys:
+        marker = f'"{key}":"'
+        if marker not in text:
+            continue
+        parts = text.split(marker)
+        out = [parts[0]]
+        for part in parts[1:]:
+            end = part.find('"')
+            digits = part[:end]
+            number = digits.removeprefix("-")
+            if (
+                out[-1][-1:] in ("{", ",")
+                and number.isascii()
+                and number.isdigit()
+                and abs(int(digits)) < _SAFE
+            ):
+                out.append(f'"{key}":{digits}{part[end + 1 :]}')
+            else:
+                out.append(marker + part)
+        text = "".join(out)
+    return text
+
+
 def _numbers(data: Any, desc: DescMessage) -> None:
     if not isinstance(data, dict):
         return
@@ -131,6 +217,9 @@ class SnakeCaseJsonCodec:
         desc = type(message).desc()
         if not _plan(desc):
             return message.to_json(use_proto_field_name=True).encode()
+        keys = _int64_keys(desc)
+        if keys and not _map_holds(message, desc, keys):
+            return _int64_numbers(message.to_json(use_proto_field_name=True), keys).encode()
         data = message_to_json_value(message, use_proto_field_name=True)
         _numbers(data, desc)
         return json.dumps(data, separators=(",", ":")).encode()

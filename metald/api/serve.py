@@ -18,6 +18,7 @@ from metald.api.cors import Cors, parse_origins
 from metald.api.grpc_web_text import GrpcWebText
 from metald.api.grpc_wire import GrpcWire
 from metald.api.listener import CappedListener, connection_cap, raise_fd_limit
+from metald.api.pyvoy_host import HOST, inside_envoy
 from metald.settings import Settings
 
 log = logging.getLogger("metald")
@@ -212,8 +213,17 @@ class _Config(Config):
         )
 
 
+def edge_app(app: ASGIApp, settings: Settings) -> ASGIApp:
+    """What every request passes before `app`, whichever the server."""
+    edge = Cors(GrpcWebText(GrpcWire(app, ACCEPT_ENCODING)), parse_origins(settings.cors_allowed_origins))
+    return DrainRequestBody(edge, max(MIN_DRAIN_BYTES, 8 * settings.max_request_bytes))
+
+
 async def serve_api(app: ASGIApp, settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; cleartext HTTP/1.1 + h2c, or TLS with ALPN h2/http1.1."""
+    if settings.server == "pyvoy":
+        await serve_in_envoy(app, settings)
+        return
     context = tls_context(settings)
     fd_limit = raise_fd_limit()
     cap = connection_cap(settings.max_connections, fd_limit)
@@ -237,10 +247,15 @@ async def serve_api(app: ASGIApp, settings: Settings) -> None:
         cap,
         fd_limit,
     )
-    edge = Cors(GrpcWebText(GrpcWire(app, ACCEPT_ENCODING)), parse_origins(settings.cors_allowed_origins))
-    await serve(
-        DrainRequestBody(edge, max(MIN_DRAIN_BYTES, 8 * settings.max_request_bytes)),  # type: ignore[arg-type]
-        config,
-        shutdown_trigger=stop.wait,
-    )
+    await serve(edge_app(app, settings), config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    log.info("metald stopped; VMs keep running and are re-adopted at the next start")
+
+
+async def serve_in_envoy(app: ASGIApp, settings: Settings) -> None:
+    """`server = pyvoy`: Envoy (this process) serves; until its lifespan ends (metald.api.pyvoy_host)."""
+    if not inside_envoy():
+        raise ConfigError("server = pyvoy is for `metald serve` only")
+    raise_fd_limit()
+    log.info("metald listening on %s (cleartext, pyvoy)", settings.listen)
+    await HOST.serve(edge_app(app, settings))
     log.info("metald stopped; VMs keep running and are re-adopted at the next start")

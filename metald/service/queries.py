@@ -1,29 +1,74 @@
 """Reads: GetVmInfo, ListVms and the console. A read never fails because a VM is changing state:
-a runtime, metrics or network detail that cannot be read right now is left out, not an error."""
+a runtime, metrics or network detail that cannot be read right now is left out, not an error.
+
+GetVmInfo reads the VM's record every time; what it reads live beside it (QMP status and
+counters, /proc, the netlink dump of its links) is shared by the calls about the same VM that come
+within LIVE_READ_MAX_AGE of one read, while the record is unchanged: a control plane polling a
+host's VMs many times a second costs one live read per VM per interval, and a boot, pause, reboot,
+stop or guest-ready change (each a record write, with a new `updated_at`) is never answered from
+before it. Counters may thus be up to LIVE_READ_MAX_AGE old."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import errno
+import functools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import TypeVar
 
+from metald.domain.model import Vm
 from metald.domain.paging import vm_page
 from metald.domain.states import ACTIVE_STATES, VmState
-from metald.ports import VmMetrics
+from metald.ports import NetworkAttachment, VmMetrics, VmRuntime
 from metald.service.launch import Launch
 from metald.usecases import ConsoleChunk, Page, VmDetails
 
 log = logging.getLogger("metald.service")
 T = TypeVar("T")
 
+LIVE_READ_MAX_AGE = 0.1  # seconds a live read (runtime, metrics, links) serves later GetVmInfo calls
+_LIVE_KEPT = 4096  # live reads kept before the expired ones are dropped
+
+Live = tuple[VmRuntime | None, VmMetrics, NetworkAttachment | None]
+
+
+class LiveReads:
+    """The last live read per VM: (record version, read at, the read), the read shared by every
+    caller that asks while it runs and for LIVE_READ_MAX_AGE after it started, while the record's
+    version (its last write and state) is the same."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[tuple[datetime, VmState], float, asyncio.Future[Live]]] = {}
+
+    async def read(self, vm: Vm, fresh: Callable[[], Awaitable[Live]]) -> Live:
+        now = time.monotonic()
+        version = (vm.updated_at, vm.state)
+        kept = self._kept.get(vm.vm_id)
+        if kept is None or kept[0] != version or now - kept[1] > LIVE_READ_MAX_AGE:
+            if len(self._kept) >= _LIVE_KEPT:
+                self._kept = {k: v for k, v in self._kept.items() if now - v[1] <= LIVE_READ_MAX_AGE}
+            kept = (version, now, asyncio.ensure_future(fresh()))
+            self._kept[vm.vm_id] = kept
+        return await asyncio.shield(kept[2])  # one caller going away does not cancel the others' read
+
 
 class Queries(Launch):
+    @functools.cached_property
+    def _live_reads(self) -> LiveReads:
+        return LiveReads()
+
     async def info(self, customer_id: str, vm_id: str) -> VmDetails:
         vm = await self._owned(customer_id, vm_id)
+        runtime, metrics, attachment = await self._live_reads.read(vm, lambda: self._read_live(vm))
+        return VmDetails(vm, self.backend_type, runtime, metrics, attachment)
+
+    async def _read_live(self, vm: Vm) -> Live:
+        vm_id = vm.vm_id
         runtime = None
         metrics = VmMetrics()
         attachment = None
@@ -41,7 +86,7 @@ class Queries(Launch):
                     network_rx_bytes=counters.guest_rx_bytes,
                     network_tx_bytes=counters.guest_tx_bytes,
                 )
-        return VmDetails(vm, self.backend_type, runtime, metrics, attachment)
+        return runtime, metrics, attachment
 
     async def list(
         self, customer_id: str, states: Sequence[VmState], page_size: int, page_token: str

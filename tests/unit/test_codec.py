@@ -70,3 +70,20 @@ def test_config_proto_round_trip_matches_the_json_form() -> None:
     assert message.network[0].host_ipv4.gateway == "10.0.0.254"
     assert config_from_proto(message) == config
     assert config_from_proto(None) == model.VmConfig()
+
+
+def _vm_with(metadata: dict[str, str], size_bytes: int) -> pb.ListVmsResponse:
+    config = pb.VmConfig(memory=pb.MemoryConfig(size_bytes=size_bytes), metadata=metadata)
+    return pb.ListVmsResponse(vms=[pb.VmInfo(vm_id="v", config=config)], total_count=1)
+
+
+def test_text_rewrite_leaves_strings_and_map_values_alone() -> None:
+    """The 64-bit rewrite works on the JSON text: a metadata key named like a 64-bit field, or a
+    value that looks like one, stays a string; negative and unsafe values are right too."""
+    for metadata in ({"size_bytes": "12"}, {"note": ',"size_bytes":"5"'}, {"x": '{"size_bytes":"7"}'}):
+        for size in (256, -5, 2**60):
+            data = json.loads(codec.encode(_vm_with(metadata, size)))
+            assert data["vms"][0]["config"]["metadata"] == metadata
+            assert data["vms"][0]["config"]["memory"]["size_bytes"] == (
+                size if abs(size) < 2**53 else str(size)
+            )
