@@ -26,6 +26,20 @@ class HostCapacity:
     memory_used: int = 0
     vm_count: int = 0
 
+    def load_with(self, vcpus: int, memory: int) -> float | None:
+        """The larger of the vCPU and memory fractions its VMs would take with this one (booted or
+        not: any may be booted), or None if it has no room: at its VM cap, or the VM alone is larger
+        than the host. Hosts check running vCPUs and memory again at boot, as a lone host does."""
+        if (
+            (self.vms_max and self.vm_count + 1 > self.vms_max)
+            or vcpus > self.vcpus_total
+            or memory > self.memory_total
+        ):
+            return None
+        return max(
+            (self.vcpus_used + vcpus) / self.vcpus_total, (self.memory_used + memory) / self.memory_total
+        )
+
 
 @dataclass(frozen=True)
 class HostRow:
