@@ -43,8 +43,7 @@ class RowKind(Generic[T]):
     upsert: Callable[[FleetDb, str, Sequence[T]], Awaitable[None]]
     remove: Callable[[FleetDb, str, Sequence[str]], Awaitable[None]]
     sweep: Callable[[FleetDb, str, Sequence[str], float], Awaitable[None]]
-    key: Callable[[T], str]
-    mark: Callable[[T], Hashable]  # what, when it changes, makes the row worth writing again
+    row: Callable[[T], tuple[str, Hashable]]  # its key, and what makes it worth writing again if changed
 
 
 class Mirror(Generic[T]):
@@ -57,7 +56,10 @@ class Mirror(Generic[T]):
     async def sync(
         self, db: FleetDb, host_id: str, listed: Sequence[T], *, resync: bool, sweep: bool
     ) -> None:
-        records = {self._kind.key(record): (record, self._kind.mark(record)) for record in listed}
+        records: dict[str, tuple[T, Hashable]] = {}
+        for record in listed:
+            key, mark = self._kind.row(record)
+            records[key] = (record, mark)
         previous = self._synced
         known = {} if resync or previous is None else previous
         changed = [record for key, (record, mark) in records.items() if known.get(key) != mark]
@@ -69,19 +71,20 @@ class Mirror(Generic[T]):
         self._synced = {key: mark for key, (_, mark) in records.items()}
 
 
-VM_ROWS = RowKind[Vm](
-    inventory.upsert_vms,
-    inventory.remove_vms,
-    inventory.sweep_vms,
-    key=lambda vm: vm.vm_id,
-    mark=lambda vm: (vm.customer_id, vm.state, vm.updated_at),
-)
+def _vm_row(vm: Vm) -> tuple[str, Hashable]:
+    return vm.vm_id, (vm.customer_id, vm.state, vm.updated_at)
+
+
+def _snapshot_row(s: Snapshot) -> tuple[str, Hashable]:
+    return s.snapshot_id, (s.customer_id, s.size_bytes, s.warm_pool_size)
+
+
+VM_ROWS = RowKind[Vm](inventory.upsert_vms, inventory.remove_vms, inventory.sweep_vms, _vm_row)
 SNAPSHOT_ROWS = RowKind[Snapshot](
     snapshot_rows.upsert_snapshots,
     snapshot_rows.remove_snapshots,
     snapshot_rows.sweep_snapshots,
-    key=lambda s: s.snapshot_id,
-    mark=lambda s: (s.customer_id, s.size_bytes, s.warm_pool_size),
+    _snapshot_row,
 )
 
 
