@@ -38,11 +38,11 @@ class HostIdentity:
 
 @dataclass(frozen=True)
 class RowKind(Generic[T]):
-    """How one kind of record is written to, removed from and swept out of the fleet tables."""
+    """How one kind of record is written to the fleet tables, and which table and key it has there."""
 
     upsert: Callable[[FleetDb, str, Sequence[T]], Awaitable[None]]
-    remove: Callable[[FleetDb, str, Sequence[str]], Awaitable[None]]
-    sweep: Callable[[FleetDb, str, Sequence[str], float], Awaitable[None]]
+    table: str
+    key: str
     row: Callable[[T], tuple[str, Hashable]]  # its key, and what makes it worth writing again if changed
 
 
@@ -65,9 +65,12 @@ class Mirror(Generic[T]):
         changed = [record for key, (record, mark) in records.items() if known.get(key) != mark]
         await self._kind.upsert(db, host_id, changed)
         if previous is not None:
-            await self._kind.remove(db, host_id, [key for key in previous if key not in records])
+            gone = [key for key in previous if key not in records]
+            await inventory.remove_rows(db, self._kind.table, self._kind.key, host_id, gone)
         if previous is None or sweep:
-            await self._kind.sweep(db, host_id, list(records), SWEEP_GRACE_SECONDS)
+            await inventory.sweep_rows(
+                db, self._kind.table, self._kind.key, host_id, list(records), SWEEP_GRACE_SECONDS
+            )
         self._synced = {key: mark for key, (_, mark) in records.items()}
 
 
@@ -79,12 +82,9 @@ def _snapshot_row(s: Snapshot) -> tuple[str, Hashable]:
     return s.snapshot_id, (s.customer_id, s.size_bytes, s.warm_pool_size)
 
 
-VM_ROWS = RowKind[Vm](inventory.upsert_vms, inventory.remove_vms, inventory.sweep_vms, _vm_row)
+VM_ROWS = RowKind[Vm](inventory.upsert_vms, "fleet_vms", "vm_id", _vm_row)
 SNAPSHOT_ROWS = RowKind[Snapshot](
-    snapshot_rows.upsert_snapshots,
-    snapshot_rows.remove_snapshots,
-    snapshot_rows.sweep_snapshots,
-    _snapshot_row,
+    snapshot_rows.upsert_snapshots, "fleet_snapshots", "snapshot_id", _snapshot_row
 )
 
 
