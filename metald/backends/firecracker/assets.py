@@ -8,7 +8,7 @@ daemon beneath the spec's assets root following no symlink (metald/assets.py:ope
 - writable drives: the per-VM copy is read from the descriptor.
 All of a step's assets are opened before anything is created, linked, copied or started, so an
 asset swapped for a symlink since the service resolved it is FAILED_PRECONDITION ASSET_CHANGED
-with nothing left behind (no descriptor, no jail, no process). A spec built by hand (assets_root
+with nothing left behind (no descriptor, no new jail or VM directory, no link, no process). A spec built by hand (assets_root
 None) is opened by path, and, unjailed, given to Firecracker by path.
 """
 
@@ -38,7 +38,7 @@ def handed(spec: LaunchSpec, *, jailed: bool) -> list[Path]:
 
 @contextlib.asynccontextmanager
 async def opened(spec: LaunchSpec, paths: Sequence[Path]) -> AsyncIterator[Mapping[Path, int]]:
-    """`paths` open read-only (beneath spec.assets_root when under it) by path, closed on leaving.
+    """`paths` open read-only (beneath spec.assets_root when under it, else by path), closed on leaving.
     All or none: ASSET_CHANGED (VMM_FAILED for a file that cannot be opened) leaves none open."""
     fds = await asyncio.to_thread(_open_all, spec, paths)
     try:
