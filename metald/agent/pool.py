@@ -258,7 +258,7 @@ class GuestAgentPool:
                 await asyncio.sleep(PING_RETRY_INTERVAL)
             except GuestError as e:
                 if e.errno != errno.ENOSYS:
-                    raise guest_error(vm_id, e) from e
+                    raise _identity_failed(vm_id, str(e)) from e
                 await self.set_clock(vm_id)
                 await self.add_entropy(vm_id, entropy)
                 return await self.set_identity(vm_id, guest_vm_id, nics)
@@ -270,11 +270,13 @@ class GuestAgentPool:
         result = await self.exec(vm_id, ExecCommand(argv=argv), CONTROL_TIMEOUT)
         if result.exit_code != 0:
             detail = (result.stderr or result.stdout).decode(errors="replace").strip()[-500:]
-            raise precondition(
-                "GUEST_IDENTITY_FAILED",
-                f"VM {vm_id}: setting the guest's identity failed (exit {result.exit_code}): {detail}",
-                vm_id=vm_id,
-            )
+            raise _identity_failed(vm_id, f"exit {result.exit_code}: {detail}")
+
+
+def _identity_failed(vm_id: str, detail: str) -> MetaldError:
+    return precondition(
+        "GUEST_IDENTITY_FAILED", f"VM {vm_id}: setting the guest's identity failed ({detail})", vm_id=vm_id
+    )
 
 
 def _nic_specs(nics: Sequence[NicAddress]) -> list[str]:

@@ -117,5 +117,5 @@ async def test_refresh_sets_clock_entropy_hostname_vm_id_and_nics_at_once(
     # Checked before anything changes: a hostname the kernel refuses leaves the old one.
     with pytest.raises(MetaldError) as e:
         await pool.refresh(booting, "x" * 65, [], bytes(range(256)), timeout=10)
-    assert e.value.code.name == "INVALID_ARGUMENT" and "hostname" in e.value.message
+    assert e.value.reason == "GUEST_IDENTITY_FAILED" and "hostname" in e.value.message
     assert (await sh(pool, booting, "hostname")).strip() == "clone-9"

@@ -122,4 +122,5 @@ async def test_a_failed_step_is_reported_with_the_guests_reason(tmp_path: Path) 
         with pytest.raises(MetaldError) as e:
             await pool.refresh("e", "vm-e", [NIC], ENTROPY, timeout=5)
     await pool.close()
-    assert e.value.code == ErrorCode.FAILED_PRECONDITION and "hostname" in e.value.message
+    assert (e.value.code, e.value.reason) == (ErrorCode.FAILED_PRECONDITION, "GUEST_IDENTITY_FAILED")
+    assert "hostname" in e.value.message
