@@ -19,7 +19,6 @@ from metald.domain.errors import (
     invalid,
     precondition,
     refusal,
-    unavailable,
 )
 from metald.domain.model import NicAddress, Vm
 from metald.domain.ownership import owned_vm
@@ -116,12 +115,4 @@ class GuestWork:
         """A guest restored from a snapshot still has its source's wall clock (stale by the
         snapshot's age), entropy (every clone would read the same random bytes) and identity
         (hostname, vm_id, MACs, addresses): give it its own, once its agent answers."""
-        if not await self._agent.ping(vm_id, timeout):
-            raise unavailable(
-                "AGENT_UNAVAILABLE",
-                f"the agent of restored VM {vm_id} did not answer within {timeout:g}s",
-                vm_id=vm_id,
-            )
-        await self._agent.set_clock(vm_id)
-        await self._agent.add_entropy(vm_id, os.urandom(CLONE_ENTROPY_BYTES))
-        await self._agent.set_identity(vm_id, vm_id, nics)
+        await self._agent.refresh(vm_id, vm_id, nics, os.urandom(CLONE_ENTROPY_BYTES), timeout)

@@ -326,5 +326,11 @@ class GuestAgent(Protocol):
     async def set_identity(self, vm_id: str, guest_vm_id: str, nics: Sequence[NicAddress]) -> None:
         """Hostname and vm_id, then each NIC's MAC and addresses (in order: eth0, eth1, ...)."""
 
+    async def refresh(
+        self, vm_id: str, guest_vm_id: str, nics: Sequence[NicAddress], entropy: bytes, timeout: float
+    ) -> None:
+        """A restored clone's own clock, entropy (`entropy` credited, CRNG reseeded), hostname,
+        vm_id and NICs, as soon as its agent answers (UNAVAILABLE if not within `timeout`)."""
+
     async def forget(self, vm_id: str) -> None:
         """Close the VM's channel (its VMM is gone or going)."""

@@ -39,6 +39,7 @@ PING_TRY = 1.0
 PING_RETRY_INTERVAL = 0.05
 # Sourced from the guest image (metald/guest/files/rootfs/etc/metald-net.sh).
 _IDENTITY_SCRIPT = '. /etc/metald-net.sh && metald_identity "$@"'
+_NICS_SCRIPT = '. /etc/metald-net.sh && metald_nics "$@"'
 
 # The guest's errno (Linux numbering, as the host's) -> how the API reports it.
 _GUEST_ERRORS: dict[int, tuple[ErrorCode, str]] = {
@@ -229,13 +230,55 @@ class GuestAgentPool:
         await self._call(vm_id, AgentCall(MsgType.ENTROPY, fields, (MsgType.OK,), CONTROL_TIMEOUT))
 
     async def set_identity(self, vm_id: str, guest_vm_id: str, nics: Sequence[NicAddress]) -> None:
-        specs = [",".join((n.mac, n.guest_ipv4, n.gateway_ipv4, n.guest_ipv6, n.gateway_ipv6)) for n in nics]
-        argv = ("sh", "-c", _IDENTITY_SCRIPT, "metald-identity", guest_vm_id, *specs)
+        await self._net_script(vm_id, _IDENTITY_SCRIPT, guest_vm_id, *_nic_specs(nics))
+
+    async def refresh(
+        self, vm_id: str, guest_vm_id: str, nics: Sequence[NicAddress], entropy: bytes, timeout: float
+    ) -> None:
+        """A restored clone's clock, entropy, hostname and vm_id in one REFRESH, sent as soon as
+        the agent answers: no ping first (REFRESH is idempotent, so it is retried like a ping until
+        `timeout`). Then, only for a clone with NICs, their MACs and addresses through `ip`. An
+        agent older than version 2 (ENOSYS) gets the separate requests instead."""
+        deadline = time.monotonic() + timeout
+        while True:
+            fields: list[tuple[Tag, FieldValue]] = [
+                (Tag.TIME_NS, time.time_ns()), (Tag.DATA, entropy),
+                (Tag.HOSTNAME, guest_vm_id), (Tag.VM_ID, guest_vm_id),
+            ]  # fmt: skip
+            call = AgentCall(
+                MsgType.REFRESH, fields, (MsgType.OK,), min(PING_TRY, deadline - time.monotonic())
+            )
+            try:
+                async with self._use(vm_id) as channel:
+                    await channel.request(call)
+                break
+            except AgentUnavailable as e:
+                if deadline - time.monotonic() <= PING_RETRY_INTERVAL:
+                    raise agent_unavailable(vm_id, str(e)) from e
+                await asyncio.sleep(PING_RETRY_INTERVAL)
+            except GuestError as e:
+                if e.errno != errno.ENOSYS:
+                    raise _identity_failed(vm_id, str(e)) from e
+                await self.set_clock(vm_id)
+                await self.add_entropy(vm_id, entropy)
+                return await self.set_identity(vm_id, guest_vm_id, nics)
+        if nics:
+            await self._net_script(vm_id, _NICS_SCRIPT, *_nic_specs(nics))
+
+    async def _net_script(self, vm_id: str, script: str, *args: str) -> None:
+        argv = ("sh", "-c", script, "metald-identity", *args)
         result = await self.exec(vm_id, ExecCommand(argv=argv), CONTROL_TIMEOUT)
         if result.exit_code != 0:
             detail = (result.stderr or result.stdout).decode(errors="replace").strip()[-500:]
-            raise precondition(
-                "GUEST_IDENTITY_FAILED",
-                f"VM {vm_id}: setting the guest's identity failed (exit {result.exit_code}): {detail}",
-                vm_id=vm_id,
-            )
+            raise _identity_failed(vm_id, f"exit {result.exit_code}: {detail}")
+
+
+def _identity_failed(vm_id: str, detail: str) -> MetaldError:
+    return precondition(
+        "GUEST_IDENTITY_FAILED", f"VM {vm_id}: setting the guest's identity failed ({detail})", vm_id=vm_id
+    )
+
+
+def _nic_specs(nics: Sequence[NicAddress]) -> list[str]:
+    """metald-net.sh's NIC argument: MAC,IP4/PFX,GW4,IP6/PFX,GW6."""
+    return [",".join((n.mac, n.guest_ipv4, n.gateway_ipv4, n.guest_ipv6, n.gateway_ipv6)) for n in nics]

@@ -37,6 +37,7 @@ class MsgType(enum.IntEnum):
     CLOCK = 48
     ENTROPY = 49
     POWER = 50
+    REFRESH = 51  # agent version 2: a restored clone's clock, entropy, hostname and vm_id
 
 
 class Tag(enum.IntEnum):
@@ -60,6 +61,8 @@ class Tag(enum.IntEnum):
     ACTION = 18
     SIGNAL = 19
     UPTIME_MS = 20
+    HOSTNAME = 21
+    VM_ID = 22
 
 
 class ProtocolError(Exception):

@@ -97,3 +97,25 @@ async def test_identity_failure_is_reported(booting: str, pool: GuestAgentPool) 
     with pytest.raises(MetaldError) as e:
         await pool.set_identity(booting, "clone-8", [NicAddress("eth9", "02:fc:00:00:00:08")] * 2)
     assert e.value.reason == "GUEST_IDENTITY_FAILED"
+
+
+async def test_refresh_sets_clock_entropy_hostname_vm_id_and_nics_at_once(
+    booting: str, pool: GuestAgentPool
+) -> None:
+    assert await pool.ping(booting, 60)
+    await sh(pool, booting, "date -s @1000000000 >/dev/null")
+    new_mac = "02:fc:00:00:00:09"
+    nic = NicAddress("eth0", new_mac, guest_ipv4="10.99.0.9/24")
+    await pool.refresh(booting, "clone-9", [nic], bytes(range(256)), timeout=10)
+    assert abs(await pool.clock_offset(booting)) < 0.5
+    seen = await sh(
+        pool, booting, "hostname; cat /run/metald/vm_id /sys/class/net/eth0/address; ip addr show dev eth0"
+    )
+    hostname, vm_id, mac, *addresses = seen.splitlines()
+    assert (hostname, vm_id, mac) == ("clone-9", "clone-9", new_mac)
+    assert "inet 10.99.0.9/24" in "\n".join(addresses)
+    # Checked before anything changes: a hostname the kernel refuses leaves the old one.
+    with pytest.raises(MetaldError) as e:
+        await pool.refresh(booting, "x" * 65, [], bytes(range(256)), timeout=10)
+    assert e.value.reason == "GUEST_IDENTITY_FAILED" and "hostname" in e.value.message
+    assert (await sh(pool, booting, "hostname")).strip() == "clone-9"

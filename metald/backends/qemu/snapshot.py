@@ -52,7 +52,8 @@ class SaveResult:
 
 
 def copy_sparse(source: Path | str, dest: Path) -> None:
-    """Copy only the allocated extents of `source` (guest RAM is mostly holes); blocking."""
+    """Copy only the allocated extents of `source` (guest RAM is mostly holes) into the page
+    cache; blocking. Not synced: `sync_files` does that once the guest runs again."""
     src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     try:
         dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -68,7 +69,6 @@ def copy_sparse(source: Path | str, dest: Path) -> None:
                 hole = os.lseek(src, data, os.SEEK_HOLE)
                 _copy_range(src, dst, data, hole - data)
                 offset = hole
-            os.fsync(dst)
         finally:
             os.close(dst)
     finally:
@@ -83,6 +83,26 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
             break
         offset += sent
         length -= sent
+
+
+def _copy_file(source: Path, dest: Path) -> None:
+    shutil.copyfile(source, dest)
+
+
+def sync_files(directory: Path) -> None:
+    """fsync every file of `directory`, then the directory (~120 ms for a 90 MB RAM copy here:
+    kept out of the guest's pause, done before the snapshot is renamed into place)."""
+    for path in directory.iterdir():
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def allocated_bytes(directory: Path) -> int:
@@ -116,24 +136,35 @@ async def save(
     """Stop the VM, write device state + RAM + frozen overlays into `dest` (made here), then
     continue the VM if `resume` (it was running). `ram` is the VM's RAM file (/proc/PID/fd/N)."""
     await asyncio.to_thread(dest.mkdir, mode=0o700)
+    # What needs no stopped VM is done before the stop: the pause is the save and the copies only.
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+    await _ignore_shared(qmp)
+    fd = await asyncio.to_thread(
+        os.open, dest / DEVICE_STATE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+    )
+    try:
+        await qmp.execute_with_fd("getfd", {"fdname": "snapshot"}, fd)
+    finally:
+        os.close(fd)
     stopped = time.monotonic()
     await qmp.execute("stop")
+    # Once `stop` has answered, vCPUs are stopped and block I/O drained: nothing writes guest RAM
+    # any more, so its copy runs beside the device state's save (each in a thread: 2 cores here).
+    copies = [asyncio.ensure_future(asyncio.to_thread(copy_sparse, ram, dest / RAM_FILE))]
     try:
-        await qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
-        await _ignore_shared(qmp)
-        fd = await asyncio.to_thread(
-            os.open, dest / DEVICE_STATE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-        )
         try:
-            await qmp.execute_with_fd("getfd", {"fdname": "snapshot"}, fd)
+            await qmp.execute("migrate", {"uri": "fd:snapshot"})
+            await _migration_done(qmp)
+            # The completed migration flushed and inactivated the disks: the overlays are consistent.
+            copies += [
+                asyncio.ensure_future(asyncio.to_thread(_copy_file, o, dest / o.name)) for o in overlays
+            ]
         finally:
-            os.close(fd)
-        await qmp.execute("migrate", {"uri": "fd:snapshot"})
-        await _migration_done(qmp)
-        # The completed migration flushed and inactivated the disks: the overlays are consistent.
-        await asyncio.to_thread(copy_sparse, ram, dest / RAM_FILE)
-        for overlay in overlays:
-            await asyncio.to_thread(shutil.copyfile, overlay, dest / overlay.name)
+            await asyncio.wait(copies)  # every copy has ended before the guest runs again
+            errors = [c.exception() for c in copies]
+        for failed in errors:
+            if failed is not None:
+                raise failed
     finally:
         # `cont` also re-activates the disks the migration handed off. A VM that was paused is
         # stopped again at once: QEMU has no way back from "postmigrate" to "paused", and a VM left
@@ -142,6 +173,7 @@ async def save(
         if not resume:
             await qmp.execute("stop")
     paused = time.monotonic() - stopped
+    await asyncio.to_thread(sync_files, dest)
     await asyncio.to_thread(_freeze, dest)
     return SaveResult(await asyncio.to_thread(allocated_bytes, dest), paused)
 

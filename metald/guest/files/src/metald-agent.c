@@ -32,7 +32,7 @@
 #include <unistd.h>
 
 #define PORT_NAME "org.metald.agent"
-#define AGENT_VERSION "1"
+#define AGENT_VERSION "2" /* 2: REFRESH */
 #define MAGIC 0xF5
 #define PROTO_VERSION 1
 #define HDR 12
@@ -46,11 +46,11 @@
 enum { T_PING = 2, T_PONG = 3, T_OK = 4, T_ERROR = 5,
        T_EXEC = 16, T_OUTPUT = 17, T_EXIT = 18, T_KILL = 19,
        T_WRITE = 32, T_READ = 33, T_FILE = 34,
-       T_CLOCK = 48, T_ENTROPY = 49, T_POWER = 50 };
+       T_CLOCK = 48, T_ENTROPY = 49, T_POWER = 50, T_REFRESH = 51 };
 enum { F_ARG = 1, F_ENV = 2, F_CWD = 3, F_STDIN = 4, F_TIMEOUT_MS = 5, F_PATH = 6, F_MODE = 7,
        F_DATA = 8, F_CODE = 9, F_MESSAGE = 10, F_STREAM = 11, F_TIMED_OUT = 12, F_TRUNCATED = 13,
        F_SIZE = 14, F_TIME_NS = 15, F_BOOT_ID = 16, F_VERSION = 17, F_ACTION = 18, F_SIGNAL = 19,
-       F_UPTIME_MS = 20 };
+       F_UPTIME_MS = 20, F_HOSTNAME = 21, F_VM_ID = 22 };
 
 struct field { const unsigned char *p; uint32_t len; };
 
@@ -541,8 +541,11 @@ static void handle_read(uint32_t id, char *path) {
     close(fd);
 }
 
-static void handle_entropy(uint32_t id, struct field data) {
-    if (data.len == 0 || data.len > 4096) return send_error(id, EINVAL, "entropy: 1 to 4096 bytes", NULL);
+#define MAX_ENTROPY 4096
+#define VM_ID_FILE "/run/metald/vm_id"
+
+/* Credit `data` to the entropy pool and reseed the CRNG at once; -1 with errno on failure. */
+static int add_entropy(struct field data) {
     struct rand_pool_info *info = malloc(sizeof *info + data.len);
     if (!info) abort();
     info->entropy_count = (int)data.len * 8;
@@ -553,13 +556,66 @@ static void handle_entropy(uint32_t id, struct field data) {
     int err = errno;
     if (fd >= 0) close(fd);
     free(info);
-    if (!ok) return send_error(id, err, "entropy", strerror(err));
+    errno = err;
+    return ok ? 0 : -1;
+}
+
+static int set_clock(int64_t ns) {
+    struct timespec ts = {.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
+    return clock_settime(CLOCK_REALTIME, &ts);
+}
+
+static void handle_entropy(uint32_t id, struct field data) {
+    if (data.len == 0 || data.len > MAX_ENTROPY) return send_error(id, EINVAL, "entropy: 1 to 4096 bytes", NULL);
+    if (add_entropy(data) < 0) return send_error(id, errno, "entropy", strerror(errno));
     send_simple(T_OK, id);
 }
 
 static void handle_clock(uint32_t id, int64_t ns) {
-    struct timespec ts = {.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
-    if (clock_settime(CLOCK_REALTIME, &ts) < 0) return send_error(id, errno, "clock", strerror(errno));
+    if (set_clock(ns) < 0) return send_error(id, errno, "clock", strerror(errno));
+    send_simple(T_OK, id);
+}
+
+/* ---- refresh: a restored clone's own clock, entropy, hostname and vm_id, in one request ---- */
+
+struct refresh_req { struct field entropy, host, vm_id; int64_t time_ns; int has_time, has_entropy, has_host, has_vm_id; };
+
+static int on_refresh_field(void *ctx, int tag, struct field f) {
+    struct refresh_req *r = ctx;
+    if (tag == F_TIME_NS) r->time_ns = field_to_int(f), r->has_time = 1;
+    if (tag == F_DATA) r->entropy = f, r->has_entropy = 1;
+    if (tag == F_HOSTNAME) r->host = f, r->has_host = 1;
+    if (tag == F_VM_ID) r->vm_id = f, r->has_vm_id = 1;
+    return 0;
+}
+
+static int write_vm_id(struct field vm_id) {
+    mkdir("/run/metald", 0755);
+    int fd = open(VM_ID_FILE, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return -1;
+    int failed = write_all_fd(fd, vm_id.p, vm_id.len) < 0 || write_all_fd(fd, (const unsigned char *)"\n", 1) < 0;
+    int err = errno;
+    if (close(fd) < 0 && !failed) failed = 1, err = errno;
+    errno = err;
+    return failed ? -1 : 0;
+}
+
+/* Every field is checked before anything is changed; then clock, entropy, hostname, vm_id file in
+ * that order (the clock first: it is the one a delay makes wrong). ERROR names the step that failed. */
+static void handle_refresh(uint32_t id, const unsigned char *p, uint32_t n) {
+    struct refresh_req r = {0};
+    if (parse_fields(p, n, on_refresh_field, &r) < 0) return send_error(id, EINVAL, "malformed fields", NULL);
+    if (r.has_entropy && (r.entropy.len == 0 || r.entropy.len > MAX_ENTROPY))
+        return send_error(id, EINVAL, "entropy: 1 to 4096 bytes", NULL);
+    if (r.has_host && (r.host.len == 0 || r.host.len > HOST_NAME_MAX || memchr(r.host.p, 0, r.host.len)))
+        return send_error(id, EINVAL, "hostname: 1 to 64 bytes, no NUL", NULL);
+    if (r.has_vm_id && (r.vm_id.len > 255 || memchr(r.vm_id.p, 0, r.vm_id.len) || memchr(r.vm_id.p, '\n', r.vm_id.len)))
+        return send_error(id, EINVAL, "vm_id: at most 255 bytes, one line", NULL);
+    if (r.has_time && set_clock(r.time_ns) < 0) return send_error(id, errno, "clock", strerror(errno));
+    if (r.has_entropy && add_entropy(r.entropy) < 0) return send_error(id, errno, "entropy", strerror(errno));
+    if (r.has_host && sethostname((const char *)r.host.p, r.host.len) < 0)
+        return send_error(id, errno, "hostname", strerror(errno));
+    if (r.has_vm_id && write_vm_id(r.vm_id) < 0) return send_error(id, errno, VM_ID_FILE, strerror(errno));
     send_simple(T_OK, id);
 }
 
@@ -608,6 +664,7 @@ static void handle_frame(int type, uint32_t id, const unsigned char *p, uint32_t
     case T_WRITE: case T_READ: case T_CLOCK: case T_ENTROPY: case T_POWER:
         handle_simple(type, id, p, n);
         break;
+    case T_REFRESH: handle_refresh(id, p, n); break;
     default: send_error(id, ENOSYS, "unknown message type", NULL);
     }
 }

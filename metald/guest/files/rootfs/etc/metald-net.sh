@@ -38,14 +38,20 @@ NIC
   return 0
 }
 
-# metald_identity VM_ID NIC...: hostname and /run/metald/vm_id, then for each NIC in order
-# (eth0, eth1, ...): drop its addresses, set its MAC (QEMU follows the guest), address it anew.
+# metald_identity VM_ID NIC...: hostname and /run/metald/vm_id, then metald_nics NIC...
+# (a restored clone gets the first two from the agent's REFRESH and runs only metald_nics).
 metald_identity() {
   vm_id=$1
   shift
   hostname "$vm_id" || return 1
   mkdir -p /run/metald
   echo "$vm_id" > /run/metald/vm_id
+  metald_nics "$@"
+}
+
+# metald_nics NIC...: for each NIC in order (eth0, eth1, ...): drop its addresses, set its MAC
+# (QEMU follows the guest), address it anew.
+metald_nics() {
   index=0
   for nic in "$@"; do
     dev=eth$index
