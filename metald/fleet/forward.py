@@ -1,5 +1,5 @@
 """Calls from a gateway to the host that owns a VM: the project's own Connect client (binary
-protobuf over cleartext HTTP/2, one multiplexed connection per host) with a gateway token per
+protobuf, uncompressed, over cleartext HTTP/2, one multiplexed connection per host) with a gateway token per
 (customer, host) reused for half its lifetime, and the host's answer (code, reason, metadata)
 passed on unchanged."""
 
@@ -80,7 +80,13 @@ class HostClients:
     def rpc(self, url: str) -> VmServiceClient:
         client = self._clients.get(url)
         if client is None:
-            client = VmServiceClient(url, protocol=ProtocolType.CONNECT, http_client=self._http)
+            client = VmServiceClient(  # uncompressed: gzip of small messages costs both ends CPU only
+                url,
+                protocol=ProtocolType.CONNECT,
+                http_client=self._http,
+                send_compression=None,
+                accept_compression=(),
+            )
             self._clients[url] = client
         return client
 
