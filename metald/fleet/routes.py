@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from metald.domain import ids
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import MetaldError
 from metald.domain.ownership import owned
 from metald.domain.states import VmState
 from metald.fleet import inventory
@@ -40,7 +40,8 @@ class HostLease:
 
 
 def is_stale(exc: MetaldError) -> bool:
-    return exc.code == ErrorCode.NOT_FOUND or exc.reason in STALE_REASONS
+    """The host does not hold the VM for this customer (not, say, a file missing in the guest)."""
+    return exc.reason in STALE_REASONS
 
 
 class HostView:

@@ -10,13 +10,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from metald.domain.errors import MetaldError
+from metald.domain.errors import ErrorCode, MetaldError, not_found, not_owned, refusal
 from metald.domain.model import BootConfig, CpuConfig, MemoryConfig, Vm, VmConfig
 from metald.domain.states import VmState
 from metald.fleet import inventory
 from metald.fleet.db import FleetDb
 from metald.fleet.inventory import HostCapacity, VmLocation
-from metald.fleet.routes import HostView, LocationCache, Routes
+from metald.fleet.routes import HostView, LocationCache, Routes, is_stale
 from tests.fleet.postgres import Postgres
 
 CONFIG = VmConfig(CpuConfig(1), MemoryConfig(256 << 20), BootConfig("/assets/vmlinux"))
@@ -110,3 +110,8 @@ def test_the_location_cache_is_a_bounded_lru() -> None:
     assert len(cache) == 2 and cache.get("vm_b") is None and cache.get("vm_a") is not None
     cache.drop("vm_a")
     assert cache.get("vm_a") is None
+
+
+def test_only_the_hosts_word_that_it_lacks_the_vm_drops_a_cached_location() -> None:
+    assert is_stale(not_found("vm_a")) and is_stale(not_owned("vm_a", "acme"))
+    assert not is_stale(refusal(ErrorCode.NOT_FOUND, "FILE_NOT_FOUND", "no such file"))
