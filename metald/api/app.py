@@ -28,25 +28,16 @@ class Route:
         return cls(f"{app.path}/", wrapped or app)
 
 
+@dataclass(frozen=True, kw_only=True)
 class RootApp:
     """Dispatches by path: exact plain endpoints first, then route prefixes."""
 
-    def __init__(
-        self,
-        *,
-        routes: list[Route],
-        health: HealthReporter,
-        metrics: Metrics,
-        store: StateCounts,
-        openapi: bytes,
-        metrics_token: str = "",
-    ) -> None:
-        self._routes = routes
-        self._health = health
-        self._metrics = metrics
-        self._store = store
-        self._openapi = openapi
-        self._metrics_auth = f"Bearer {metrics_token}".encode() if metrics_token else b""
+    routes: list[Route]
+    health: HealthReporter
+    metrics: Metrics
+    store: StateCounts
+    openapi: bytes
+    metrics_token: str = ""  # empty: per-customer series for no one
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -57,22 +48,22 @@ class RootApp:
         path: str = scope["path"]
         method: str = scope["method"]
         if path == "/health" and method in ("GET", "HEAD"):
-            status, body = await self._health.report()
+            status, body = await self.health.report()
             await send_json(send, status, body)
             return
         if path == "/metrics" and method in ("GET", "HEAD"):
-            scrape = await self._metrics.render(self._store, per_customer=self._metrics_authorized(scope))
+            scrape = await self.metrics.render(self.store, per_customer=self._metrics_authorized(scope))
             await send_bytes(send, 200, scrape, CONTENT_TYPE_PROMETHEUS)
             return
         if path == "/openapi.json" and method in ("GET", "HEAD"):
-            await send_bytes(send, 200, self._openapi, "application/json")
+            await send_bytes(send, 200, self.openapi, "application/json")
             return
         scope = _utf8_headers(scope)
         if _grpc_over_http1(scope):
             message = "gRPC needs HTTP/2 (use h2c prior knowledge or TLS with ALPN h2)"
             await send_json(send, 415, {"code": "invalid_argument", "message": message})
             return
-        for route in self._routes:
+        for route in self.routes:
             if path.startswith(route.prefix):
                 await route.app(scope, receive, send)
                 return
@@ -83,10 +74,10 @@ class RootApp:
 
     def _metrics_authorized(self, scope: Scope) -> bool:
         """Per-customer series only for a scraper presenting `metrics_token` (none when unset)."""
-        if not self._metrics_auth:
+        if not self.metrics_token:
             return False
         given = next((v for k, v in scope.get("headers", []) if k.lower() == b"authorization"), b"")
-        return hmac.compare_digest(bytes(given), self._metrics_auth)
+        return hmac.compare_digest(bytes(given), f"Bearer {self.metrics_token}".encode())
 
 
 _RPC_PATH = re.compile(r"^/([A-Za-z_][\w.]*\.[A-Za-z_]\w*)/[A-Za-z_]\w*$")

@@ -4,6 +4,7 @@ walk over the dataclass fields; only the message class of each nested field is n
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections import OrderedDict
 from datetime import datetime
 from typing import Any, TypeVar
@@ -16,23 +17,15 @@ from metald.domain.errors import invalid
 from metald.domain.states import VmState
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 
-# (domain class, field) -> proto message class of that field
-_NESTED: dict[tuple[type[Any], str], tuple[type[Any], type[Message]]] = {
-    (model.VmConfig, "cpu"): (model.CpuConfig, pb.CpuConfig),
-    (model.VmConfig, "memory"): (model.MemoryConfig, pb.MemoryConfig),
-    (model.VmConfig, "boot"): (model.BootConfig, pb.BootConfig),
-    (model.VmConfig, "storage"): (model.StorageDevice, pb.StorageDevice),
-    (model.VmConfig, "network"): (model.NetworkInterface, pb.NetworkInterface),
-    (model.VmConfig, "console"): (model.ConsoleConfig, pb.ConsoleConfig),
-    (model.NetworkInterface, "rate_limit"): (model.RateLimit, pb.RateLimit),
-    (model.NetworkInterface, "host_ipv4"): (model.IpConfig, pb.IPv4Config),
-    (model.NetworkInterface, "guest_ipv4"): (model.IpConfig, pb.IPv4Config),
-    (model.NetworkInterface, "host_ipv6"): (model.IpConfig, pb.IPv6Config),
-    (model.NetworkInterface, "guest_ipv6"): (model.IpConfig, pb.IPv6Config),
-    (model.NetworkInterface, "egress"): (model.EgressPolicy, pb.EgressPolicy),
-    (model.EgressPolicy, "allow"): (model.EgressRule, pb.EgressRule),
+# The message class of a nested domain dataclass is the one of the same name in vm_pb, except:
+_RENAMED: dict[tuple[type[Any], str], type[Message]] = {
+    (model.NetworkInterface, "host_ipv4"): pb.IPv4Config,
+    (model.NetworkInterface, "guest_ipv4"): pb.IPv4Config,
+    (model.NetworkInterface, "host_ipv6"): pb.IPv6Config,
+    (model.NetworkInterface, "guest_ipv6"): pb.IPv6Config,
 }
-_FIELDS: dict[type[Any], list[str]] = {}
+# domain class -> [(field, (nested domain class, its message class) or None)]
+_FIELDS: dict[type[Any], list[tuple[str, tuple[type[Any], type[Message]] | None]]] = {}
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
 
@@ -51,18 +44,17 @@ def from_message(message: Message, cls: type[T]) -> T:
 
 def _convert(obj: Any, target: type[Any], domain: type[Any]) -> Any:
     """Copy the fields of the dataclass `domain` from `obj` into a new `target`, one way or the
-    other: nested messages by _NESTED, repeated fields as lists in messages and tuples in the domain."""
+    other: nested messages by their classes (_fields_of), repeated fields as lists in messages and tuples in the domain."""
     to_proto = target is not domain
-    names = _FIELDS.get(domain)
-    if names is None:
-        names = _FIELDS[domain] = [f.name for f in dataclasses.fields(domain)]
+    fields = _FIELDS.get(domain)
+    if fields is None:
+        fields = _FIELDS[domain] = _fields_of(domain)
     kwargs: dict[str, Any] = {}
-    for name in names:
+    for name, nested in fields:
         value = getattr(obj, name)
         if value is None:
             continue
         repeated = isinstance(value, (list, tuple))
-        nested = _NESTED.get((domain, name))
         if nested is not None:
             inner, message_class = nested
             into = message_class if to_proto else inner
@@ -73,6 +65,20 @@ def _convert(obj: Any, target: type[Any], domain: type[Any]) -> Any:
             value = dict(value)
         kwargs[name] = value
     return target(**kwargs)
+
+
+def _fields_of(domain: type[Any]) -> list[tuple[str, tuple[type[Any], type[Message]] | None]]:
+    """The fields of a domain dataclass; for those holding dataclasses (`X | None` or `tuple[X, ...]`),
+    the nested domain class and its message class."""
+    hints = typing.get_type_hints(domain)
+    fields: list[tuple[str, tuple[type[Any], type[Message]] | None]] = []
+    for field in dataclasses.fields(domain):
+        inner = next((t for t in typing.get_args(hints[field.name]) if dataclasses.is_dataclass(t)), None)
+        nested = None
+        if isinstance(inner, type):
+            nested = inner, _RENAMED.get((domain, field.name)) or getattr(pb, inner.__name__)
+        fields.append((field.name, nested))
+    return fields
 
 
 def config_from_proto(message: pb.VmConfig | None) -> model.VmConfig:

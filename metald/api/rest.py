@@ -175,19 +175,12 @@ def _int_param(query: dict[str, list[str]], name: str, default: int, low: int, h
     return int(raw)
 
 
+@dataclass(frozen=True, kw_only=True)
 class RestApi:
-    def __init__(
-        self,
-        *,
-        rpc_app: ASGIApp,
-        authenticator: Authenticator,
-        usecases: VmUseCases,
-        max_request_bytes: int,
-    ) -> None:
-        self._rpc_app = rpc_app
-        self._auth = authenticator
-        self._usecases = usecases
-        self._max_body = max_request_bytes
+    rpc_app: ASGIApp
+    authenticator: Authenticator
+    usecases: VmUseCases
+    max_request_bytes: int
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1").split("?")[0]
@@ -216,7 +209,7 @@ class RestApi:
             return
         body = b""
         if route.body:
-            read = await read_body(receive, self._max_body)
+            read = await read_body(receive, self.max_request_bytes)
             if read is None:
                 await send_error(send, ConnectError(Code.RESOURCE_EXHAUSTED, "request body too large"))
                 return
@@ -244,15 +237,15 @@ class RestApi:
             delivered = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self._rpc_app(inner, receive_body, send)
+        await self.rpc_app(inner, receive_body, send)
 
     async def _serve_console(self, scope: Scope, send: Send, vm_id: str, query: str) -> None:
         try:
-            customer = self._auth.authenticate(headers_of(scope), current_peer.get())
+            customer = self.authenticator.authenticate(headers_of(scope), current_peer.get())
             params = parse_qs(query, keep_blank_values=True)
             offset = _int_param(params, "offset", 0, 0, 1 << 62)
             limit = _int_param(params, "limit", 1 << 20, 1, CONSOLE_MAX_CHUNK)
-            chunk = await self._usecases.read_console(customer, vm_id, offset, limit)
+            chunk = await self.usecases.read_console(customer, vm_id, offset, limit)
         except MetaldError as exc:
             await send_error(send, to_connect_error(exc))
             return

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, Unpack
 
 from connectrpc.client import ConnectClient
 from connectrpc.errors import ConnectError
@@ -85,19 +85,9 @@ class AsyncClient(core.AsyncCore):
 
     # ---- conveniences over the methods of core.VmServiceMethods ---------------------------------
 
-    async def watch_vms(
-        self,
-        *,
-        states: Iterable[StateLike] = (),
-        vm_ids: Iterable[str] = (),
-        after_cursor: str = "",
-        reconnect: bool = False,
-        on_reconnect: core.OnReconnect | None = None,
-    ) -> AsyncGenerator[pb.VmEvent]:
-        """The caller's VM events after `after_cursor` (empty: live ones only), until the stream
-        ends; with `reconnect`, resumed from the last event's cursor whenever it breaks (and
-        `on_reconnect(error, cursor, pause)` told each time)."""
-        watch = core.Watch.of(states, vm_ids, after_cursor, reconnect, self.options.retry, on_reconnect)
+    async def watch_vms(self, **options: Unpack[core.WatchOptions]) -> AsyncGenerator[pb.VmEvent]:
+        """The caller's VM events, as core.WatchOptions says."""
+        watch = core.Watch.of(retry=self.options.retry, **options)
         while (step := watch.next()) is not None:
             await asyncio.sleep(step[0])
             with watch.guard():

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Generic, ParamSpec, Protocol, Self, TypeVar, overload
+from typing import Any, Generic, ParamSpec, Protocol, Self, TypedDict, TypeVar, overload
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -206,6 +206,18 @@ class StateWait:
 OnReconnect = Callable[[ApiError | None, str, float], None]
 
 
+class WatchOptions(TypedDict, total=False):
+    """watch_vms' options, for both clients: the caller's VM events after `after_cursor` (empty:
+    live ones only), until the stream ends; with `reconnect`, resumed from the last event's cursor
+    whenever it breaks (and `on_reconnect(error, cursor, pause)` told each time)."""
+
+    states: Iterable[StateLike]
+    vm_ids: Iterable[str]
+    after_cursor: str
+    reconnect: bool
+    on_reconnect: OnReconnect | None
+
+
 @dataclasses.dataclass
 class Watch:
     """A WatchVms that follows its cursor. Each `next()` is (pause, call) for the next stream to
@@ -227,11 +239,11 @@ class Watch:
     @classmethod
     def of(
         cls,
-        states: Iterable[StateLike],
-        vm_ids: Iterable[str],
-        after_cursor: str,
-        reconnect: bool,
-        retry: RetryPolicy,
+        states: Iterable[StateLike] = (),
+        vm_ids: Iterable[str] = (),
+        after_cursor: str = "",
+        reconnect: bool = False,
+        retry: RetryPolicy = NO_RETRY,
         on_reconnect: OnReconnect | None = None,
     ) -> Watch:
         watch = cls(

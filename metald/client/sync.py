@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, Unpack
 
 from connectrpc.client import ConnectClientSync
 from connectrpc.errors import ConnectError
@@ -77,19 +77,9 @@ class Client(core.SyncCore):
 
     # ---- conveniences over the methods of core.VmServiceMethods ---------------------------------
 
-    def watch_vms(
-        self,
-        *,
-        states: Iterable[StateLike] = (),
-        vm_ids: Iterable[str] = (),
-        after_cursor: str = "",
-        reconnect: bool = False,
-        on_reconnect: core.OnReconnect | None = None,
-    ) -> Generator[pb.VmEvent]:
-        """The caller's VM events after `after_cursor` (empty: live ones only), until the stream
-        ends; with `reconnect`, resumed from the last event's cursor whenever it breaks (and
-        `on_reconnect(error, cursor, pause)` told each time)."""
-        watch = core.Watch.of(states, vm_ids, after_cursor, reconnect, self.options.retry, on_reconnect)
+    def watch_vms(self, **options: Unpack[core.WatchOptions]) -> Generator[pb.VmEvent]:
+        """The caller's VM events, as core.WatchOptions says."""
+        watch = core.Watch.of(retry=self.options.retry, **options)
         while (step := watch.next()) is not None:
             time.sleep(step[0])
             with watch.guard():

@@ -85,6 +85,16 @@ def not_found(vm_id: str) -> MetaldError:
     return refusal(ErrorCode.NOT_FOUND, "VM_NOT_FOUND", f"VM {vm_id} not found", vm_id=vm_id)
 
 
+def snapshot_not_found(snapshot_id: str) -> MetaldError:
+    message = f"snapshot {snapshot_id} not found"
+    return refusal(ErrorCode.NOT_FOUND, "SNAPSHOT_NOT_FOUND", message, snapshot_id=snapshot_id)
+
+
+def snapshot_not_owned(snapshot_id: str) -> MetaldError:
+    message = f"snapshot {snapshot_id} belongs to another customer"
+    return denied("SNAPSHOT_NOT_OWNED", message, snapshot_id=snapshot_id)
+
+
 def vm_exists(vm_id: str) -> MetaldError:
     return conflict("VM_EXISTS", f"VM {vm_id} already exists", vm_id=vm_id)
 

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Generic, TypeVar
 
 from metald.domain.model import Vm
@@ -38,11 +38,12 @@ class HostIdentity:
 
 @dataclass(frozen=True)
 class RowKind(Generic[T]):
-    """How one kind of record is written to, removed from and swept out of the fleet tables."""
+    """How one kind of record is written to the fleet tables, and which table and key it has there."""
 
     upsert: Callable[[FleetDb, str, Sequence[T]], Awaitable[None]]
-    remove: Callable[[FleetDb, str, Sequence[str]], Awaitable[None]]
-    sweep: Callable[[FleetDb, str, Sequence[str], float], Awaitable[None]]
+    table: str
+    key: str
+    row: Callable[[T], tuple[str, Hashable]]  # its key, and what makes it worth writing again if changed
 
 
 class Mirror(Generic[T]):
@@ -53,52 +54,58 @@ class Mirror(Generic[T]):
         self._synced: dict[str, Hashable] | None = None  # as of the last success; None: never
 
     async def sync(
-        self, db: FleetDb, host_id: str, records: dict[str, tuple[T, Hashable]], *, resync: bool, sweep: bool
+        self, db: FleetDb, host_id: str, listed: Sequence[T], *, resync: bool, sweep: bool
     ) -> None:
+        records: dict[str, tuple[T, Hashable]] = {}
+        for record in listed:
+            key, mark = self._kind.row(record)
+            records[key] = (record, mark)
         previous = self._synced
         known = {} if resync or previous is None else previous
         changed = [record for key, (record, mark) in records.items() if known.get(key) != mark]
         await self._kind.upsert(db, host_id, changed)
         if previous is not None:
-            await self._kind.remove(db, host_id, [key for key in previous if key not in records])
+            gone = [key for key in previous if key not in records]
+            await inventory.remove_rows(db, self._kind.table, self._kind.key, host_id, gone)
         if previous is None or sweep:
-            await self._kind.sweep(db, host_id, list(records), SWEEP_GRACE_SECONDS)
+            await inventory.sweep_rows(
+                db, self._kind.table, self._kind.key, host_id, list(records), SWEEP_GRACE_SECONDS
+            )
         self._synced = {key: mark for key, (_, mark) in records.items()}
 
 
-VM_ROWS = RowKind[Vm](inventory.upsert_vms, inventory.remove_vms, inventory.sweep_vms)
+def _vm_row(vm: Vm) -> tuple[str, Hashable]:
+    return vm.vm_id, (vm.customer_id, vm.state, vm.updated_at)
+
+
+def _snapshot_row(s: Snapshot) -> tuple[str, Hashable]:
+    return s.snapshot_id, (s.customer_id, s.size_bytes, s.warm_pool_size)
+
+
+VM_ROWS = RowKind[Vm](inventory.upsert_vms, "fleet_vms", "vm_id", _vm_row)
 SNAPSHOT_ROWS = RowKind[Snapshot](
-    snapshot_rows.upsert_snapshots, snapshot_rows.remove_snapshots, snapshot_rows.sweep_snapshots
+    snapshot_rows.upsert_snapshots, "fleet_snapshots", "snapshot_id", _snapshot_row
 )
 
 
+@dataclass
 class HostAgent:
-    def __init__(
-        self,
-        db: FleetDb,
-        store: VmRecords,
-        identity: HostIdentity,
-        *,
-        heartbeat: float,
-        lease: float,
-        snapshots: SnapshotRecords | None = None,
-        events: EventLog | None = None,
-    ) -> None:
-        self._db = db
-        self._store = store
-        self._snapshots = snapshots
-        self._events = events
-        self._id = identity
-        self._heartbeat = heartbeat
-        self._lease = lease
-        self._vms = Mirror(VM_ROWS)
-        self._snapshot_rows = Mirror(SNAPSHOT_ROWS)
-        self._resync = True  # write every record at the next beat (start-up, after a failure)
-        self._beats = 0
-        self._task: asyncio.Task[None] | None = None
+    db: FleetDb
+    store: VmRecords
+    identity: HostIdentity
+    _: KW_ONLY
+    heartbeat: float
+    lease: float
+    snapshots: SnapshotRecords | None = None
+    events: EventLog | None = None
+    _vms: Mirror[Vm] = field(init=False, default_factory=lambda: Mirror(VM_ROWS))
+    _snapshot_rows: Mirror[Snapshot] = field(init=False, default_factory=lambda: Mirror(SNAPSHOT_ROWS))
+    _resync: bool = field(init=False, default=True)  # write every record at the next beat (start, failure)
+    _beats: int = field(init=False, default=0)
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
 
     async def start(self) -> None:
-        await self._db.open()
+        await self.db.open()
         self._task = asyncio.create_task(self._run(), name="fleet-heartbeat")
 
     async def close(self) -> None:
@@ -106,7 +113,7 @@ class HostAgent:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._db.close()
+        await self.db.close()
 
     async def _run(self) -> None:
         connected = True
@@ -121,41 +128,33 @@ class HostAgent:
                     log.warning("fleet heartbeat failed (%s); the host runs on and retries", exc)
                 connected = False
                 self._resync = True
-            await asyncio.sleep(self._heartbeat)
+            await asyncio.sleep(self.heartbeat)
 
     async def sync_once(self) -> None:
-        vms = [vm for vm in await self._store.all_vms() if vm.pending != "creating"]
+        vms = [vm for vm in await self.store.all_vms() if vm.pending != "creating"]
         snapshots = await self._listed_snapshots()
         capacity = HostCapacity(
-            self._id.vcpus_total,
-            self._id.memory_total,
-            self._id.vms_max,
+            self.identity.vcpus_total,
+            self.identity.memory_total,
+            self.identity.vms_max,
             sum(vm.config.vcpu_count for vm in vms),
             sum(vm.config.memory_bytes for vm in vms),
             len(vms),
         )
-        last_event = await self._events.last_seq() if self._events is not None else 0
-        await inventory.heartbeat(self._db, self._id.host_id, self._id.url, capacity, self._lease, last_event)
-        sweep = self._beats % SWEEP_EVERY_BEATS == 0
-        await self._vms.sync(
-            self._db,
-            self._id.host_id,
-            {vm.vm_id: (vm, (vm.customer_id, vm.state, vm.updated_at)) for vm in vms},
-            resync=self._resync,
-            sweep=sweep,
+        last_event = await self.events.last_seq() if self.events is not None else 0
+        await inventory.heartbeat(
+            self.db, self.identity.host_id, self.identity.url, capacity, self.lease, last_event
         )
+        sweep = self._beats % SWEEP_EVERY_BEATS == 0
+        await self._vms.sync(self.db, self.identity.host_id, vms, resync=self._resync, sweep=sweep)
         await self._snapshot_rows.sync(
-            self._db,
-            self._id.host_id,
-            {s.snapshot_id: (s, (s.customer_id, s.size_bytes, s.warm_pool_size)) for s in snapshots},
-            resync=self._resync,
-            sweep=sweep,
+            self.db, self.identity.host_id, snapshots, resync=self._resync, sweep=sweep
         )
         self._resync = False
         self._beats += 1
 
     async def _listed_snapshots(self) -> list[Snapshot]:
         """The snapshots ListSnapshots shows here: neither being written nor deleted."""
-        if self._snapshots is None:
+        if self.snapshots is None:
             return []
-        return [s for s in await self._snapshots.all_snapshots() if not s.pending and not s.deleted]
+        return [s for s in await self.snapshots.all_snapshots() if not s.pending and not s.deleted]

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from psycopg import sql
+
 from metald.api.convert import config_from_proto, config_to_proto
 from metald.domain.model import Vm
 from metald.domain.states import VmState
@@ -25,6 +27,20 @@ class HostCapacity:
     vcpus_used: int = 0
     memory_used: int = 0
     vm_count: int = 0
+
+    def load_with(self, vcpus: int, memory: int) -> float | None:
+        """The larger of the vCPU and memory fractions its VMs would take with this one (booted or
+        not: any may be booted), or None if it has no room: at its VM cap, or the VM alone is larger
+        than the host. Hosts check running vCPUs and memory again at boot, as a lone host does."""
+        if (
+            (self.vms_max and self.vm_count + 1 > self.vms_max)
+            or vcpus > self.vcpus_total
+            or memory > self.memory_total
+        ):
+            return None
+        return max(
+            (self.vcpus_used + vcpus) / self.vcpus_total, (self.memory_used + memory) / self.memory_total
+        )
 
 
 @dataclass(frozen=True)
@@ -133,22 +149,26 @@ async def upsert_vms(db: FleetDb, host_id: str, vms: Sequence[Vm]) -> None:
         )
 
 
-async def remove_vms(db: FleetDb, host_id: str, vm_ids: Sequence[str]) -> None:
-    if vm_ids:
+async def remove_rows(db: FleetDb, table: str, key: str, host_id: str, ids: Sequence[str]) -> None:
+    """Drop this host's rows (of `table`, keyed by `key`) of records it no longer holds."""
+    if ids:
+        query = sql.SQL("DELETE FROM {} WHERE host_id = %s AND {} = ANY(%s)")
         async with db.connection() as conn:
-            await conn.execute(
-                "DELETE FROM fleet_vms WHERE host_id = %s AND vm_id = ANY(%s)", (host_id, list(vm_ids))
-            )
+            await conn.execute(query.format(sql.Identifier(table), sql.Identifier(key)), (host_id, list(ids)))
 
 
-async def sweep_vms(db: FleetDb, host_id: str, live_ids: Sequence[str], grace_seconds: float) -> None:
+async def sweep_rows(
+    db: FleetDb, table: str, key: str, host_id: str, live_ids: Sequence[str], grace_seconds: float
+) -> None:
     """Drop rows of this host that it does not hold and that nobody touched for `grace_seconds`:
-    reservations whose create never reached it, VMs deleted while the database was away."""
+    reservations whose create never reached it, records deleted while the database was away."""
+    query = sql.SQL(
+        """DELETE FROM {} WHERE host_id = %s AND NOT ({} = ANY(%s))
+           AND updated_at < now() - make_interval(secs => %s)"""
+    )
     async with db.connection() as conn:
         await conn.execute(
-            """DELETE FROM fleet_vms WHERE host_id = %s AND NOT (vm_id = ANY(%s))
-               AND updated_at < now() - make_interval(secs => %s)""",
-            (host_id, list(live_ids), grace_seconds),
+            query.format(sql.Identifier(table), sql.Identifier(key)), (host_id, list(live_ids), grace_seconds)
         )
 
 

@@ -15,7 +15,7 @@ from metald.domain.errors import MetaldError, exhausted, unavailable, vm_exists
 from metald.domain.model import Vm
 from metald.domain.quotas import Quotas, check_create
 from metald.fleet.db import FleetDb
-from metald.fleet.inventory import config_bytes
+from metald.fleet.inventory import HostCapacity, config_bytes
 
 CANDIDATES = 3  # hosts compared exactly per placement, picked by the load they last reported
 
@@ -31,34 +31,15 @@ class Placement:
 class Candidate:
     host_id: str
     url: str
-    vcpus_total: int
-    memory_total: int
-    vms_max: int
-    vcpus_used: int = 0
-    memory_used: int = 0
-    vm_count: int = 0
-
-    def load_with(self, vcpus: int, memory: int) -> float | None:
-        """The larger of the vCPU and memory fractions its VMs would take with this one (booted or
-        not: any may be booted), or None if it has no room: at its VM cap, or the VM alone is larger
-        than the host. Hosts check running vCPUs and memory again at boot, as a lone host does."""
-        if (
-            (self.vms_max and self.vm_count + 1 > self.vms_max)
-            or vcpus > self.vcpus_total
-            or memory > self.memory_total
-        ):
-            return None
-        return max(
-            (self.vcpus_used + vcpus) / self.vcpus_total, (self.memory_used + memory) / self.memory_total
-        )
+    capacity: HostCapacity
 
 
 def choose(candidates: Sequence[Candidate], vcpus: int, memory: int) -> Candidate | None:
     """The least loaded candidate with room (ties: fewer VMs, then at random)."""
     scored = [
-        (load, c.vm_count, random.random(), c)
+        (load, c.capacity.vm_count, random.random(), c)
         for c in candidates
-        if (load := c.load_with(vcpus, memory)) is not None
+        if (load := c.capacity.load_with(vcpus, memory)) is not None
     ]
     return min(scored, key=lambda s: s[:3])[3] if scored else None
 
@@ -91,18 +72,8 @@ async def _candidates(
     out = []
     for host_id, (_, url, vcpus, memory, vms_max) in hosts.items():
         count, used_vcpus, used_memory = usage.get(host_id, (0, 0, 0))
-        out.append(
-            Candidate(
-                host_id,
-                str(url),
-                int(vcpus),
-                int(memory),
-                int(vms_max),
-                int(used_vcpus),
-                int(used_memory),
-                int(count),
-            )
-        )
+        used = (int(used_vcpus), int(used_memory), int(count))
+        out.append(Candidate(host_id, str(url), HostCapacity(int(vcpus), int(memory), int(vms_max), *used)))
     return out
 
 

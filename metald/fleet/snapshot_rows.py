@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from metald.api.convert import config_from_proto, config_to_proto
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import snapshot_not_found, snapshot_not_owned
 from metald.domain.model import VmConfig
 from metald.domain.snapshots import Snapshot
 from metald.fleet.db import FleetDb
@@ -25,24 +25,6 @@ class SnapshotLocation:
     url: str
     host_live: bool
     config: VmConfig  # the source's config at the snapshot: what sizes a clone
-
-
-def snapshot_not_found(snapshot_id: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.NOT_FOUND,
-        f"snapshot {snapshot_id} not found",
-        reason="SNAPSHOT_NOT_FOUND",
-        metadata={"snapshot_id": snapshot_id},
-    )
-
-
-def snapshot_not_owned(snapshot_id: str) -> MetaldError:
-    return MetaldError(
-        ErrorCode.PERMISSION_DENIED,
-        f"snapshot {snapshot_id} belongs to another customer",
-        reason="SNAPSHOT_NOT_OWNED",
-        metadata={"snapshot_id": snapshot_id},
-    )
 
 
 def _row(host_id: str, s: Snapshot) -> tuple[Any, ...]:
@@ -68,25 +50,6 @@ async def upsert_snapshots(db: FleetDb, host_id: str, snapshots: Sequence[Snapsh
                    metadata = EXCLUDED.metadata, config = EXCLUDED.config,
                    created_at = EXCLUDED.created_at, updated_at = now()""",
             [_row(host_id, s) for s in snapshots],
-        )
-
-
-async def remove_snapshots(db: FleetDb, host_id: str, snapshot_ids: Sequence[str]) -> None:
-    if snapshot_ids:
-        async with db.connection() as conn:
-            await conn.execute(
-                "DELETE FROM fleet_snapshots WHERE host_id = %s AND snapshot_id = ANY(%s)",
-                (host_id, list(snapshot_ids)),
-            )
-
-
-async def sweep_snapshots(db: FleetDb, host_id: str, live_ids: Sequence[str], grace_seconds: float) -> None:
-    """Rows naming this host of snapshots it no longer lists (deleted while the database was away)."""
-    async with db.connection() as conn:
-        await conn.execute(
-            """DELETE FROM fleet_snapshots WHERE host_id = %s AND NOT (snapshot_id = ANY(%s))
-               AND updated_at < now() - make_interval(secs => %s)""",
-            (host_id, list(live_ids), grace_seconds),
         )
 
 

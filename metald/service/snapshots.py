@@ -14,7 +14,7 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
-from metald.domain.errors import ErrorCode, MetaldError, invalid
+from metald.domain.errors import ErrorCode, MetaldError, invalid, snapshot_not_found, snapshot_not_owned
 from metald.domain.model import Vm
 from metald.domain.pending import PendingOp
 from metald.domain.snapshots import PENDING_CREATING, Snapshot, check_snapshot_id, new_snapshot_id
@@ -55,19 +55,9 @@ class Snapshots(ServiceBase):
         check_snapshot_id(snapshot_id)
         snapshot = await records.get(snapshot_id)
         if snapshot is None or snapshot.pending:
-            raise MetaldError(
-                ErrorCode.NOT_FOUND,
-                f"snapshot {snapshot_id} not found",
-                reason="SNAPSHOT_NOT_FOUND",
-                metadata={"snapshot_id": snapshot_id},
-            )
+            raise snapshot_not_found(snapshot_id)
         if snapshot.customer_id != customer_id:
-            raise MetaldError(
-                ErrorCode.PERMISSION_DENIED,
-                f"snapshot {snapshot_id} belongs to another customer",
-                reason="SNAPSHOT_NOT_OWNED",
-                metadata={"snapshot_id": snapshot_id},
-            )
+            raise snapshot_not_owned(snapshot_id)
         return snapshot
 
     async def _check_snapshot_quota(self, records: SnapshotRecords, customer_id: str) -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from metald.api.auth import FleetHostAuthenticator, Peer
 from metald.domain.errors import MetaldError
+from metald.fleet.inventory import HostCapacity
 from metald.fleet.placement import Candidate, choose
 from metald.fleet.tokens import GatewayTokens, InvalidGatewayToken
 
@@ -52,11 +53,13 @@ def test_a_fleet_host_refuses_customer_credentials_unless_direct_calls_are_allow
 
 def test_placement_takes_the_least_loaded_host_with_room() -> None:
     gib = 1 << 30
-    busy = Candidate("a", "u", 8, 8 * gib, 100, vcpus_used=6, memory_used=gib, vm_count=6)
-    memory_heavy = Candidate("b", "u", 8, 8 * gib, 100, vcpus_used=1, memory_used=7 * gib, vm_count=1)
-    light = Candidate("c", "u", 8, 8 * gib, 100, vcpus_used=2, memory_used=2 * gib, vm_count=2)
+    busy = Candidate("a", "u", HostCapacity(8, 8 * gib, 100, vcpus_used=6, memory_used=gib, vm_count=6))
+    memory_heavy = Candidate(
+        "b", "u", HostCapacity(8, 8 * gib, 100, vcpus_used=1, memory_used=7 * gib, vm_count=1)
+    )
+    light = Candidate("c", "u", HostCapacity(8, 8 * gib, 100, vcpus_used=2, memory_used=2 * gib, vm_count=2))
     assert choose([busy, memory_heavy, light], 1, gib // 4).host_id == "c"  # type: ignore[union-attr]
-    full = Candidate("d", "u", 8, 8 * gib, 3, vm_count=3)
+    full = Candidate("d", "u", HostCapacity(8, 8 * gib, 3, vm_count=3))
     assert choose([full], 1, gib // 4) is None
     assert choose([memory_heavy], 1, 9 * gib) is None  # larger than the host
     assert choose([memory_heavy], 1, 2 * gib) is memory_heavy  # created VMs may overcommit

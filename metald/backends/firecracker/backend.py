@@ -15,10 +15,11 @@ import logging
 import os
 import platform
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from metald.backends.firecracker import files, launch, snapshot
+from metald.backends.firecracker import assets, files, launch, snapshot
 from metald.backends.firecracker.api import ApiCall, FirecrackerApi
 from metald.backends.firecracker.config import START, configure_calls, cpu_templates, output_calls
 from metald.backends.firecracker.layout import API_SOCKET, METRICS, VMM_LOG, Layout
@@ -158,18 +159,19 @@ class FirecrackerBackend(VmmBackend[Api]):
     async def prepare(self, spec: LaunchSpec) -> None:
         layout = self._layout(spec.vm_id, spec.vm_dir)
         configure_calls(spec, layout, self.capabilities.cpu_templates)  # refuse before creating anything
-        await asyncio.to_thread(layout.root.mkdir, parents=True, exist_ok=True)
-        await asyncio.to_thread(spec.vm_dir.mkdir, parents=True, exist_ok=True)
-        for src, dst in snapshot.disk_sources(spec, layout):
-            if not await asyncio.to_thread(dst.exists):
-                await files.sparse_copy(src, dst)
+        copies = [c for c in snapshot.disk_sources(spec, layout) if not await asyncio.to_thread(c[1].exists)]
+        async with assets.opened(spec, [src for src, _ in copies]) as sources:
+            await asyncio.to_thread(layout.root.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(spec.vm_dir.mkdir, parents=True, exist_ok=True)
+            for src, dst in copies:
+                await files.sparse_copy(assets.host_source(sources[src]), dst)
                 await asyncio.to_thread(files.chown, dst, self._uid, self._gid)
 
-    async def _lay_out(self, spec: LaunchSpec, layout: Layout) -> bool:
+    async def _lay_out(self, spec: LaunchSpec, layout: Layout, handed: Mapping[Path, int]) -> bool:
         """Before each start: links into the jail, empty output files, no stale socket; a clone's
         snapshot files. Whether the guest is restored up (it prints no new ready line)."""
         for src, dst in layout.links(spec):
-            await files.link_or_copy(src, dst)
+            await files.place(handed[src], dst)
         await asyncio.to_thread(files.fresh_layout, spec, layout, self._uid, self._gid)
         if spec.restore_from is None:
             await asyncio.to_thread(snapshot.forget_restore, layout)
@@ -197,31 +199,14 @@ class FirecrackerBackend(VmmBackend[Api]):
         if (vm := self._vms.find(spec.vm_id)) is not None:
             return await self._runtime(vm)
         await self._vms.supersede(spec.vm_id)
-        await self.prepare(spec)
-        layout = self._layout(spec.vm_id, spec.vm_dir)
-        calls = [*configure_calls(spec, layout, self.capabilities.cpu_templates), START]
-        if spec.restore_from is not None:  # a fresh Firecracker: outputs, then the snapshot
-            calls = [*output_calls(layout), snapshot.load_call(spec, layout)]
-        try:
-            restored_ready = await self._lay_out(spec, layout)
-        except OSError as exc:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"cannot lay out the snapshot: {exc}",
-                reason="SNAPSHOT_INVALID",
-            ) from exc
-        try:
-            cgroup = await self._vms.create_cgroup(spec)
-            vmm = await VmmProcess.spawn(
-                spec.vm_dir, self._argv(spec, layout), timeout=self._start_timeout, cgroup=cgroup
-            )
-        except VmmStartError as exc:
-            if not await asyncio.to_thread(shutil.which, self._jailer or self._firecracker):
-                raise tool_missing(self._jailer or self._firecracker, exc) from exc
-            raise internal("VMM_START_FAILED", f"Firecracker did not start: {exc}") from exc
+        async with assets.opened(spec, assets.handed(spec, jailed=bool(self._jailer))) as handed:
+            vmm, layout, restored_ready = await self._spawn(spec, handed)
         control = Api(
             FirecrackerApi(layout.root, API_SOCKET), spec, layout, MetricsReader(layout.host(METRICS))
         )
+        calls = [*configure_calls(spec, layout, self.capabilities.cpu_templates), START]
+        if spec.restore_from is not None:  # a fresh Firecracker: outputs, then the snapshot
+            calls = [*output_calls(layout), snapshot.load_call(spec, layout)]
         try:
             await control.api.wait_up(self._start_timeout, lambda: vmm.running)
             for call in calls:
@@ -236,6 +221,36 @@ class FirecrackerBackend(VmmBackend[Api]):
                 ) from exc
             raise
         return await self._runtime(self._track(vmm, control, ready=restored_ready))
+
+    async def _spawn(self, spec: LaunchSpec, handed: Mapping[Path, int]) -> tuple[VmmProcess, Layout, bool]:
+        """Prepare, lay out and start the VMM with the assets open; unjailed, it inherits them.
+        (The process, its layout, whether the guest is restored up.)"""
+        await self.prepare(spec)
+        layout = self._layout(spec.vm_id, spec.vm_dir)
+        if not self._jailer:
+            layout = replace(layout, inherited=handed)
+        try:
+            restored_ready = await self._lay_out(spec, layout, handed)
+        except OSError as exc:
+            raise MetaldError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"cannot lay out the snapshot: {exc}",
+                reason="SNAPSHOT_INVALID",
+            ) from exc
+        try:
+            cgroup = await self._vms.create_cgroup(spec)
+            vmm = await VmmProcess.spawn(
+                spec.vm_dir,
+                self._argv(spec, layout),
+                timeout=self._start_timeout,
+                pass_fds=tuple(layout.inherited.values()),
+                cgroup=cgroup,
+            )
+        except VmmStartError as exc:
+            if not await asyncio.to_thread(shutil.which, self._jailer or self._firecracker):
+                raise tool_missing(self._jailer or self._firecracker, exc) from exc
+            raise internal("VMM_START_FAILED", f"Firecracker did not start: {exc}") from exc
+        return vmm, layout, restored_ready
 
     def _log_tail(self, spec: LaunchSpec, layout: Layout) -> str:
         """What Firecracker and its supervisor said, for an error message."""

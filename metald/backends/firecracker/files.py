@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+from metald.backends.firecracker import assets
 from metald.backends.firecracker.layout import API_SOCKET, FRESH_FILES, Layout
 from metald.backends.vmm.tools import run_tool
 from metald.ports import LaunchSpec
@@ -19,28 +20,29 @@ async def sparse_copy(src: Path, dst: Path) -> None:
 
     Firecracker has no copy-on-write format (no qcow2), so every writable drive is a per-VM copy of
     the shared raw image. The copy is made under a temporary name and renamed: an interrupted copy
-    never passes for a finished one.
+    never passes for a finished one. A file already at that name (a stale copy, or a symlink
+    planted in a jail the VMM user owns) is removed first, never written through.
     """
     tmp = dst.with_name(dst.name + ".part")
-    argv = ["cp", "--reflink=auto", "--sparse=always", "--", str(src), str(tmp)]
+    argv = ["cp", "--reflink=auto", "--sparse=always", "--remove-destination", "--", str(src), str(tmp)]
     await run_tool(argv, failure=f"cannot copy {src} for the VM", reason="DISK_COPY_FAILED", partial=tmp)
     await asyncio.to_thread(os.replace, tmp, dst)
 
 
+async def place(fd: int, dst: Path) -> None:
+    """Put the open file `fd` at `dst` (in a jail): a hard link when on the same filesystem, else a
+    sparse copy; from the descriptor, never from a path that could have changed (assets.py)."""
+    if not await asyncio.to_thread(assets.link, fd, dst):
+        await sparse_copy(assets.host_source(fd), dst)
+
+
 async def link_or_copy(src: Path, dst: Path) -> None:
-    """Put `src` at `dst` (in a jail): a hard link when on the same filesystem, else a sparse copy."""
-
-    def link() -> bool:
-        with contextlib.suppress(FileNotFoundError):
-            dst.unlink()
-        try:
-            os.link(src, dst)
-        except OSError:  # EXDEV across filesystems, EPERM under protected_hardlinks
-            return False
-        return True
-
-    if not await asyncio.to_thread(link):
-        await sparse_copy(src, dst)
+    """place() for a file of the daemon's own (a snapshot's), opened by path."""
+    fd = await asyncio.to_thread(os.open, src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        await place(fd, dst)
+    finally:
+        os.close(fd)
 
 
 def chown(path: Path, uid: int | None, gid: int | None) -> None:

@@ -4,12 +4,15 @@ Unjailed, Firecracker runs with cwd = vm_dir, is given host paths, and its API s
 vm_dir (AF_UNIX paths are limited to 108 bytes; the daemon connects through a directory handle).
 Jailed, it sees only its chroot, `<chroot_base>/<exec file name>/<id>/root`: kernel, initrd and
 read-only drives are hard-linked (or copied) in before each start, per-VM writable drive copies and
-Firecracker's own files live there, and it is given chroot-relative paths.
+Firecracker's own files live there, and it is given chroot-relative paths. The assets are handed
+over open, never by path (assets.py): unjailed, Firecracker is given `inherited` descriptors as
+/proc/self/fd/N.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from metald.ports import DiskSpec, LaunchSpec
@@ -34,6 +37,8 @@ def drive_file(disk: DiskSpec) -> str:
 class Layout:
     vm_dir: Path
     jail_root: Path | None = None
+    # Unjailed: the assets (by host path) Firecracker inherits open, by descriptor number.
+    inherited: Mapping[Path, int] = field(default_factory=dict, compare=False)
 
     @property
     def root(self) -> Path:
@@ -51,18 +56,22 @@ class Layout:
         """The path Firecracker is given for one of its own files."""
         return f"/{name}" if self.jail_root else str(self.vm_dir / name)
 
+    def _asset(self, path: Path, jailed_name: str) -> str:
+        if self.jail_root:
+            return self.vmm(jailed_name)
+        fd = self.inherited.get(path)
+        return str(path) if fd is None else f"/proc/self/fd/{fd}"
+
     def kernel(self, spec: LaunchSpec) -> str:
-        return self.vmm(KERNEL) if self.jail_root else str(spec.kernel)
+        return self._asset(spec.kernel, KERNEL)
 
     def initrd(self, spec: LaunchSpec) -> str | None:
-        if spec.initrd is None:
-            return None
-        return self.vmm(INITRD) if self.jail_root else str(spec.initrd)
+        return None if spec.initrd is None else self._asset(spec.initrd, INITRD)
 
     def drive(self, disk: DiskSpec) -> str:
-        if self.jail_root or not disk.read_only:
-            return self.vmm(drive_file(disk))
-        return str(disk.host_path)
+        if disk.read_only:
+            return self._asset(disk.host_path, drive_file(disk))
+        return self.vmm(drive_file(disk))
 
     def console_host(self, spec: LaunchSpec) -> Path:
         return self.host(JAIL_CONSOLE) if self.jail_root else spec.console_path

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -86,8 +88,14 @@ def watch(client: Client, args: argparse.Namespace, out: Output) -> int:
         on_reconnect=out.reconnecting,
     )
     out.event_header()
-    for event in _on_a_thread(events):
-        out.event(event)
+    try:
+        for event in _on_a_thread(events):
+            out.event(event)
+    except KeyboardInterrupt:
+        # The stream's thread holds an HTTP connection that closing the client would wait for:
+        # Ctrl-C ends the command at once instead.
+        sys.stdout.flush()
+        os._exit(130)
     return 0
 
 

@@ -12,7 +12,7 @@ import httpx
 from rich.table import Table
 from rich.text import Text
 
-from metald.cli.ctl.render import Output, human_bytes
+from metald.cli.ctl.render import Output, header_table, human_bytes
 
 HELP = "list a fleet's hosts: lease age, capacity, VM counts (a gateway URL and the operator token)"
 PATH = "/v1/fleet/hosts"
@@ -30,9 +30,9 @@ def _fetch(args: argparse.Namespace) -> httpx.Response:
 
 
 def table(hosts: list[dict[str, Any]]) -> Table:
-    out = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("HOST", "STATUS", "LEASE AGE", "VCPUS", "MEMORY", "VMS", "ACTIVE", "SNAPSHOTS", "URL"):
-        out.add_column(column, no_wrap=True)
+    out = header_table(
+        ("HOST", "STATUS", "LEASE AGE", "VCPUS", "MEMORY", "VMS", "ACTIVE", "SNAPSHOTS", "URL")
+    )
     for h in hosts:
         status = Text("live", style="green") if h["live"] else Text("down", style="red")
         vms_max = h["vms_max"] or "-"

@@ -7,9 +7,9 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from protobuf import Message
 from protobuf.wkt import Timestamp
@@ -26,11 +26,37 @@ from metald.gen.vmprovisioner.v1 import vm_pb as pb
 STATE_STYLES = {"CREATED": "cyan", "RUNNING": "green", "PAUSED": "yellow", "SHUTDOWN": "red"}
 HEALTH_STYLES = {"healthy": "green", "degraded": "yellow", "unhealthy": "red"}
 _CODEC = SnakeCaseJsonCodec()
+M = TypeVar("M", bound=Message)
 
 
 def as_json(message: Message) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(_CODEC.encode(message))
     return data
+
+
+def header_table(columns: Sequence[str], *, no_wrap: bool = True) -> Table:
+    """An empty table with bold headers and no borders, as every listing of metalctl has."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column, no_wrap=no_wrap)
+    return table
+
+
+def _size(config: pb.VmConfig | None) -> list[str]:
+    """The VCPUS and MEMORY cells of a VM's (or a snapshot's source's) config."""
+    config = config or pb.VmConfig()
+    vcpus = str(config.cpu.vcpu_count) if config.cpu else ""
+    return [vcpus, human_bytes(config.memory.size_bytes) if config.memory else ""]
+
+
+def _vm_row(vm: pb.VmInfo) -> list[str | Text]:
+    name = vm.config.metadata.get("name", "") if vm.config else ""
+    return [vm.vm_id, _state(vm.state), *_size(vm.config), _created(vm), name]
+
+
+def _snapshot_row(snap: pb.Snapshot) -> list[str | Text]:
+    sizes = [human_bytes(snap.size_bytes), str(snap.warm_pool_size)]
+    return [snap.snapshot_id, snap.source_vm_id, *_size(snap.config), *sizes, _created(snap)]
 
 
 def human_bytes(n: int) -> str:
@@ -97,24 +123,8 @@ class Output:
         self.out.print(line)
 
     def vm_list(self, vms: Iterable[pb.VmInfo]) -> None:
-        vms = list(vms)
-        if self.json:
-            self.emit({"vms": [as_json(v) for v in vms], "total_count": len(vms)})
-            return
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("VM ID", "STATE", "VCPUS", "MEMORY", "CREATED", "NAME"):
-            table.add_column(column, no_wrap=True)
-        for vm in vms:
-            config = vm.config or pb.VmConfig()
-            table.add_row(
-                vm.vm_id,
-                _state(vm.state),
-                str(config.cpu.vcpu_count if config.cpu else ""),
-                human_bytes(config.memory.size_bytes) if config.memory else "",
-                _created(vm),
-                config.metadata.get("name", ""),
-            )
-        self.out.print(table)
+        columns = ("VM ID", "STATE", "VCPUS", "MEMORY", "CREATED", "NAME")
+        self._listing("vms", list(vms), columns, _vm_row)
 
     def event_header(self) -> None:
         if not self.json:
@@ -169,24 +179,19 @@ class Output:
         self.out.print(line)
 
     def snapshot_list(self, snapshots: Iterable[pb.Snapshot]) -> None:
-        snapshots = list(snapshots)
+        columns = ("SNAPSHOT ID", "SOURCE VM", "VCPUS", "MEMORY", "SIZE", "WARM POOL", "CREATED")
+        self._listing("snapshots", list(snapshots), columns, _snapshot_row)
+
+    def _listing(
+        self, key: str, items: list[M], columns: Sequence[str], row: Callable[[M], Sequence[str | Text]]
+    ) -> None:
+        """A list command's output: `{key: [...], "total_count": n}` as JSON, or a table of `columns`."""
         if self.json:
-            self.emit({"snapshots": [as_json(s) for s in snapshots], "total_count": len(snapshots)})
+            self.emit({key: [as_json(item) for item in items], "total_count": len(items)})
             return
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("SNAPSHOT ID", "SOURCE VM", "VCPUS", "MEMORY", "SIZE", "WARM POOL", "CREATED"):
-            table.add_column(column, no_wrap=True)
-        for snap in snapshots:
-            config = snap.config or pb.VmConfig()
-            table.add_row(
-                snap.snapshot_id,
-                snap.source_vm_id,
-                str(config.cpu.vcpu_count if config.cpu else ""),
-                human_bytes(config.memory.size_bytes) if config.memory else "",
-                human_bytes(snap.size_bytes),
-                str(snap.warm_pool_size),
-                _created(snap),
-            )
+        table = header_table(columns)
+        for item in items:
+            table.add_row(*row(item))
         self.out.print(table)
 
     def vm_details(self, info: pb.GetVmInfoResponse) -> None:
@@ -242,9 +247,7 @@ class Output:
                 f"  up {system.get('uptime_seconds')}s  rss {system.get('memory_usage_mb')} MiB",
             )
         )
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("CHECK", "STATUS", "MS", "DETAIL"):
-            table.add_column(column)
+        table = header_table(("CHECK", "STATUS", "MS", "DETAIL"), no_wrap=False)
         for name, check in body.get("checks", {}).items():
             check_status = str(check.get("status"))
             table.add_row(
