@@ -10,21 +10,27 @@ network namespace, 2 gateways) and three measurements, VMs created but never boo
 - balance: 60 VMs created through both gateways: VMs per host, most/fewest (target <= 1.5);
 - create rate: CreateVm calls per second through one gateway, then through two (the same total,
   the same client concurrency, split over both).
+With --profile (default) the first gateway is sampled with py-spy while one client sends it
+GetVmInfo calls back to back: where a forwarded call's CPU goes (inclusive and self shares).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from connectrpc.codec import proto_binary_codec
 
+from bench.api_load import PROFILE_RATE, py_spy, summarise_profile
 from bench.common import machine_context, parser, percentile, print_table, workdir, write_results
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceClient
@@ -133,6 +139,34 @@ async def _create_many(
             await client.close()
 
 
+async def _info_loop(url: str, customer: str, vm_id: str, seconds: float) -> int:
+    """GetVmInfo calls back to back for `seconds`; how many."""
+    headers = {"authorization": f"Bearer dev_customer_{customer}"}
+    request, calls = pb.GetVmInfoRequest(vm_id=vm_id), 0
+    async with VmServiceClient(url, codec=proto_binary_codec()) as client:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await client.get_vm_info(request, headers=headers)
+            calls += 1
+    return calls
+
+
+def profile_gateway(fleet: Fleet, customer: str, vm_id: str, seconds: float, raw: Path) -> dict[str, Any]:
+    """py-spy on the first gateway for `seconds` under back-to-back GetVmInfo calls."""
+    gateway = fleet.gateways[0]
+    assert gateway.proc is not None
+    with ThreadPoolExecutor(1) as pool:
+        calls = pool.submit(in_bridge, fleet, _info_loop, gateway.inner_url, customer, vm_id, seconds + 2)
+        time.sleep(1)
+        subprocess.run(
+            [py_spy(), "record", "--pid", str(gateway.proc.pid), "--duration", f"{seconds:g}",
+             "--rate", str(PROFILE_RATE), "--format", "raw", "--nonblocking", "-o", str(raw)],
+            capture_output=True, check=True, timeout=seconds + 60,
+        )  # fmt: skip
+        made = calls.result()
+    return {"calls": made, **summarise_profile(raw.read_text(), seconds, PROFILE_RATE, 15)}
+
+
 def _wait_listed(rpc: FleetRpc, customer: str, count: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while len(rpc.list_all(0, customer)) < count:
@@ -153,6 +187,10 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--balance-vms", type=int, default=60)
     p.add_argument("--creates", type=int, default=60, help="CreateVm calls per create-rate run")
     p.add_argument("--concurrency", type=int, default=8, help="CreateVm calls in flight")
+    p.add_argument(
+        "--profile", action=argparse.BooleanOptionalAction, default=True, help="py-spy the gateway"
+    )
+    p.add_argument("--profile-seconds", type=float, default=5.0)
     args = p.parse_args(argv)
     context = machine_context()
     with workdir(args.workdir) as root:
@@ -160,14 +198,14 @@ def main(argv: Sequence[str]) -> int:
         fleet = Fleet(root / "fleet", args.assets_dir.resolve())
         try:
             fleet.start()
-            results = run(fleet, args)
+            results = run(fleet, args, root)
         finally:
             fleet.destroy()
     write_results("fleet_gateway", argv, args, context, results)
     return 0
 
 
-def run(fleet: Fleet, args: Any) -> dict[str, Any]:
+def run(fleet: Fleet, args: Any, root: Path) -> dict[str, Any]:
     rpc = FleetRpc(fleet)
     results: dict[str, Any] = {}
 
@@ -202,6 +240,12 @@ def run(fleet: Fleet, args: Any) -> dict[str, Any]:
         for side in ("direct", "gateway")
     ]
     print_table("latency (ms)", ["rpc", "side", "p50", "p99", "ratio p50"], rows)
+    if args.profile:
+        prof = profile_gateway(fleet, "bench-latency", made[0], args.profile_seconds, root / "gateway.txt")
+        results["gateway_profile"] = prof
+        print_table(
+            f"py-spy: gateway GetVmInfo ({prof['calls']} calls)", ["frame", "% incl"], prof["inclusive_pct"]
+        )
     _delete_all(rpc, "bench-latency")
 
     # Create rate through one gateway, then two.

@@ -8,10 +8,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
@@ -25,7 +25,6 @@ from metald.domain.errors import (
     customer_mismatch,
 )
 from metald.domain.model import Vm, VmConfig
-from metald.domain.ownership import owned
 from metald.domain.paging import PageTokens, vm_page
 from metald.domain.quotas import Quotas, Usage, check_boot
 from metald.domain.states import ACTIVE_STATES, VmState
@@ -38,6 +37,7 @@ from metald.fleet.gateway_watch import FleetWatch
 from metald.fleet.inventory import VmLocation
 from metald.fleet.metrics import FleetMetrics
 from metald.fleet.placement import host_unavailable, reserve
+from metald.fleet.routes import Routes, is_stale
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 from metald.ports import InterfaceInfo, NetworkAttachment, VmMetrics
 from metald.usecases import (
@@ -53,6 +53,7 @@ from metald.usecases import (
 )
 
 log = logging.getLogger("metald.fleet")
+R = TypeVar("R")
 # Outcomes of a forwarded create after which the VM may exist on the host: keep the reservation
 # (a retry with the same vm_id finishes it there; the host's sweep drops it if it never arrived).
 _UNKNOWN_OUTCOME = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INTERNAL})
@@ -87,14 +88,43 @@ class FleetGateway:
         self._metrics = metrics
         self._snapshots = FleetSnapshots(db, hosts, page_tokens)
         self._watch = FleetWatch(db, hosts)
+        self._routes = Routes(db)
 
     # ---- routing -------------------------------------------------------------------------------
 
-    async def _route(self, customer_id: str, vm_id: str) -> VmLocation:
-        location = owned(await inventory.locate(self._db, ids.check_vm_id(vm_id)), vm_id, customer_id)
+    async def _route(self, customer_id: str, vm_id: str, *, fresh: bool) -> tuple[VmLocation, bool]:
+        location, cached = await self._routes.locate(customer_id, vm_id, fresh=fresh)
         if not location.host_live:
             raise host_unavailable(location.host_id, vm_id)
-        return location
+        return location, cached
+
+    async def _on_host(
+        self,
+        customer_id: str,
+        vm_id: str,
+        send: Callable[[VmLocation], Awaitable[R]],
+        *,
+        fresh: bool = False,
+        deletes: bool = False,
+    ) -> tuple[VmLocation, R]:
+        """`send` to the VM's host (routes.py: from the location cache when it holds the VM); a
+        cached location the host disowns is dropped and the call tried once from the database."""
+        location, cached = await self._route(customer_id, vm_id, fresh=fresh)
+        try:
+            result = await send(location)
+        except MetaldError as exc:
+            if not is_stale(exc):
+                raise
+            self._routes.forget(vm_id)
+            if not cached:
+                raise
+            location, _ = await self._route(customer_id, vm_id, fresh=True)
+            result = await send(location)
+        if deletes:
+            self._routes.forget(vm_id)
+        else:
+            self._routes.confirmed(location)
+        return location, result
 
     async def _note_state(self, location: VmLocation, state: VmState) -> None:
         """Keep the fleet view current at once (the host's own sync would within a heartbeat)."""
@@ -110,9 +140,11 @@ class FleetGateway:
     async def _lifecycle(
         self, customer_id: str, vm_id: str, rpc: str, request: Any, timeout: float = 60.0
     ) -> Vm:
-        location = await self._route(customer_id, vm_id)
-        response = await self._forward(location, customer_id, rpc, request, timeout=timeout)
+        location, response = await self._on_host(
+            customer_id, vm_id, lambda at: self._forward(at, customer_id, rpc, request, timeout=timeout)
+        )
         state = state_from_proto(response.state)
+        self._routes.confirmed(location, state)
         await self._note_state(location, state)
         now = datetime.now(UTC)
         return Vm(vm_id, customer_id, VmConfig(), state, now, now)
@@ -155,11 +187,12 @@ class FleetGateway:
             raise
         self._metrics.placed(placement.host_id, "retried" if placement.retried else "placed")
         state = state_from_proto(response.state)
+        self._routes.confirmed(location, state)
         await self._note_state(location, state)
         return replace(sized, state=state)
 
     async def boot(self, customer_id: str, vm_id: str, *, wait_for_ready: bool, wait_timeout: float) -> Vm:
-        location = await self._route(customer_id, vm_id)
+        location, _ = await self._route(customer_id, vm_id, fresh=True)  # the quota needs its state
         if location.state not in ACTIVE_STATES:
             await self._check_boot_quota(customer_id, location)
         request = pb.BootVmRequest(
@@ -188,14 +221,18 @@ class FleetGateway:
         return await self._lifecycle(customer_id, vm_id, "shutdown_vm", request, timeout)
 
     async def delete(self, customer_id: str, vm_id: str, *, force: bool) -> None:
-        location = await self._route(customer_id, vm_id)
-        await self._forward(location, customer_id, "delete_vm", pb.DeleteVmRequest(vm_id=vm_id, force=force))
+        request = pb.DeleteVmRequest(vm_id=vm_id, force=force)
+        location, _ = await self._on_host(
+            customer_id, vm_id, lambda at: self._forward(at, customer_id, "delete_vm", request), deletes=True
+        )
         with contextlib.suppress(MetaldError):
             await inventory.forget(self._db, vm_id, location.host_id)
 
     async def info(self, customer_id: str, vm_id: str) -> VmDetails:
-        location = await self._route(customer_id, vm_id)
-        r = await self._forward(location, customer_id, "get_vm_info", pb.GetVmInfoRequest(vm_id=vm_id))
+        request = pb.GetVmInfoRequest(vm_id=vm_id)
+        location, r = await self._on_host(
+            customer_id, vm_id, lambda at: self._forward(at, customer_id, "get_vm_info", request)
+        )
         created = _datetime(r.created_at)
         vm = Vm(vm_id, customer_id, config_from_proto(r.config), state_from_proto(r.state), created, created)
         metrics = from_message(r.metrics or pb.VmMetrics(), VmMetrics)
@@ -205,6 +242,7 @@ class FleetGateway:
             network = NetworkAttachment(r.network_info.namespace, (), interfaces)
         backend_info = {**r.backend_info, "host_id": location.host_id}
         if vm.state != location.state:
+            self._routes.confirmed(location, vm.state)
             await self._note_state(location, vm.state)
         return VmDetails(vm, backend_info.get("backend_type", ""), None, metrics, network, backend_info)
 
@@ -217,13 +255,16 @@ class FleetGateway:
         return Page(rows, token, total)
 
     async def read_console(self, customer_id: str, vm_id: str, offset: int, limit: int) -> ConsoleChunk:
-        location = await self._route(customer_id, vm_id)
-        return await self._hosts.console(location.host_id, location.url, customer_id, vm_id, offset, limit)
+        _, chunk = await self._on_host(
+            customer_id,
+            vm_id,
+            lambda at: self._hosts.console(at.host_id, at.url, customer_id, vm_id, offset, limit),
+        )
+        return chunk
 
     # ---- inside the guest: forwarded to the VM's host --------------------------------------------
 
     async def exec(self, customer_id: str, vm_id: str, command: ExecCommand) -> ExecResult:
-        location = await self._route(customer_id, vm_id)
         request = pb.ExecVmRequest(
             vm_id=vm_id,
             command=list(command.argv),
@@ -233,18 +274,21 @@ class FleetGateway:
             timeout_seconds=int(command.timeout_seconds),
         )
         timeout = (command.timeout_seconds or 3600.0) + 30.0
-        r = await self._forward(location, customer_id, "exec_vm", request, timeout=timeout)
+        _, r = await self._on_host(
+            customer_id, vm_id, lambda at: self._forward(at, customer_id, "exec_vm", request, timeout=timeout)
+        )
         return from_message(r, ExecResult)
 
     async def write_file(self, customer_id: str, vm_id: str, path: str, content: bytes, mode: int) -> None:
-        location = await self._route(customer_id, vm_id)
         request = pb.WriteFileRequest(vm_id=vm_id, path=path, content=content, mode=mode)
-        await self._forward(location, customer_id, "write_file", request)
+        await self._on_host(
+            customer_id, vm_id, lambda at: self._forward(at, customer_id, "write_file", request)
+        )
 
     async def read_file(self, customer_id: str, vm_id: str, path: str) -> GuestFile:
-        location = await self._route(customer_id, vm_id)
-        r = await self._forward(
-            location, customer_id, "read_file", pb.ReadFileRequest(vm_id=vm_id, path=path)
+        request = pb.ReadFileRequest(vm_id=vm_id, path=path)
+        _, r = await self._on_host(
+            customer_id, vm_id, lambda at: self._forward(at, customer_id, "read_file", request)
         )
         return GuestFile(r.content, r.mode, r.size_bytes)
 
@@ -258,8 +302,10 @@ class FleetGateway:
     async def snapshot(
         self, customer_id: str, vm_id: str, snapshot_id: str, metadata: dict[str, str], warm_pool_size: int
     ) -> SnapshotTaken:
-        location = await self._route(customer_id, vm_id)
-        return await self._snapshots.take(location, snapshot_id, metadata, warm_pool_size)
+        _, taken = await self._on_host(
+            customer_id, vm_id, lambda at: self._snapshots.take(at, snapshot_id, metadata, warm_pool_size)
+        )
+        return taken
 
     async def list_snapshots(self, customer_id: str, page_size: int, page_token: str) -> SnapshotPage:
         return await self._snapshots.list(customer_id, page_size, page_token)

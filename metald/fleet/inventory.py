@@ -200,6 +200,23 @@ async def locate(db: FleetDb, vm_id: str) -> VmLocation | None:
     )
 
 
+@dataclass(frozen=True)
+class HostLeaseRow:
+    host_id: str
+    url: str
+    lease_left_seconds: float  # by the database's clock; negative once lapsed
+
+
+async def leases(db: FleetDb) -> list[HostLeaseRow]:
+    """Every host's url and the time left on its lease (the gateway's host view)."""
+    async with db.connection() as conn:
+        cursor = await conn.execute(
+            "SELECT host_id, url, extract(epoch FROM lease_until - now()) FROM fleet_hosts"
+        )
+        rows = await cursor.fetchall()
+    return [HostLeaseRow(str(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+
 async def hosts(db: FleetDb) -> list[HostRow]:
     async with db.connection() as conn:
         cursor = await conn.execute(
@@ -257,17 +274,18 @@ async def list_page(
     fleet-wide count for the same filter."""
     clause, params = _state_clause(states)
     async with db.connection() as conn:
-        cursor = await conn.execute(
-            "SELECT vm_id, customer_id, state, config, created_at, updated_at, seq FROM fleet_vms "
-            f"WHERE customer_id = %s AND NOT reserved AND seq > %s{clause} ORDER BY seq LIMIT %s",
-            [customer_id, after_seq, *params, limit],
-        )
-        rows = await cursor.fetchall()
-        cursor = await conn.execute(
-            f"SELECT count(*) FROM fleet_vms WHERE customer_id = %s AND NOT reserved{clause}",
-            [customer_id, *params],
-        )
-        total = await cursor.fetchone()
+        async with conn.pipeline():  # both queries in one round trip
+            page = await conn.execute(
+                "SELECT vm_id, customer_id, state, config, created_at, updated_at, seq FROM fleet_vms "
+                f"WHERE customer_id = %s AND NOT reserved AND seq > %s{clause} ORDER BY seq LIMIT %s",
+                [customer_id, after_seq, *params, limit],
+            )
+            count = await conn.execute(
+                f"SELECT count(*) FROM fleet_vms WHERE customer_id = %s AND NOT reserved{clause}",
+                [customer_id, *params],
+            )
+        rows = await page.fetchall()
+        total = await count.fetchone()
     return [vm_from_row(r) for r in rows], int(total[0]) if total else 0
 
 

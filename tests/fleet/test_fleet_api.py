@@ -124,3 +124,43 @@ def test_the_gateway_serves_health_metrics_and_quota_errors(fleet: Fleet) -> Non
     huge = rpc.gw(0, "CreateVm", {"config": {"memory": {"size_bytes": 1 << 40}}}, customer())
     assert huge.status_code == 429, huge.text
     assert huge.json()["details"][0]["debug"]["reason"] == "FLEET_CAPACITY_EXHAUSTED"
+
+
+def _read_through_both(rpc: FleetRpc, vm_id: str, who: str) -> None:
+    """GetVmInfo through both gateways: each now holds the VM's location in its cache."""
+    for gateway in (0, 1):
+        rpc.ok(gateway, "GetVmInfo", {"vm_id": vm_id}, who)
+
+
+def test_a_vm_deleted_through_one_gateway_is_not_found_through_the_other_that_cached_it(fleet: Fleet) -> None:
+    rpc = FleetRpc(fleet)
+    who, other = customer(), customer()
+    vm_id = "cached-" + uuid.uuid4().hex[:8]
+    rpc.ok(0, "CreateVm", {"vm_id": vm_id}, who)
+    _read_through_both(rpc, vm_id, who)
+    rpc.ok(0, "DeleteVm", {"vm_id": vm_id}, who)
+    for gateway in (1, 0):
+        gone = rpc.gw(gateway, "GetVmInfo", {"vm_id": vm_id}, who)
+        assert gone.status_code == 404, gone.text
+        assert gone.json()["details"][0]["debug"]["reason"] == "VM_NOT_FOUND"
+    # The id made again by another customer: gateway 1 still remembered the first owner's location.
+    rpc.ok(0, "CreateVm", {"vm_id": vm_id}, other)
+    assert rpc.ok(1, "GetVmInfo", {"vm_id": vm_id}, other)["vm_id"] == vm_id
+    stale = rpc.gw(1, "GetVmInfo", {"vm_id": vm_id}, who)
+    assert stale.status_code == 403 and stale.json()["details"][0]["debug"]["reason"] == "VM_NOT_OWNED"
+    rpc.ok(1, "DeleteVm", {"vm_id": vm_id}, other)
+
+
+def test_a_customer_never_reads_another_customers_vm_through_a_cached_location(fleet: Fleet) -> None:
+    rpc = FleetRpc(fleet)
+    alice, mallory = customer(), customer()
+    vm_id = rpc.ok(1, "CreateVm", {"config": {}}, alice)["vm_id"]
+    _read_through_both(rpc, vm_id, alice)
+    for gateway in (0, 1):
+        for method in ("GetVmInfo", "DeleteVm", "ReadFile"):
+            response = rpc.gw(gateway, method, {"vm_id": vm_id, "path": "/etc/hostname"}, mallory)
+            assert response.status_code == 403, response.text
+            assert response.json()["details"][0]["debug"]["reason"] == "VM_NOT_OWNED"
+            assert "config" not in response.json()
+    _read_through_both(rpc, vm_id, alice)  # untouched
+    rpc.ok(0, "DeleteVm", {"vm_id": vm_id}, alice)

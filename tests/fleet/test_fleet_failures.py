@@ -113,6 +113,38 @@ def test_kill_9_of_a_host(fleet: Fleet) -> None:
     rpc.ok(0, "DeleteVm", {"vm_id": running, "force": True}, who)
 
 
+def test_a_host_going_down_is_seen_through_the_gateways_cache_within_the_lease(fleet: Fleet) -> None:
+    rpc = FleetRpc(fleet)
+    who = customer()
+    vm_id = rpc.ok(0, "CreateVm", {"config": {}}, who)["vm_id"]
+    for gateway in (0, 1):  # both gateways now hold the VM's location (and its host's lease)
+        host_name = rpc.ok(gateway, "GetVmInfo", {"vm_id": vm_id}, who)["backend_info"]["host_id"]
+    victim = next(h for h in fleet.hosts if h.name == host_name)
+    victim.kill9()
+    killed = time.monotonic()
+    for gateway in (0, 1):
+        answer = wait_for(
+            lambda g=gateway: (r := rpc.gw(g, "GetVmInfo", {"vm_id": vm_id}, who)).status_code == 503 and r,
+            LEASE_SECONDS + 3,
+            "HOST_UNAVAILABLE through the cache",
+        )
+        assert reason(answer) == "HOST_UNAVAILABLE"
+        assert answer.json()["details"][0]["debug"]["metadata"]["host_id"] == host_name
+    assert time.monotonic() - killed <= LEASE_SECONDS + 3
+    time.sleep(max(0.0, killed + LEASE_SECONDS + 1.5 - time.monotonic()))  # the lease has lapsed
+    for gateway in (0, 1):
+        lapsed = rpc.gw(gateway, "GetVmInfo", {"vm_id": vm_id}, who)
+        assert lapsed.status_code == 503 and reason(lapsed) == "HOST_UNAVAILABLE"
+    victim.start()
+    for gateway in (0, 1):  # back: the renewed lease is seen at the next read of the host table
+        wait_for(
+            lambda g=gateway: rpc.gw(g, "GetVmInfo", {"vm_id": vm_id}, who).status_code == 200,
+            LEASE_SECONDS + 5,
+            "the host back through the cache",
+        )
+    rpc.ok(1, "DeleteVm", {"vm_id": vm_id}, who)
+
+
 def test_kill_9_of_a_gateway_in_the_middle_of_creates(fleet: Fleet) -> None:
     rpc = FleetRpc(fleet)
     who = customer()
