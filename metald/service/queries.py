@@ -2,11 +2,10 @@
 a runtime, metrics or network detail that cannot be read right now is left out, not an error.
 
 GetVmInfo reads the VM's record every time; what it reads live beside it (QMP status and
-counters, /proc, the netlink dump of its links) is shared by the calls about the same VM that come
-within LIVE_READ_MAX_AGE of one read, while the record is unchanged: a control plane polling a
-host's VMs many times a second costs one live read per VM per interval, and a boot, pause, reboot,
-stop or guest-ready change (each a record write, with a new `updated_at`) is never answered from
-before it. Counters may thus be up to LIVE_READ_MAX_AGE old."""
+counters, /proc, the netlink dump of its links) is shared by the calls about the same VM that
+arrive while one read runs (and, if LIVE_READ_MAX_AGE is raised, for that long after it), while the
+record is unchanged: concurrent pollers cost one live read, and a boot, pause, reboot, stop or
+guest-ready change (each a record write, with a new `updated_at`) is never answered from before it."""
 
 from __future__ import annotations
 
@@ -31,7 +30,9 @@ from metald.usecases import ConsoleChunk, Page, VmDetails
 log = logging.getLogger("metald.service")
 T = TypeVar("T")
 
-LIVE_READ_MAX_AGE = 0.1  # seconds a live read (runtime, metrics, links) serves later GetVmInfo calls
+# Seconds a finished live read (runtime, metrics, links) still serves later GetVmInfo calls. 0: only
+# calls that arrive while a read runs share it, so a call made after a guest action sees its counters.
+LIVE_READ_MAX_AGE = 0.0
 _LIVE_KEPT = 4096  # live reads kept before the expired ones are dropped
 
 Live = tuple[VmRuntime | None, VmMetrics, NetworkAttachment | None]
@@ -49,7 +50,7 @@ class LiveReads:
         now = time.monotonic()
         version = (vm.updated_at, vm.state)
         kept = self._kept.get(vm.vm_id)
-        if kept is None or kept[0] != version or now - kept[1] > LIVE_READ_MAX_AGE:
+        if kept is None or kept[0] != version or (kept[2].done() and now - kept[1] > LIVE_READ_MAX_AGE):
             if len(self._kept) >= _LIVE_KEPT:
                 self._kept = {k: v for k, v in self._kept.items() if now - v[1] <= LIVE_READ_MAX_AGE}
             kept = (version, now, asyncio.ensure_future(fresh()))

@@ -139,7 +139,7 @@ async def test_an_asset_swapped_before_the_start_is_refused(
         await backend.start(spec)
     assert (caught.value.code, caught.value.reason) == (ErrorCode.FAILED_PRECONDITION, "ASSET_CHANGED")
     assert caught.value.metadata == {"asset": path.name}
-    assert open_fds() == before, "a refused start leaves no descriptor open"
+    assert open_fds() <= before, "a refused start leaves no descriptor open"  # others may close theirs
     assert FakeFirecracker(root / "bin").records() == [], "no Firecracker was started"
     assert not spec.vm_dir.exists() and not jail_of(root, spec).exists(), "nothing was laid out"
     assert await backend.runtime(spec.vm_id) is None
@@ -158,7 +158,7 @@ async def test_a_kernel_swapped_after_create_is_refused_at_boot(
     with pytest.raises(MetaldError) as caught:
         await backend.start(spec)
     assert (caught.value.code, caught.value.reason) == (ErrorCode.FAILED_PRECONDITION, "ASSET_CHANGED")
-    assert open_fds() == before
+    assert open_fds() <= before
     assert FakeFirecracker(root / "bin").records() == []
     outside = (root / "outside" / "vmlinux").stat().st_ino
     assert all(p.stat().st_ino != outside for p in root.joinpath("jail").rglob("*") if p.is_file())
