@@ -41,6 +41,10 @@ class MetaldError(Exception):
         self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
 
+    def extended(self, more: str) -> MetaldError:
+        """The same refusal with `more` (e.g. the end of a VMM's log) appended to its message."""
+        return MetaldError(self.code, f"{self.message}{more}", reason=self.reason, metadata=self.metadata)
+
 
 def refusal(code: ErrorCode, reason: str, message: str, /, **metadata: str) -> MetaldError:
     """A MetaldError spelled once: its code, its ErrorInfo reason, a message, metadata as keywords."""
@@ -118,3 +122,21 @@ def unimplemented(rpc: str, where: str = "on this host") -> MetaldError:
 def disk_full(message: str, /, **metadata: str) -> MetaldError:
     """The host's disk has no room for what an operation writes."""
     return exhausted("DISK_FULL", message, **metadata)
+
+
+def kernel_invalid(
+    field: str, message: str, /, code: ErrorCode = ErrorCode.INVALID_ARGUMENT, **metadata: str
+) -> MetaldError:
+    """A kernel image that cannot boot: INVALID_ARGUMENT for a request's input, FAILED_PRECONDITION
+    for a stored VM's (found out at boot)."""
+    return refusal(code, "KERNEL_INVALID", message, field=field, **metadata)
+
+
+def snapshot_unsupported(vm_id: str, message: str) -> MetaldError:
+    """This VM, as it runs, cannot be snapshotted (the backend or the way it was started)."""
+    return precondition("SNAPSHOT_UNSUPPORTED", message, vm_id=vm_id)
+
+
+def snapshot_invalid(message: str, /, **metadata: str) -> MetaldError:
+    """A snapshot's files that cannot be restored from."""
+    return precondition("SNAPSHOT_INVALID", message, **metadata)

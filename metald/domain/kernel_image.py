@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import ErrorCode, kernel_invalid
 
 KERNEL_HEAD_BYTES = 8192  # what a check needs: the Multiboot search window
 _ELF = b"\x7fELF"
@@ -51,9 +51,5 @@ def check_kernel_head(head: bytes, field: str, code: ErrorCode = ErrorCode.INVAL
     """Refuse a file that is no kernel image with reason KERNEL_INVALID, naming the field (`code`:
     INVALID_ARGUMENT for a request's input, FAILED_PRECONDITION for a stored VM's)."""
     if kernel_format(head) is None:
-        raise MetaldError(
-            code,
-            f"{field}: not a kernel image (neither ELF, bzImage, arm64 Image nor Multiboot)",
-            reason="KERNEL_INVALID",
-            metadata={"field": field},
-        )
+        message = f"{field}: not a kernel image (neither ELF, bzImage, arm64 Image nor Multiboot)"
+        raise kernel_invalid(field, message, code)

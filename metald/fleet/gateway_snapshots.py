@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from metald.api.convert import state_from_proto
-from metald.domain.errors import MetaldError, invalid
+from metald.domain import paging
+from metald.domain.errors import MetaldError
 from metald.domain.model import VmConfig
 from metald.domain.paging import PageTokens
 from metald.domain.snapshots import Snapshot, check_snapshot_id
@@ -20,7 +21,6 @@ from metald.fleet.inventory import VmLocation
 from metald.fleet.placement import host_unavailable
 from metald.fleet.snapshot_rows import SnapshotLocation
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
-from metald.service.snapshots import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from metald.usecases import SnapshotPage, SnapshotTaken
 
 SNAPSHOT_TIMEOUT_SECONDS = 300.0  # a save copies the guest's RAM and disks
@@ -76,9 +76,7 @@ class FleetSnapshots:
             await snapshot_rows.forget_snapshot(self._db, snapshot_id, location.host_id)
 
     async def list(self, customer_id: str, page_size: int, page_token: str) -> SnapshotPage:
-        if page_size < 0:
-            raise invalid("page_size", "must not be negative")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = paging.page_size(page_size)
         after = self._tokens.decode(page_token, customer_id, _PAGE_FILTER) if page_token else 0
         rows, total = await snapshot_rows.list_snapshot_page(self._db, customer_id, after, size + 1)
         more = len(rows) > size

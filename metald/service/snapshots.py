@@ -14,6 +14,7 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
+from metald.domain import paging
 from metald.domain.errors import ErrorCode, MetaldError, invalid, snapshot_not_found, snapshot_not_owned
 from metald.domain.model import Vm
 from metald.domain.pending import PendingOp
@@ -26,8 +27,6 @@ from metald.usecases import SnapshotPage, SnapshotTaken
 
 log = logging.getLogger("metald.service")
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 _PAGE_FILTER = "snapshots"
 TEMP_PREFIX = ".tmp-"
 CLONE_AGENT_TIMEOUT = 10.0
@@ -154,9 +153,7 @@ class Snapshots(ServiceBase):
 
     async def list_snapshots(self, customer_id: str, page_size: int, page_token: str) -> SnapshotPage:
         records, _ = self._snapshot_store()
-        if page_size < 0:
-            raise invalid("page_size", "must not be negative")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = paging.page_size(page_size)
         after = self._tokens.decode(page_token, customer_id, _PAGE_FILTER) if page_token else 0
         rows = await records.list_page(customer_id, after, size + 1)
         more = len(rows) > size

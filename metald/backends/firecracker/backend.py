@@ -24,22 +24,8 @@ from metald.backends.firecracker.api import ApiCall, FirecrackerApi
 from metald.backends.firecracker.config import START, configure_calls, cpu_templates, output_calls
 from metald.backends.firecracker.layout import API_SOCKET, METRICS, VMM_LOG, Layout
 from metald.backends.firecracker.metrics import MetricsReader
-from metald.backends.vmm.backend import VmmBackend
-from metald.backends.vmm.cgroups import Cgroups
-from metald.backends.vmm.console import ReadyWatch
-from metald.backends.vmm.lifecycle import RunningVm, VmmLifecycle
-from metald.backends.vmm.process import CmdlineMatcher, VmmProcess, VmmStartError, read_log_tail
-from metald.backends.vmm.sandbox import VmmUser, kvm_group
-from metald.backends.vmm.tools import tool_missing, tool_version
-from metald.domain.errors import ErrorCode, MetaldError, internal
-from metald.ports import (
-    BackendCapabilities,
-    CheckResult,
-    LaunchSpec,
-    SnapshotResult,
-    VmMetrics,
-    VmRuntime,
-)
+from metald.backends.vmm import kit
+from metald.domain.errors import MetaldError, internal, snapshot_invalid, snapshot_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +35,7 @@ class Api:
     """One VM's Firecracker API connection, with what a restart or a metrics read needs."""
 
     api: FirecrackerApi
-    spec: LaunchSpec
+    spec: kit.LaunchSpec
     layout: Layout
     metrics: MetricsReader
 
@@ -57,7 +43,7 @@ class Api:
         await self.api.aclose()
 
 
-class FirecrackerBackend(VmmBackend[Api]):
+class FirecrackerBackend(kit.VmmBackend[Api]):
     """Firecracker's own part: the launch (argv, jail layout, configuring API calls) and the REST
     control channel; the lifecycle around them (registry, exits, re-adoption, cgroups) is
     vmm/lifecycle.py. Unjailed, each Firecracker gets a cgroup of `cgroups` with the same limits as
@@ -73,13 +59,13 @@ class FirecrackerBackend(VmmBackend[Api]):
         vmm_gid: int | None,
         cgroup_version: int = 2,
         cgroup_root: Path = Path("/sys/fs/cgroup"),
-        cgroups: Cgroups | None = None,
+        cgroups: kit.Cgroups | None = None,
         start_timeout: float = 10.0,
         reboot_timeout: float = 30.0,
         machine: str | None = None,
     ) -> None:
         machine = machine or platform.machine()
-        self.capabilities = BackendCapabilities(
+        self.capabilities = kit.BackendCapabilities(
             backend_type="firecracker",
             cpu_templates=cpu_templates(machine),
             console_types=frozenset({"SERIAL"}),  # no virtio-console device in Firecracker
@@ -100,7 +86,7 @@ class FirecrackerBackend(VmmBackend[Api]):
         # Jailed, the jailer drops to uid/gid (and gives it the jail's /dev/kvm); unjailed, setpriv
         # does, with the group that may open /dev/kvm.
         self._user = (
-            VmmUser(uid, gid).with_group(kvm_group())
+            kit.VmmUser(uid, gid).with_group(kit.kvm_group())
             if uid is not None and gid is not None and not jailer_binary
             else None
         )
@@ -109,7 +95,7 @@ class FirecrackerBackend(VmmBackend[Api]):
         self._cgroup_root = cgroup_root
         self._start_timeout = start_timeout
         self._reboot_timeout = reboot_timeout
-        self._vms: VmmLifecycle[Api] = VmmLifecycle(
+        self._vms: kit.VmmLifecycle[Api] = kit.VmmLifecycle(
             "Firecracker", runtime_files=(API_SOCKET,), cgroups=None if jailer_binary else cgroups
         )
 
@@ -124,7 +110,7 @@ class FirecrackerBackend(VmmBackend[Api]):
         fc_id = launch.firecracker_id(vm_id)
         return Layout(vm_dir, launch.jail_dir(self._chroot_base, self._firecracker, fc_id) / "root")
 
-    def _argv(self, spec: LaunchSpec, layout: Layout) -> list[str]:
+    def _argv(self, spec: kit.LaunchSpec, layout: Layout) -> list[str]:
         fc_id = launch.firecracker_id(spec.vm_id)
         if not self._jailer:
             return launch.direct_argv(
@@ -150,13 +136,13 @@ class FirecrackerBackend(VmmBackend[Api]):
         )
 
     @staticmethod
-    def _matcher(vm_id: str) -> CmdlineMatcher:
+    def _matcher(vm_id: str) -> kit.CmdlineMatcher:
         """Recognises this VM's Firecracker by its `--id` (the jailer execs it in place: same pid)."""
         return functools.partial(launch.is_firecracker_of, fc_id=launch.firecracker_id(vm_id))
 
     # ---- files -------------------------------------------------------------------------------
 
-    async def prepare(self, spec: LaunchSpec) -> None:
+    async def prepare(self, spec: kit.LaunchSpec) -> None:
         layout = self._layout(spec.vm_id, spec.vm_dir)
         configure_calls(spec, layout, self.capabilities.cpu_templates)  # refuse before creating anything
         copies = [c for c in snapshot.disk_sources(spec, layout) if not await asyncio.to_thread(c[1].exists)]
@@ -167,7 +153,7 @@ class FirecrackerBackend(VmmBackend[Api]):
                 await files.sparse_copy(assets.host_source(sources[src]), dst)
                 await asyncio.to_thread(files.chown, dst, self._uid, self._gid)
 
-    async def _lay_out(self, spec: LaunchSpec, layout: Layout, handed: Mapping[Path, int]) -> bool:
+    async def _lay_out(self, spec: kit.LaunchSpec, layout: Layout, handed: Mapping[Path, int]) -> bool:
         """Before each start: links into the jail, empty output files, no stale socket; a clone's
         snapshot files. Whether the guest is restored up (it prints no new ready line)."""
         for src, dst in layout.links(spec):
@@ -195,7 +181,7 @@ class FirecrackerBackend(VmmBackend[Api]):
 
     # ---- starting and re-adopting ------------------------------------------------------------
 
-    async def start(self, spec: LaunchSpec) -> VmRuntime:
+    async def start(self, spec: kit.LaunchSpec) -> kit.VmRuntime:
         if (vm := self._vms.find(spec.vm_id)) is not None:
             return await self._runtime(vm)
         await self._vms.supersede(spec.vm_id)
@@ -216,13 +202,13 @@ class FirecrackerBackend(VmmBackend[Api]):
             await control.close()
             if isinstance(exc, MetaldError):
                 tail = await asyncio.to_thread(self._log_tail, spec, layout)
-                raise MetaldError(
-                    exc.code, f"{exc.message}{tail}", reason=exc.reason, metadata=exc.metadata
-                ) from exc
+                raise exc.extended(tail) from exc
             raise
         return await self._runtime(self._track(vmm, control, ready=restored_ready))
 
-    async def _spawn(self, spec: LaunchSpec, handed: Mapping[Path, int]) -> tuple[VmmProcess, Layout, bool]:
+    async def _spawn(
+        self, spec: kit.LaunchSpec, handed: Mapping[Path, int]
+    ) -> tuple[kit.VmmProcess, Layout, bool]:
         """Prepare, lay out and start the VMM with the assets open; unjailed, it inherits them.
         (The process, its layout, whether the guest is restored up.)"""
         await self.prepare(spec)
@@ -232,44 +218,42 @@ class FirecrackerBackend(VmmBackend[Api]):
         try:
             restored_ready = await self._lay_out(spec, layout, handed)
         except OSError as exc:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"cannot lay out the snapshot: {exc}",
-                reason="SNAPSHOT_INVALID",
-            ) from exc
+            raise snapshot_invalid(f"cannot lay out the snapshot: {exc}") from exc
         try:
             cgroup = await self._vms.create_cgroup(spec)
-            vmm = await VmmProcess.spawn(
+            vmm = await kit.VmmProcess.spawn(
                 spec.vm_dir,
                 self._argv(spec, layout),
                 timeout=self._start_timeout,
                 pass_fds=tuple(layout.inherited.values()),
                 cgroup=cgroup,
             )
-        except VmmStartError as exc:
+        except kit.VmmStartError as exc:
             if not await asyncio.to_thread(shutil.which, self._jailer or self._firecracker):
-                raise tool_missing(self._jailer or self._firecracker, exc) from exc
+                raise kit.tool_missing(self._jailer or self._firecracker, exc) from exc
             raise internal("VMM_START_FAILED", f"Firecracker did not start: {exc}") from exc
         return vmm, layout, restored_ready
 
-    def _log_tail(self, spec: LaunchSpec, layout: Layout) -> str:
+    def _log_tail(self, spec: kit.LaunchSpec, layout: Layout) -> str:
         """What Firecracker and its supervisor said, for an error message."""
-        out = read_log_tail(spec.vm_dir)
+        out = kit.read_log_tail(spec.vm_dir)
         with contextlib.suppress(OSError):
             out += "\n" + layout.host(VMM_LOG).read_text(errors="replace")[-2000:]
         return f"; VMM output: {out.strip()}" if out.strip() else ""
 
-    def _track(self, vmm: VmmProcess, control: Api, *, paused: bool = False, ready: bool) -> RunningVm[Api]:
+    def _track(
+        self, vmm: kit.VmmProcess, control: Api, *, paused: bool = False, ready: bool
+    ) -> kit.RunningVm[Api]:
         spec = control.spec
         # Firecracker's console file is emptied at each start: this boot's output begins at 0. A
         # restored guest that was up prints no new ready line.
-        watch = ReadyWatch(control.layout.console_host(spec), spec.vm_id, 0)
+        watch = kit.ReadyWatch(control.layout.console_host(spec), spec.vm_id, 0)
         watch.ready = ready
         vm = self._vms.track(spec.vm_id, spec.vm_dir, vmm, control, watch)
         vm.paused = paused
         return vm
 
-    async def adopt(self, spec: LaunchSpec) -> VmRuntime | None:
+    async def adopt(self, spec: kit.LaunchSpec) -> kit.VmRuntime | None:
         if (vm := self._vms.find(spec.vm_id)) is not None:
             return await self._runtime(vm)
         vmm = await self._vms.attach(spec, self._matcher(spec.vm_id))
@@ -313,7 +297,7 @@ class FirecrackerBackend(VmmBackend[Api]):
         await self.start(replace(vm.control.spec, restore_from=None))  # a clone reboots cold
 
     async def stop(self, vm_id: str, *, graceful: bool, timeout: float) -> str:
-        async def politely(vm: RunningVm[Api]) -> str | None:
+        async def politely(vm: kit.RunningVm[Api]) -> str | None:
             try:
                 if vm.paused:  # a paused guest cannot take the key press
                     await vm.control.api.call(ApiCall("PATCH", "/vm", {"state": "Resumed"}))
@@ -328,11 +312,11 @@ class FirecrackerBackend(VmmBackend[Api]):
 
     # ---- observation -------------------------------------------------------------------------
 
-    async def _runtime(self, vm: RunningVm[Api]) -> VmRuntime:
+    async def _runtime(self, vm: kit.RunningVm[Api]) -> kit.VmRuntime:
         extra = {"firecracker_id": launch.firecracker_id(vm.vm_id)}
         if vm.control.layout.jail_root is not None:
             extra["jail_root"] = str(vm.control.layout.jail_root)
-        return VmRuntime(
+        return kit.VmRuntime(
             pid=vm.vmm.pid,
             socket_path=str(vm.control.layout.host(API_SOCKET)),
             guest_ready=await vm.watch.poll(),
@@ -340,13 +324,10 @@ class FirecrackerBackend(VmmBackend[Api]):
             extra=extra,
         )
 
-    async def snapshot(self, vm_id: str, dest: Path) -> SnapshotResult:
+    async def snapshot(self, vm_id: str, dest: Path) -> kit.SnapshotResult:
         if not self.capabilities.supports_snapshots:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
-                "an unjailed Firecracker takes no snapshots (set jailer_binary)",
-                reason="SNAPSHOT_UNSUPPORTED",
-                metadata={"vm_id": vm_id},
+            raise snapshot_unsupported(
+                vm_id, "an unjailed Firecracker takes no snapshots (set jailer_binary)"
             )
         vm = self._vms.get(vm_id)
         c = vm.control
@@ -354,15 +335,15 @@ class FirecrackerBackend(VmmBackend[Api]):
         ready = await vm.watch.poll()
         return await snapshot.take(c.api, c.spec, c.layout, dest, running=running, guest_ready=ready)
 
-    async def metrics(self, vm_id: str) -> VmMetrics:
+    async def metrics(self, vm_id: str) -> kit.VmMetrics:
         vm = self._vms.find(vm_id)
         if vm is None:
-            return VmMetrics()
+            return kit.VmMetrics()
         with contextlib.suppress(MetaldError):
             await vm.control.api.action("FlushMetrics")
         totals = await vm.control.metrics.read()
         cpu, rss = self._vms.process_usage(vm)
-        return VmMetrics(
+        return kit.VmMetrics(
             cpu_time_nanos=cpu,
             memory_usage_bytes=rss,
             disk_read_bytes=totals.disk_read_bytes,
@@ -371,15 +352,15 @@ class FirecrackerBackend(VmmBackend[Api]):
             network_tx_bytes=totals.network_tx_bytes,
         )
 
-    async def ping(self) -> CheckResult:
+    async def ping(self) -> kit.CheckResult:
         """Healthy when Firecracker (and the jailer, if configured) run `--version`."""
         versions = []
         for binary in filter(None, (self._firecracker, self._jailer)):
-            ok, detail = await tool_version(binary)
+            ok, detail = await kit.tool_version(binary)
             if not ok:
-                return CheckResult("unhealthy", detail)
+                return kit.CheckResult("unhealthy", detail)
             versions.append(detail)
-        return CheckResult("healthy", "; ".join(versions))
+        return kit.CheckResult("healthy", "; ".join(versions))
 
     async def close(self) -> None:
         """Detach from every Firecracker, leaving them running for the next daemon to adopt."""

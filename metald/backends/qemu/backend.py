@@ -24,24 +24,8 @@ from metald.backends.qemu.files import RamFile, VmmFileError, close_fds, log_pat
 from metald.backends.qemu.overlay import prepare_vm_dir
 from metald.backends.qemu.pool import Launched, PoolSlots
 from metald.backends.qemu.qmp import QmpClient, QmpClosedError, QmpError
-from metald.backends.vmm.backend import VmmBackend
-from metald.backends.vmm.cgroups import VMM_MEMORY_OVERHEAD, Cgroups
-from metald.backends.vmm.console import ReadyWatch, file_size
-from metald.backends.vmm.jsonfile import read_json
-from metald.backends.vmm.lifecycle import RunningVm, VmmLifecycle, vmm_failed
-from metald.backends.vmm.process import CmdlineMatcher, VmmProcess, VmmStartError, read_log_tail
-from metald.backends.vmm.relay import Relay
-from metald.backends.vmm.sandbox import VmmUser, kvm_group, wrap_argv
-from metald.backends.vmm.tools import tool_missing
+from metald.backends.vmm import kit
 from metald.domain.errors import MetaldError, invalid
-from metald.ports import (
-    BackendCapabilities,
-    CheckResult,
-    LaunchSpec,
-    SnapshotResult,
-    VmMetrics,
-    VmRuntime,
-)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +36,7 @@ QUIT_TIMEOUT = 5.0
 CONSOLE_LOG_MAX_BYTES = 4 << 20  # console.log + console.log.1 together, the newest output
 
 
-class QemuBackend(VmmBackend[Qmp]):
+class QemuBackend(kit.VmmBackend[Qmp]):
     """Runs each VM as `qemu-system-x86_64 -M microvm` under a per-VM supervisor (vmm/supervisor.py).
 
         The daemon never is QEMU's parent: VMs survive a daemon restart and are re-adopted with adopt().
@@ -75,9 +59,9 @@ class QemuBackend(VmmBackend[Qmp]):
         probe_kernel: Path | None,
         probe_initrd: Path | None,
         probe_rootfs: Path | None,
-        vmm_user: VmmUser | None = None,
-        cgroups: Cgroups | None = None,
-        memory_overhead: int = VMM_MEMORY_OVERHEAD,
+        vmm_user: kit.VmmUser | None = None,
+        cgroups: kit.Cgroups | None = None,
+        memory_overhead: int = kit.VMM_MEMORY_OVERHEAD,
         ram_dir: Path | None = None,
         console_log_max_bytes: int = CONSOLE_LOG_MAX_BYTES,
     ) -> None:
@@ -86,7 +70,7 @@ class QemuBackend(VmmBackend[Qmp]):
         self._img_binary = qemu_img_binary
         self._user = vmm_user
         # Under KVM the VMM also needs /dev/kvm, through the group that may open it.
-        self._kvm_user = vmm_user.with_group(kvm_group()) if vmm_user is not None else None
+        self._kvm_user = vmm_user.with_group(kit.kvm_group()) if vmm_user is not None else None
         self._tsc_khz = host_tsc_khz()
         # Guest RAM in files of ram_dir (tmpfs) makes VMs snapshottable; None: anonymous memory.
         self._ram = RamFile(ram_dir, vmm_user.uid if vmm_user else None) if ram_dir else None
@@ -103,10 +87,10 @@ class QemuBackend(VmmBackend[Qmp]):
             tsc_khz=self._tsc_khz,
             user=self._kvm_user,
         )
-        self._vms: VmmLifecycle[Qmp] = VmmLifecycle(
+        self._vms: kit.VmmLifecycle[Qmp] = kit.VmmLifecycle(
             "QEMU", runtime_files=layout.RUNTIME_FILES, cgroups=cgroups, memory_overhead=memory_overhead
         )
-        self.capabilities = BackendCapabilities(
+        self.capabilities = kit.BackendCapabilities(
             backend_type="qemu",
             cpu_templates=dict(CPU_TEMPLATES),
             console_types=frozenset({"SERIAL", "VIRTIO_CONSOLE"}),
@@ -117,7 +101,7 @@ class QemuBackend(VmmBackend[Qmp]):
 
     # ---- files ------------------------------------------------------------------------------
 
-    async def prepare(self, spec: LaunchSpec) -> None:
+    async def prepare(self, spec: kit.LaunchSpec) -> None:
         await prepare_vm_dir(spec, qemu_img=self._img_binary)
 
     async def destroy(self, vm_id: str, vm_dir: Path) -> None:
@@ -126,7 +110,7 @@ class QemuBackend(VmmBackend[Qmp]):
 
     # ---- starting and re-adopting ------------------------------------------------------------
 
-    async def start(self, spec: LaunchSpec) -> VmRuntime:
+    async def start(self, spec: kit.LaunchSpec) -> kit.VmRuntime:
         if (runtime := await self.adopt(spec)) is not None:
             return runtime  # already running (e.g. a retried BootVm): never a second QEMU
         await self._vms.supersede(spec.vm_id)
@@ -134,7 +118,7 @@ class QemuBackend(VmmBackend[Qmp]):
         if launched is None:
             launched = await self._launch(spec)
         control, vmm = launched.control, launched.vmm
-        watch = ReadyWatch(spec.console_path, spec.vm_id, launched.console_offset)
+        watch = kit.ReadyWatch(spec.console_path, spec.vm_id, launched.console_offset)
         vm = control.vm = self._vms.track(spec.vm_id, spec.vm_dir, vmm, control, watch)
         if launched.incoming is not None and spec.restore_from is not None:
             await self._restore(vm, launched.incoming, spec.restore_from)
@@ -144,7 +128,7 @@ class QemuBackend(VmmBackend[Qmp]):
         )
         return await self._runtime(vm)
 
-    async def _launch(self, spec: LaunchSpec) -> Launched:
+    async def _launch(self, spec: kit.LaunchSpec) -> Launched:
         """A new QEMU for `spec`, its QMP connected; not tracked yet (a warm pool slot never is)."""
         accel = self._accel.current()
         try:
@@ -156,25 +140,27 @@ class QemuBackend(VmmBackend[Qmp]):
         await self.prepare(spec)
         host = HostOptions(binary=self._binary, accel=accel, tsc_khz=self._tsc_khz)
         user = self._kvm_user if accel == "kvm" else self._user
-        offset = await asyncio.to_thread(file_size, spec.console_path)
+        offset = await asyncio.to_thread(kit.file_size, spec.console_path)
         try:
             fds = await asyncio.to_thread(open_vmm_files, spec, self._ram)
         except VmmFileError as e:
-            raise vmm_failed(spec.vm_id, str(e)) from e
+            raise kit.vmm_failed(spec.vm_id, str(e)) from e
         try:
             cgroup = await self._vms.create_cgroup(spec)
-            argv = wrap_argv(qemu_argv(spec, host, fds), netns=spec.netns, user=user)
+            argv = kit.wrap_argv(qemu_argv(spec, host, fds), netns=spec.netns, user=user)
             relays = [
-                Relay(fd, path, self._console_max)
+                kit.Relay(fd, path, self._console_max)
                 for fd, path in zip(fds.log_sources, log_paths(spec), strict=True)
             ]
-            vmm = await VmmProcess.spawn(spec.vm_dir, argv, pass_fds=fds.all(), cgroup=cgroup, relays=relays)
+            vmm = await kit.VmmProcess.spawn(
+                spec.vm_dir, argv, pass_fds=fds.all(), cgroup=cgroup, relays=relays
+            )
         except FileNotFoundError as e:
-            raise tool_missing(self._binary, e) from e
-        except VmmStartError as e:
+            raise kit.tool_missing(self._binary, e) from e
+        except kit.VmmStartError as e:
             if not await asyncio.to_thread(shutil.which, self._binary):
-                raise tool_missing(self._binary, e) from e
-            raise vmm_failed(spec.vm_id, str(e)) from e
+                raise kit.tool_missing(self._binary, e) from e
+            raise kit.vmm_failed(spec.vm_id, str(e)) from e
         finally:
             close_fds(fds)
         control = Qmp(accel, model, ram_fd=fds.ram)
@@ -186,18 +172,18 @@ class QemuBackend(VmmBackend[Qmp]):
             raise
         if not connected:
             raise qemu_control.did_not_come_up(
-                spec.vm_id, await asyncio.to_thread(read_log_tail, spec.vm_dir, vmm.log_offset)
+                spec.vm_id, await asyncio.to_thread(kit.read_log_tail, spec.vm_dir, vmm.log_offset)
             )
         return Launched(vmm, control, fds.incoming, offset)
 
-    async def adopt(self, spec: LaunchSpec) -> VmRuntime | None:
+    async def adopt(self, spec: kit.LaunchSpec) -> kit.VmRuntime | None:
         if (vm := self._vms.find(spec.vm_id)) is not None:
             return await self._runtime(vm)
         vmm = await self._vms.attach(spec, await self._matcher(spec.vm_id, spec.vm_dir))
         if vmm is None:
             return None
-        boot = await asyncio.to_thread(read_json, spec.vm_dir / layout.BOOT_STATE) or {}
-        watch = ReadyWatch(spec.console_path, spec.vm_id, int(boot.get("console_offset", 0)))
+        boot = await asyncio.to_thread(kit.read_json, spec.vm_dir / layout.BOOT_STATE) or {}
+        watch = kit.ReadyWatch(spec.console_path, spec.vm_id, int(boot.get("console_offset", 0)))
         ram_fd = boot.get("ram_fd")
         control = Qmp(
             str(boot.get("accel", "tcg")),
@@ -222,12 +208,12 @@ class QemuBackend(VmmBackend[Qmp]):
         return await self._runtime(control.vm)
 
     @staticmethod
-    async def _matcher(vm_id: str, vm_dir: Path) -> CmdlineMatcher:
+    async def _matcher(vm_id: str, vm_dir: Path) -> kit.CmdlineMatcher:
         """How the VM's QEMU is recognised: by its -name, the VM's id or its warm pool slot's."""
         name = await asyncio.to_thread(qemu_control.recorded_vmm_name, vm_dir) or vm_id
         return functools.partial(name_matches, vm_id=name)
 
-    async def _connect(self, vm_dir: Path, vmm: VmmProcess, control: Qmp) -> bool:
+    async def _connect(self, vm_dir: Path, vmm: kit.VmmProcess, control: Qmp) -> bool:
         """Connect QMP; a VMM that cannot be controlled is killed (False)."""
         try:
             control.client = await QmpClient.connect(
@@ -243,7 +229,7 @@ class QemuBackend(VmmBackend[Qmp]):
         return True
 
     # ---- warm pool slots (pool.py) ----------------------------------------------------------
-    async def start_pool_slot(self, spec: LaunchSpec) -> None:
+    async def start_pool_slot(self, spec: kit.LaunchSpec) -> None:
         await self._pool.start(spec)
 
     def pool_slot_running(self, slot_dir: Path) -> bool:
@@ -253,7 +239,7 @@ class QemuBackend(VmmBackend[Qmp]):
         await self._pool.stop(slot_dir)
 
     # ---- snapshots (snapshot.py) ----------------------------------------------------------------
-    async def _restore(self, vm: RunningVm[Qmp], state_fd: int, snapshot_dir: Path) -> None:
+    async def _restore(self, vm: kit.RunningVm[Qmp], state_fd: int, snapshot_dir: Path) -> None:
         """Load a clone's device state (a VMM that cannot be restored is killed); a snapshot of a
         guest that was up is up at once (no new ready line)."""
         assert vm.control.client is not None
@@ -261,12 +247,12 @@ class QemuBackend(VmmBackend[Qmp]):
             await snapshot.restore(vm.control.client, state_fd)
         except (snapshot.SnapshotError, QmpError, QmpClosedError, TimeoutError) as e:
             await self.stop(vm.vm_id, graceful=False, timeout=0)
-            raise vmm_failed(vm.vm_id, f"cannot restore the snapshot: {e}") from e
+            raise kit.vmm_failed(vm.vm_id, f"cannot restore the snapshot: {e}") from e
         vm.control.restored_ready = vm.watch.ready = await asyncio.to_thread(
             snapshot.source_was_ready, snapshot_dir
         )
 
-    async def snapshot(self, vm_id: str, dest: Path) -> SnapshotResult:
+    async def snapshot(self, vm_id: str, dest: Path) -> kit.SnapshotResult:
         return await snapshot.take_vm(
             self._vms.get(vm_id), dest, ram_owner=self._ram.owner if self._ram else None
         )
@@ -295,13 +281,13 @@ class QemuBackend(VmmBackend[Qmp]):
             await vm.control.execute("send-key", {"keys": keys})
 
     @staticmethod
-    async def _new_boot(vm: RunningVm[Qmp]) -> None:
+    async def _new_boot(vm: kit.RunningVm[Qmp]) -> None:
         """The guest is about to boot again: watch for its ready line from the console's end."""
         vm.watch.restart()
         await save_boot_state(vm)
 
     @staticmethod
-    async def _agent_command(vm: RunningVm[Qmp], command: str) -> bool:
+    async def _agent_command(vm: kit.RunningVm[Qmp], command: str) -> bool:
         """True if the guest agent answered a ping in time and acknowledged `command`."""
         try:
             agent = await GuestAgent.connect(vm.vm_dir)
@@ -318,7 +304,7 @@ class QemuBackend(VmmBackend[Qmp]):
         """Graceful: ACPI power button if the guest is up, wait `timeout`, then QMP quit, then SIGKILL.
         Not graceful: SIGKILL. Returns "guest_poweroff", "quit", "killed" or "not_running"."""
 
-        async def politely(vm: RunningVm[Qmp]) -> str | None:
+        async def politely(vm: kit.RunningVm[Qmp]) -> str | None:
             with contextlib.suppress(MetaldError):
                 if await vm.watch.poll():  # else the power button would be lost: quit at once
                     status = await vm.control.execute("query-status")
@@ -335,11 +321,11 @@ class QemuBackend(VmmBackend[Qmp]):
 
     # ---- observing ----------------------------------------------------------------------------
 
-    async def _runtime(self, vm: RunningVm[Qmp]) -> VmRuntime:
+    async def _runtime(self, vm: kit.RunningVm[Qmp]) -> kit.VmRuntime:
         status: dict[str, Any] = {}
         with contextlib.suppress(MetaldError):
             status = await vm.control.execute("query-status", timeout=2.0)
-        return VmRuntime(
+        return kit.VmRuntime(
             pid=vm.vmm.pid,
             socket_path=str(vm.vm_dir / layout.QMP_SOCKET),
             guest_ready=await vm.watch.poll(),
@@ -348,31 +334,31 @@ class QemuBackend(VmmBackend[Qmp]):
             | ({"warm_pool_slot": vm.control.vmm_name} if vm.control.vmm_name else {}),
         )
 
-    async def metrics(self, vm_id: str) -> VmMetrics:
+    async def metrics(self, vm_id: str) -> kit.VmMetrics:
         vm = self._vms.find(vm_id)
         if vm is None:
-            return VmMetrics()
+            return kit.VmMetrics()
         read = written = 0
         with contextlib.suppress(MetaldError):
             for device in await vm.control.execute("query-blockstats", timeout=2.0):
                 read += int(device["stats"]["rd_bytes"])
                 written += int(device["stats"]["wr_bytes"])
         cpu, rss = self._vms.process_usage(vm)
-        return VmMetrics(
+        return kit.VmMetrics(
             cpu_time_nanos=cpu, memory_usage_bytes=rss, disk_read_bytes=read, disk_write_bytes=written
         )
 
-    async def ping(self) -> CheckResult:
+    async def ping(self) -> kit.CheckResult:
         try:
             version = await qemu_version(self._binary)
         except OSError as e:
-            return CheckResult("unhealthy", f"{self._binary}: {e}")
+            return kit.CheckResult("unhealthy", f"{self._binary}: {e}")
         if not await asyncio.to_thread(shutil.which, self._img_binary):
             detail = f"{self._img_binary} not found: VM disks cannot be made"
-            return CheckResult("unhealthy", detail)
+            return kit.CheckResult("unhealthy", detail)
         accel = self._accel.current()
         detail = f"{version}; accel={accel} ({self._accel.detail}); {len(self._vms)} VMs, {len(self._pool)} pool slots"
-        return CheckResult("healthy", detail)
+        return kit.CheckResult("healthy", detail)
 
     async def close(self) -> None:
         await self._pool.close()

@@ -13,7 +13,7 @@ from metald.backends.qemu import layout
 from metald.backends.qemu.qmp import QmpClient, QmpClosedError, QmpError
 from metald.backends.vmm.jsonfile import read_json, write_json_atomic
 from metald.backends.vmm.lifecycle import RunningVm, vmm_failed
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import ErrorCode, MetaldError, kernel_invalid
 
 
 @dataclass(eq=False)
@@ -112,10 +112,7 @@ _KERNEL_REFUSED = (
 def did_not_come_up(vm_id: str, tail: str) -> MetaldError:
     """The error for a QEMU that ended before its QMP answered; `tail`: the end of its log."""
     if any(marker in tail for marker in _KERNEL_REFUSED):  # the customer's input, not our fault
-        return MetaldError(
-            ErrorCode.FAILED_PRECONDITION,
-            f"VM {vm_id}: QEMU cannot boot config.boot.kernel_path: {tail}",
-            reason="KERNEL_INVALID",
-            metadata={"vm_id": vm_id, "field": "config.boot.kernel_path"},
-        )
+        field = "config.boot.kernel_path"
+        message = f"VM {vm_id}: QEMU cannot boot {field}: {tail}"
+        return kernel_invalid(field, message, ErrorCode.FAILED_PRECONDITION, vm_id=vm_id)
     return vmm_failed(vm_id, f"QEMU did not come up: {tail}")

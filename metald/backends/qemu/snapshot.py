@@ -29,7 +29,7 @@ from metald.backends.qemu.overlay import recorded_chains
 from metald.backends.qemu.qmp import QmpClient, QmpClosedError, QmpError
 from metald.backends.vmm.jsonfile import write_json_atomic
 from metald.backends.vmm.lifecycle import RunningVm, vmm_failed
-from metald.domain.errors import ErrorCode, MetaldError
+from metald.domain.errors import snapshot_unsupported
 from metald.ports import SnapshotResult
 
 RAM_FILE = "ram"
@@ -228,12 +228,8 @@ def source_was_ready(snapshot_dir: Path) -> bool:
 async def take_vm(vm: RunningVm[Qmp], dest: Path, *, ram_owner: int | None) -> SnapshotResult:
     """`take` a snapshot of a running or paused VM started with its RAM in a file."""
     if vm.control.ram_fd is None or vm.control.client is None:
-        raise MetaldError(
-            ErrorCode.FAILED_PRECONDITION,
-            f"VM {vm.vm_id} was started without its RAM in a file; shut it down and boot it again",
-            reason="SNAPSHOT_UNSUPPORTED",
-            metadata={"vm_id": vm.vm_id},
-        )
+        message = f"VM {vm.vm_id} was started without its RAM in a file; shut it down and boot it again"
+        raise snapshot_unsupported(vm.vm_id, message)
     status = await vm.control.execute("query-status")
     try:
         saved = await take(

@@ -40,9 +40,8 @@ STALE_AGE = 60.0  # a younger empty cgroup may be one whose VMM is being started
 @dataclass(frozen=True)
 class VmmLimits:
     memory_bytes: int
-    cpu_quota_us: int
+    cpu_quota_us: int  # per CPU_PERIOD_US, the one CFS period every VMM runs with
     pids: int
-    cpu_period_us: int = CPU_PERIOD_US
 
 
 def vmm_limits(vcpu_count: int, memory_bytes: int, overhead: int = VMM_MEMORY_OVERHEAD) -> VmmLimits:
@@ -58,13 +57,13 @@ def limit_files(version: int, limits: VmmLimits) -> list[tuple[str, str]]:
     """(cgroup file, value) pairs that set `limits`, in writing order."""
     if version == 2:
         return [
-            ("cpu.max", f"{limits.cpu_quota_us} {limits.cpu_period_us}"),
+            ("cpu.max", f"{limits.cpu_quota_us} {CPU_PERIOD_US}"),
             ("memory.max", str(limits.memory_bytes)),
             ("pids.max", str(limits.pids)),
         ]
     if version == 1:
         return [
-            ("cpu.cfs_period_us", str(limits.cpu_period_us)),
+            ("cpu.cfs_period_us", str(CPU_PERIOD_US)),
             ("cpu.cfs_quota_us", str(limits.cpu_quota_us)),
             ("memory.limit_in_bytes", str(limits.memory_bytes)),
             ("pids.max", str(limits.pids)),
