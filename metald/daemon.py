@@ -70,7 +70,7 @@ def service_options(settings: Settings) -> ServiceOptions:
     cores = os.cpu_count() or 1
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return ServiceOptions(
-        vms_dir=settings.vms_dir,
+        vms_dir=settings.paths.vms,
         limits=Limits(
             max_metadata_entries=settings.max_metadata_entries,
             max_kernel_args_length=settings.max_kernel_args_length,
@@ -86,11 +86,11 @@ def service_options(settings: Settings) -> ServiceOptions:
         ),
         shutdown_timeout=settings.shutdown_timeout_seconds,
         boot_wait_timeout=settings.boot_wait_timeout_seconds,
-        snapshots_dir=settings.snapshots_dir,
+        snapshots_dir=settings.paths.snapshots,
         max_snapshots_per_customer=settings.max_snapshots_per_customer,
         max_snapshot_bytes_per_customer=settings.max_snapshot_mib_per_customer * MIB,
         max_warm_pool_size=settings.max_warm_pool_size,
-        pool_dir=settings.pool_dir,
+        pool_dir=settings.paths.pool,
     )
 
 
@@ -151,7 +151,7 @@ async def run(settings: Settings) -> None:
     configure_logging(settings.log_format, settings.log_level)
     fleet_secret = host_fleet_secret(settings)
     authenticator = build_host_authenticator(settings, fleet_secret)
-    settings.vms_dir.mkdir(parents=True, exist_ok=True)
+    settings.paths.vms.mkdir(parents=True, exist_ok=True)
     tracing = Tracing.from_env(os.environ)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(tracing.shutdown)
@@ -163,7 +163,7 @@ async def run(settings: Settings) -> None:
         metrics = Metrics()
         guest_work = None
         if backend.capabilities.backend_type == "qemu":  # Firecracker guests have no agent channel yet
-            agent = GuestAgentPool(agent_connector(settings.vms_dir))
+            agent = GuestAgentPool(agent_connector(settings.paths.vms))
             stack.push_async_callback(agent.close)
             guest_work = GuestWork(
                 store.vms,
@@ -178,7 +178,7 @@ async def run(settings: Settings) -> None:
             network=tracing.port(network, "network"),
             assets=AssetResolver(
                 settings.assets_root,
-                private=(settings.vms_dir, settings.db_path, settings.snapshots_dir, settings.pool_dir),
+                private=settings.paths,
             ),
             page_tokens=PageTokens(await store.secrets.secret("page_token_key", os.urandom(32))),
             events=metrics,

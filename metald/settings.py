@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field
 from pydantic_settings import (
@@ -15,6 +15,20 @@ from pydantic_settings import (
 )
 
 MIB = 1024 * 1024
+
+
+def cap(default: int, what: str = "") -> Any:
+    """A limit that 0 switches off (quotas, capacity); `what` it counts, for the description."""
+    return Field(default, ge=0, description=f"{what}; 0 = unlimited" if what else "0 = unlimited")
+
+
+class DataPaths(NamedTuple):
+    """What the daemon keeps under data_dir; all of it private (never served as an asset)."""
+
+    vms: Path  # one directory per VM
+    snapshots: Path
+    pool: Path  # warm pool slots: beside vms, as a slot's directory is renamed into it
+    db: Path  # the SQLite store
 
 
 class Settings(BaseSettings):
@@ -104,17 +118,13 @@ class Settings(BaseSettings):
     event_retention_seconds: float = Field(0.0, ge=0, description="drop VM events older; 0 = by count only")
 
     # --- quotas and capacity ---
-    max_vms_per_customer: int = Field(1000, ge=0, description="0 = unlimited")
-    max_snapshots_per_customer: int = Field(
-        100, ge=0, description="snapshots kept per customer; 0 = unlimited"
-    )
-    max_snapshot_mib_per_customer: int = Field(
-        65536, ge=0, description="bytes of snapshot files per customer, MiB; 0 = unlimited"
-    )
+    max_vms_per_customer: int = cap(1000)
+    max_snapshots_per_customer: int = cap(100, "snapshots kept per customer")
+    max_snapshot_mib_per_customer: int = cap(65536, "bytes of snapshot files per customer, MiB")
     max_warm_pool_size: int = Field(8, ge=0, le=64, description="largest warm_pool_size a snapshot may ask")
-    max_vcpus_per_customer: int = Field(64, ge=0, description="0 = unlimited")
-    max_memory_mib_per_customer: int = Field(65536, ge=0, description="0 = unlimited")
-    max_vms: int = Field(20000, ge=0, description="host-wide VM cap; 0 = unlimited")
+    max_vcpus_per_customer: int = cap(64)
+    max_memory_mib_per_customer: int = cap(65536)
+    max_vms: int = cap(20000, "host-wide VM cap")
     vcpu_overcommit_ratio: float = Field(8.0, gt=0, description="host vCPUs <= cores * ratio")
     memory_overcommit_ratio: float = Field(1.5, gt=0, description="host guest memory <= RAM * ratio")
     max_request_bytes: int = Field(1 * MIB, ge=1024, description="largest accepted request body")
@@ -162,21 +172,13 @@ class Settings(BaseSettings):
         return self.assets_dir or self.data_dir / "assets"
 
     @property
-    def vms_dir(self) -> Path:
-        return self.data_dir / "vms"
-
-    @property
-    def snapshots_dir(self) -> Path:
-        return self.data_dir / "snapshots"
-
-    @property
-    def pool_dir(self) -> Path:
-        """Warm pool slots: beside vms_dir, as a slot's directory is renamed into it."""
-        return self.data_dir / "pool"
+    def paths(self) -> DataPaths:
+        d = self.data_dir
+        return DataPaths(vms=d / "vms", snapshots=d / "snapshots", pool=d / "pool", db=d / "metald.db")
 
     @property
     def db_path(self) -> Path:
-        return self.data_dir / "metald.db"
+        return self.paths.db
 
     @property
     def host_port(self) -> tuple[str, int]:
