@@ -3,25 +3,17 @@ from it that hold what its RAM held, ownership, listing, deletion that waits for
 
 from __future__ import annotations
 
-import base64
 import time
 from typing import Any
 
 import pytest
 
 from tests.api.test_guest_lifecycle import guest_exec
+from tests.support.clones import READY, assert_own_identity
 from tests.support.daemon import Daemon
 from tests.support.rpc import Rpc
 
 pytestmark = pytest.mark.e2e
-
-READY = {"wait_for_ready": True, "wait_timeout_seconds": 90}
-
-
-def _exec(rpc: Rpc, vm_id: str, *argv: str) -> str:
-    result = rpc.ok("ExecVm", {"vm_id": vm_id, "command": list(argv)})
-    assert result.get("exit_code", 0) == 0, result
-    return base64.b64decode(result.get("stdout", "")).decode()
 
 
 def _reason(payload: dict[str, Any]) -> str:
@@ -65,17 +57,10 @@ def test_snapshot_clones_and_deletion(daemon: Daemon, rpc: Rpc, customer: str) -
         assert time.monotonic() - started < 30  # a restore, not a cold boot's 60 s allowance
         info = rpc.info(clone)
         assert info["backend_info"]["restored_from"] == snap and info["backend_info"]["guest_ready"] == "true"
-        assert _exec(rpc, clone, "ls", "/root").split() == ["unsynced"]  # not the source's later file
-        assert _exec(rpc, clone, "cat", "/root/unsynced") == "unsynced\n"
-        # Its own identity, clock and randomness (not the snapshot's).
-        assert _exec(rpc, clone, "cat", "/run/metald/vm_id").strip() == clone
-        assert _exec(rpc, clone, "hostname").strip() == clone
-        # busybox date has whole seconds: the guest's offset lies in [s - after, s + 1 - before].
-        before = time.time()
-        seconds = int(_exec(rpc, clone, "date", "+%s"))
-        after = time.time()
-        assert seconds - after < 0.5 and seconds + 1 - before > -0.5, (before, seconds, after)
-    randoms = {_exec(rpc, clone, "sh", "-c", "head -c 32 /dev/urandom | od -An -tx1") for clone in clones}
+        assert rpc.exec(clone, "ls", "/root").split() == ["unsynced"]  # not the source's later file
+        assert rpc.exec(clone, "cat", "/root/unsynced") == "unsynced\n"
+        assert_own_identity(rpc, clone)  # and its own randomness, below
+    randoms = {rpc.exec(clone, "sh", "-c", "head -c 32 /dev/urandom | od -An -tx1") for clone in clones}
     assert len(randoms) == 2
 
     # Deleted: gone from the list at once; the files stay for the clones.

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.test_snapshots import READY, _exec
 from tests.conftest import stop_and_sweep
+from tests.support.clones import READY, assert_own_identity
 from tests.support.daemon import Daemon, vmm_pids
 from tests.support.rpc import Rpc
 
@@ -105,13 +105,7 @@ def test_a_clone_boots_from_the_warm_pool(own_daemon: Daemon, customer: str) -> 
     assert info["restored_from"] == snap and info["warm_pool_slot"].startswith("pool_")
     assert int(info["process_id"]) in waiting  # the QEMU that waited in the pool
     assert _metric(daemon, "unkey_metald_warm_pool_hits_total") == 1
-    # Its own identity and clock.
-    assert _exec(rpc, clone, "cat", "/run/metald/vm_id").strip() == clone
-    assert _exec(rpc, clone, "hostname").strip() == clone
-    before = time.time()
-    seconds = int(_exec(rpc, clone, "date", "+%s"))
-    after = time.time()
-    assert seconds - after < 0.5 and seconds + 1 - before > -0.5, (before, seconds, after)
+    assert_own_identity(rpc, clone)
     _wait_ready_slots(daemon, 2)  # refilled
     assert len(_slot_pids(daemon)) == 2 and int(info["process_id"]) not in _slot_pids(daemon)
 
@@ -123,7 +117,7 @@ def test_a_clone_boots_from_the_warm_pool(own_daemon: Daemon, customer: str) -> 
     assert not left & set(vmm_pids(daemon.data_dir)) and len(_slot_pids(daemon)) == 2
     assert rpc.info(clone)["state"] == "VM_STATE_RUNNING"
     assert int(rpc.info(clone)["backend_info"]["process_id"]) == int(info["process_id"])
-    assert _exec(rpc, clone, "cat", "/run/metald/vm_id").strip() == clone
+    assert rpc.exec(clone, "cat", "/run/metald/vm_id").strip() == clone
     # A reboot would boot the slot's kernel command line: it moves to a QEMU of its own.
     rpc.ok("RebootVm", {"vm_id": clone, "force": True})
     rebooted = rpc.info(clone)["backend_info"]
@@ -132,7 +126,7 @@ def test_a_clone_boots_from_the_warm_pool(own_daemon: Daemon, customer: str) -> 
     while rpc.info(clone)["backend_info"].get("guest_ready") != "true":
         assert time.monotonic() < deadline, rpc.info(clone)
         time.sleep(0.2)
-    assert f"metald.vm_id={clone}" in _exec(rpc, clone, "cat", "/proc/cmdline")
+    assert f"metald.vm_id={clone}" in rpc.exec(clone, "cat", "/proc/cmdline")
 
     # Deleting the snapshot stops its pool; deleting the clones and the source leaves nothing.
     assert rpc.ok("DeleteSnapshot", {"snapshot_id": snap}) == {"success": True}

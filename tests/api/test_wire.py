@@ -146,6 +146,14 @@ def _grpc_curl(
     return fields
 
 
+def _grpc_web_post(
+    daemon: Daemon, customer: str, path: str, body: bytes, content_type: str
+) -> httpx.Response:
+    """A gRPC-Web call (`content_type`: +proto, or -text for base64) of `customer` to /`path`."""
+    headers = {"content-type": content_type, "x-grpc-web": "1", "authorization": f"Bearer {token(customer)}"}
+    return httpx.post(f"{daemon.url}/{path}", content=body, headers=headers, timeout=30)
+
+
 def _frame(message: bytes, flags: int = 0) -> bytes:
     return struct.pack(">BI", flags, len(message)) + message
 
@@ -225,15 +233,8 @@ def test_unknown_rpc_is_a_proper_grpc_answer(
 def test_unknown_rpc_is_unimplemented_over_grpc_web(
     daemon: Daemon, customer: str, service: str, method: str, named: str
 ) -> None:
-    response = httpx.post(
-        f"{daemon.url}/{service}/{method}",
-        content=_frame(b""),
-        headers={
-            "content-type": "application/grpc-web+proto",
-            "x-grpc-web": "1",
-            "authorization": f"Bearer {token(customer)}",
-        },
-        timeout=30,
+    response = _grpc_web_post(
+        daemon, customer, f"{service}/{method}", _frame(b""), "application/grpc-web+proto"
     )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/grpc-web")
@@ -307,16 +308,7 @@ def _grpc_web_frames(data: bytes) -> list[tuple[int, bytes]]:
 def test_grpc_web_text(daemon: Daemon, rpc: Rpc, customer: str) -> None:
     vm_id = rpc.create({"metadata": {"name": "text-mode"}})
     body = base64.b64encode(_frame(pb.GetVmInfoRequest(vm_id=vm_id).to_binary()))
-    response = httpx.post(
-        f"{daemon.url}/{SERVICE}/GetVmInfo",
-        content=body,
-        headers={
-            "content-type": "application/grpc-web-text",
-            "x-grpc-web": "1",
-            "authorization": f"Bearer {token(customer)}",
-        },
-        timeout=30,
-    )
+    response = _grpc_web_post(daemon, customer, f"{SERVICE}/GetVmInfo", body, "application/grpc-web-text")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/grpc-web-text")
     text = response.content

@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,20 @@ from metald.backends import procfs
 from metald.backends.qemu.backend import QemuBackend
 
 Events = list[tuple[str, str]]
+
+
+def tcg_backend(state_dir: Path, **options: Any) -> QemuBackend:
+    """A QemuBackend (one "daemon") on TCG with no probe assets; `options`: sandbox, ram_dir, ..."""
+    return QemuBackend(
+        qemu_binary="qemu-system-x86_64",
+        qemu_img_binary="qemu-img",
+        accel="tcg",
+        state_dir=state_dir,
+        probe_kernel=None,
+        probe_initrd=None,
+        probe_rootfs=None,
+        **options,
+    )
 
 
 def kill_processes_under(root: Path) -> None:
@@ -31,16 +46,7 @@ async def backends(tmp_path: Path) -> AsyncIterator[Callable[..., QemuBackend]]:
     made: list[QemuBackend] = []
 
     def make(events: Events, **sandbox: object) -> QemuBackend:
-        backend = QemuBackend(
-            qemu_binary="qemu-system-x86_64",
-            qemu_img_binary="qemu-img",
-            accel="tcg",
-            state_dir=tmp_path / "state",
-            probe_kernel=None,
-            probe_initrd=None,
-            probe_rootfs=None,
-            **sandbox,  # type: ignore[arg-type]
-        )
+        backend = tcg_backend(tmp_path / "state", **sandbox)
 
         async def listener(vm_id: str, reason: str) -> None:
             events.append((vm_id, reason))

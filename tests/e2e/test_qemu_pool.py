@@ -14,8 +14,12 @@ from metald.backends import procfs
 from metald.backends.qemu.agent import GuestAgent
 from metald.backends.qemu.backend import QemuBackend
 from metald.ports import LaunchSpec
+from tests.e2e.conftest import tcg_backend
 from tests.e2e.test_qemu_backend import READY_TIMEOUT, _agent_exec, launch_spec
-from tests.e2e.test_qemu_snapshot import backend  # noqa: F401  (the fixture)
+from tests.e2e.test_qemu_snapshot import (
+    backend,  # noqa: F401  (the fixture)
+    snapshotted_source,
+)
 from tests.e2e.test_qemu_snapshot import pytestmark as snapshot_marks
 
 pytestmark = snapshot_marks
@@ -39,13 +43,7 @@ async def test_a_clone_boots_into_a_waiting_slot(
     backend: QemuBackend,  # noqa: F811
 ) -> None:
     assert backend.capabilities.supports_warm_pool
-    source = launch_spec(assets_dir, tmp_path / "src", "vm-src")
-    await backend.start(source)
-    assert await backend.wait_ready("vm-src", READY_TIMEOUT)
-    assert await _agent_exec(source.vm_dir, "echo unsynced > /root/unsynced") == (0, "")
-    snap = tmp_path / "snapshots" / "snap-1"
-    snap.parent.mkdir()
-    await backend.snapshot("vm-src", snap)
+    _, snap, _ = await snapshotted_source(backend, assets_dir, tmp_path)
     await backend.stop("vm-src", graceful=False, timeout=0)
 
     pool = tmp_path / "pool" / "snap-1"
@@ -80,16 +78,7 @@ async def test_a_clone_boots_into_a_waiting_slot(
 
     # Another daemon (this one killed -9) re-adopts the clone by its slot's QEMU name and stops
     # the slot it never knew of.
-    other = QemuBackend(
-        qemu_binary="qemu-system-x86_64",
-        qemu_img_binary="qemu-img",
-        accel="tcg",
-        state_dir=tmp_path / "state2",
-        probe_kernel=None,
-        probe_initrd=None,
-        probe_rootfs=None,
-        ram_dir=Path("/dev/shm") / f"metald-test-{os.getpid()}-other",
-    )
+    other = tcg_backend(tmp_path / "state2", ram_dir=Path("/dev/shm") / f"metald-test-{os.getpid()}-other")
     try:
         spare_pid = _vmm_pid(slots[1])
         await other.stop_pool_slot(slots[1])
@@ -129,12 +118,7 @@ async def test_a_slot_gone_makes_the_clone_restore_normally(
     tmp_path: Path,
     backend: QemuBackend,  # noqa: F811
 ) -> None:
-    source = launch_spec(assets_dir, tmp_path / "src", "vm-src")
-    await backend.start(source)
-    assert await backend.wait_ready("vm-src", READY_TIMEOUT)
-    snap = tmp_path / "snapshots" / "snap-1"
-    snap.parent.mkdir()
-    await backend.snapshot("vm-src", snap)
+    _, snap, _ = await snapshotted_source(backend, assets_dir, tmp_path)
     slot_dir = tmp_path / "pool" / "snap-1" / "pool_c"
     await backend.start_pool_slot(_slot_spec(assets_dir, slot_dir, snap))
     pid = _vmm_pid(slot_dir)

@@ -12,7 +12,8 @@ import pytest
 
 from metald.backends.qemu.backend import QemuBackend
 from metald.backends.qemu.snapshot import DEVICE_STATE, RAM_FILE
-from tests.e2e.conftest import kill_processes_under
+from metald.ports import LaunchSpec, SnapshotResult
+from tests.e2e.conftest import kill_processes_under, tcg_backend
 from tests.e2e.test_qemu_backend import READY_TIMEOUT, _agent_exec, launch_spec
 
 pytestmark = [
@@ -24,16 +25,7 @@ pytestmark = [
 @pytest.fixture
 async def backend(tmp_path: Path) -> AsyncIterator[QemuBackend]:
     ram_dir = Path("/dev/shm") / f"metald-test-{os.getpid()}-{tmp_path.name}"
-    made = QemuBackend(
-        qemu_binary="qemu-system-x86_64",
-        qemu_img_binary="qemu-img",
-        accel="tcg",
-        state_dir=tmp_path / "state",
-        probe_kernel=None,
-        probe_initrd=None,
-        probe_rootfs=None,
-        ram_dir=ram_dir,
-    )
+    made = tcg_backend(tmp_path / "state", ram_dir=ram_dir)
     try:
         yield made
     finally:
@@ -45,19 +37,25 @@ async def backend(tmp_path: Path) -> AsyncIterator[QemuBackend]:
         assert leftovers == []
 
 
+async def snapshotted_source(
+    backend: QemuBackend, assets_dir: Path, tmp_path: Path
+) -> tuple[LaunchSpec, Path, SnapshotResult]:
+    """A source VM "vm-src" running with a file written but never synced (only the guest's page
+    cache, its RAM, holds /root/unsynced), snapshotted into tmp_path/snapshots/snap-1."""
+    source = launch_spec(assets_dir, tmp_path / "src", "vm-src")
+    await backend.start(source)
+    assert await backend.wait_ready("vm-src", READY_TIMEOUT)
+    assert await _agent_exec(source.vm_dir, "echo unsynced > /root/unsynced") == (0, "")
+    snap = tmp_path / "snapshots" / "snap-1"
+    snap.parent.mkdir()
+    return source, snap, await backend.snapshot("vm-src", snap)
+
+
 async def test_snapshot_keeps_the_source_running_and_clones_restore_it(
     assets_dir: Path, tmp_path: Path, backend: QemuBackend
 ) -> None:
     assert backend.capabilities.supports_snapshots
-    source = launch_spec(assets_dir, tmp_path / "src", "vm-src")
-    await backend.start(source)
-    assert await backend.wait_ready("vm-src", READY_TIMEOUT)
-    # Written but never synced: only the guest's page cache (its RAM) holds it.
-    assert await _agent_exec(source.vm_dir, "echo unsynced > /root/unsynced") == (0, "")
-
-    snap = tmp_path / "snapshots" / "snap-1"
-    snap.parent.mkdir()
-    result = await backend.snapshot("vm-src", snap)
+    source, snap, result = await snapshotted_source(backend, assets_dir, tmp_path)
     assert result.size_bytes > 16 * 1024 * 1024  # the touched part of 256 MiB of RAM
     assert 0 < result.paused_seconds < 5
     assert {p.name for p in snap.iterdir()} >= {RAM_FILE, DEVICE_STATE, "disk0.qcow2"}

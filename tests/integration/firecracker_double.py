@@ -17,21 +17,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import json
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import yaml
 
 from metald.ports import DiskSpec, LaunchSpec, NicSpec
+
+if TYPE_CHECKING:  # not at run time: the double runs as the fake firecracker, and starts quickly
+    from metald.backends.firecracker import FirecrackerBackend
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC_PATH = Path(
@@ -407,6 +411,20 @@ class FakeFirecracker:
     def clear(self) -> None:
         (self.root / "calls.ndjson").unlink(missing_ok=True)
 
+    def backend(self, root: Path, *, jailed: bool = False, **options: Any) -> FirecrackerBackend:
+        """A FirecrackerBackend that runs this double (jailed: through its jailer, chroots under
+        `root`/jail), with no VMM user, for an x86_64 host unless `options` say otherwise."""
+        from metald.backends.firecracker import FirecrackerBackend
+
+        return FirecrackerBackend(
+            firecracker_binary=str(self.binary),
+            jailer_binary=str(self.jailer) if jailed else "",
+            chroot_base=root / "jail",
+            vmm_uid=None,
+            vmm_gid=None,
+            **{"machine": "x86_64", **options},
+        )
+
 
 def launch_spec(
     root: Path,
@@ -453,6 +471,17 @@ def launch_spec(
         console_type=console_type,
         console_path=vm_dir / "console.log",
     )
+
+
+@contextlib.asynccontextmanager
+async def closing_backends(root: Path) -> AsyncIterator[list[FirecrackerBackend]]:
+    """A list for the backends a test makes; afterwards they are closed and every VMM left under
+    `root` is killed."""
+    made: list[FirecrackerBackend] = []
+    yield made
+    for backend in made:
+        await backend.close()
+    await destroy_leftovers(root)
 
 
 async def destroy_leftovers(root: Path) -> None:

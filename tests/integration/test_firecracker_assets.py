@@ -19,7 +19,7 @@ import pytest
 from metald.backends.firecracker import FirecrackerBackend, launch
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import LaunchSpec
-from tests.integration.firecracker_double import FakeFirecracker, destroy_leftovers, launch_spec
+from tests.integration.firecracker_double import FakeFirecracker, closing_backends, launch_spec
 
 OUTSIDE = b"\x7fELF a file outside the assets root"
 DISKS = (("rootfs", False, True), ("seed", True, False))  # a writable root (copied), a read-only disk
@@ -37,25 +37,13 @@ def root() -> Iterator[Path]:
 @pytest.fixture
 async def new_backend(root: Path) -> AsyncIterator[NewBackend]:
     fake = FakeFirecracker.install(root / "bin")
-    made: list[FirecrackerBackend] = []
+    async with closing_backends(root) as made:
 
-    def make(jailed: bool) -> FirecrackerBackend:
-        made.append(
-            FirecrackerBackend(
-                firecracker_binary=str(fake.binary),
-                jailer_binary=str(fake.jailer) if jailed else "",
-                chroot_base=root / "jail",
-                vmm_uid=None,
-                vmm_gid=None,
-                machine="x86_64",
-            )
-        )
-        return made[-1]
+        def make(jailed: bool) -> FirecrackerBackend:
+            made.append(fake.backend(root, jailed=jailed))
+            return made[-1]
 
-    yield make
-    for backend in made:
-        await backend.close()
-    await destroy_leftovers(root)
+        yield make
 
 
 def spec_under(root: Path) -> LaunchSpec:

@@ -19,7 +19,7 @@ from metald.backends import procfs
 from metald.backends.firecracker import FirecrackerBackend
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import LaunchSpec
-from tests.integration.firecracker_double import FLUSH_DELTAS, FakeFirecracker, destroy_leftovers, launch_spec
+from tests.integration.firecracker_double import FLUSH_DELTAS, FakeFirecracker, closing_backends, launch_spec
 
 BOOT = [
     ("GET", "/"),
@@ -55,25 +55,14 @@ def fake(tmp_path: Path) -> FakeFirecracker:
 @pytest.fixture
 async def made(tmp_path: Path) -> AsyncIterator[list[FirecrackerBackend]]:
     """Backends a test made; afterwards they are closed and every VMM left under tmp_path is killed."""
-    backends: list[FirecrackerBackend] = []
-    yield backends
-    for backend in backends:
-        await backend.close()
-    await destroy_leftovers(tmp_path)
+    async with closing_backends(tmp_path) as backends:
+        yield backends
 
 
 @pytest.fixture
 def new_backend(fake: FakeFirecracker, tmp_path: Path, made: list[FirecrackerBackend]) -> NewBackend:
     def make(*, jailed: bool = False, exits: Exits | None = None) -> FirecrackerBackend:
-        backend = FirecrackerBackend(
-            firecracker_binary=str(fake.binary),
-            jailer_binary=str(fake.jailer) if jailed else "",
-            chroot_base=tmp_path / "jail",
-            vmm_uid=None,
-            vmm_gid=None,
-            machine="x86_64",
-            reboot_timeout=0.5,
-        )
+        backend = fake.backend(tmp_path, jailed=jailed, reboot_timeout=0.5)
         if exits is not None:
             backend.set_exit_listener(exits)
         made.append(backend)

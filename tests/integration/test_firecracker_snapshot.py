@@ -57,15 +57,7 @@ async def backend(fake: FakeFirecracker, root: Path) -> AsyncIterator[Firecracke
 
 
 def jailed_backend(fake: FakeFirecracker, root: Path) -> FirecrackerBackend:
-    return FirecrackerBackend(
-        firecracker_binary=str(fake.binary),
-        jailer_binary=str(fake.jailer),
-        chroot_base=root / "jail",
-        vmm_uid=None,
-        vmm_gid=None,
-        machine="x86_64",
-        reboot_timeout=0.5,
-    )
+    return fake.backend(root, jailed=True, reboot_timeout=0.5)
 
 
 def source_spec(root: Path) -> LaunchSpec:
@@ -230,9 +222,7 @@ async def test_a_memory_file_that_does_not_fit_is_refused_and_nothing_runs(
 
 
 async def test_unjailed_firecracker_says_it_takes_no_snapshots(fake: FakeFirecracker, root: Path) -> None:
-    backend = FirecrackerBackend(
-        firecracker_binary=str(fake.binary), chroot_base=root / "jail", vmm_uid=None, vmm_gid=None
-    )
+    backend = fake.backend(root)
     assert not backend.capabilities.supports_snapshots
     with pytest.raises(MetaldError) as err:
         await backend.snapshot("vm_x", root / "dest")

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from metald.assets import AssetResolver
-from metald.backends.firecracker import FirecrackerBackend
 from metald.domain.model import NetworkInterface, VmConfig
 from metald.domain.paging import PageTokens
 from metald.domain.quotas import Quotas
@@ -38,14 +37,7 @@ async def service() -> AsyncIterator[tuple[VmService, Path, FakeFirecracker]]:
     (assets / "rootfs.ext4").write_bytes(b"superblock")
     os.truncate(assets / "rootfs.ext4", 8 << 20)
     fake = FakeFirecracker.install(root / "bin")
-    backend = FirecrackerBackend(
-        firecracker_binary=str(fake.binary),
-        jailer_binary=str(fake.jailer),
-        chroot_base=root / "jail",
-        vmm_uid=None,
-        vmm_gid=None,
-        machine="x86_64",
-    )
+    backend = fake.backend(root, jailed=True)
     store = await SqliteStore.open(root / "metald.db", EventRetention(count=1000))
     svc = VmService(
         store=store.vms,

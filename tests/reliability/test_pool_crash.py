@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.test_snapshots import READY, _exec
 from tests.api.test_warm_pool import _pool_processes, _wait_ready_slots
 from tests.reliability.conftest import own_daemon
+from tests.support.clones import READY
 from tests.support.daemon import Daemon, vmm_pids
 from tests.support.rpc import Rpc
 
@@ -69,7 +69,7 @@ def test_kill_9_during_a_pooled_clone_boot(tmp_path: Path, assets_dir: Path) -> 
             while rpc.info(clone)["backend_info"].get("guest_ready") != "true":
                 assert time.monotonic() < deadline, rpc.info(clone)
                 time.sleep(0.2)
-            assert _exec(rpc, clone, "cat", "/run/metald/vm_id").strip() == clone, delay
+            assert rpc.exec(clone, "cat", "/run/metald/vm_id").strip() == clone, delay
         for vm_id in (*clones, source):
             rpc.ok("DeleteVm", {"vm_id": vm_id, "force": True})
         rpc.ok("DeleteSnapshot", {"snapshot_id": snap})

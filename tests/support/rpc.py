@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -49,6 +50,12 @@ class Rpc:
 
     def info(self, vm_id: str) -> dict[str, Any]:
         return self.ok("GetVmInfo", {"vm_id": vm_id})
+
+    def exec(self, vm_id: str, *argv: str) -> str:
+        """ExecVm of `argv` in the guest, which must exit 0; its stdout."""
+        result = self.ok("ExecVm", {"vm_id": vm_id, "command": list(argv)})
+        assert result.get("exit_code", 0) == 0, result
+        return base64.b64decode(result.get("stdout", "")).decode()
 
     def wait_state(self, vm_id: str, state: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

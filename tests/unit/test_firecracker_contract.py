@@ -20,7 +20,7 @@ from metald.backends.firecracker.layout import Layout
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.domain.model import RateLimit
 from metald.ports import LaunchSpec, NicSpec
-from tests.integration.firecracker_double import Contract, FakeFirecracker, destroy_leftovers, launch_spec
+from tests.integration.firecracker_double import Contract, FakeFirecracker, closing_backends, launch_spec
 
 MIB = 1024 * 1024
 LIMIT = RateLimit(bandwidth_bytes_per_second=100 * MIB, burst_bytes=MIB, refill_time_millis=100)
@@ -39,25 +39,14 @@ def fake(tmp_path: Path) -> FakeFirecracker:
 def make_backend(
     fake: FakeFirecracker, tmp_path: Path, *, machine: str = "x86_64", jailed: bool = False
 ) -> FirecrackerBackend:
-    return FirecrackerBackend(
-        firecracker_binary=str(fake.binary),
-        jailer_binary=str(fake.jailer) if jailed else "",
-        chroot_base=tmp_path / "jail",
-        vmm_uid=None,
-        vmm_gid=None,
-        machine=machine,
-        reboot_timeout=5.0,
-    )
+    return fake.backend(tmp_path, jailed=jailed, machine=machine, reboot_timeout=5.0)
 
 
 @pytest.fixture
 async def backends(tmp_path: Path) -> AsyncIterator[list[FirecrackerBackend]]:
     """Backends made by a test; afterwards they are closed and every VMM left is killed."""
-    made: list[FirecrackerBackend] = []
-    yield made
-    for backend in made:
-        await backend.close()
-    await destroy_leftovers(tmp_path)
+    async with closing_backends(tmp_path) as made:
+        yield made
 
 
 def rich_spec(root: Path, cpu_template: str = "T2") -> LaunchSpec:
