@@ -40,7 +40,7 @@ from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 from metald.guestwork import GuestWork
 from metald.logs import configure_logging
 from metald.ports import AddressBook, CheckResult, Network, VmRecords
-from metald.service import ServiceOptions, VmService
+from metald.service import ServiceOptions, ServicePorts, VmService
 from metald.settings import MIB, Settings
 from metald.store.factory import open_store
 from metald.tracing import Tracing
@@ -172,19 +172,18 @@ async def run(settings: Settings) -> None:
                 max_timeout=settings.exec_max_timeout_seconds,
             )
         service = VmService(
-            store=tracing.port(store.vms, "store"),
-            event_log=store.events,
-            backend=tracing.port(backend, "backend"),
-            network=tracing.port(network, "network"),
-            assets=AssetResolver(
-                settings.assets_root,
-                private=settings.paths,
-            ),
-            page_tokens=PageTokens(await store.secrets.secret("page_token_key", os.urandom(32))),
-            events=metrics,
-            options=service_options(settings),
-            snapshots=store.snapshots,
-            guest_work=guest_work,
+            ports=ServicePorts(
+                store=tracing.port(store.vms, "store"),
+                event_log=store.events,
+                backend=tracing.port(backend, "backend"),
+                network=tracing.port(network, "network"),
+                assets=AssetResolver(settings.assets_root, private=settings.paths),
+                page_tokens=PageTokens(await store.secrets.secret("page_token_key", os.urandom(32))),
+                events=metrics,
+                options=service_options(settings),
+                snapshots=store.snapshots,
+                guest_work=guest_work,
+            )
         )
         await service.recover()
         checks: dict[str, Callable[[], Awaitable[CheckResult]]] = {

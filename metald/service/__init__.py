@@ -9,7 +9,7 @@ and watch VMs; recovery after a restart. Split by concern:
 - snapshots.py, pool.py: SnapshotVm and its kin; the snapshots' warm pools.
 """
 
-from metald.service.base import ServiceOptions
+from metald.service.base import ServiceOptions, ServicePorts
 from metald.service.core import VmService
 
-__all__ = ["ServiceOptions", "VmService"]
+__all__ = ["ServiceOptions", "ServicePorts", "VmService"]

@@ -56,32 +56,35 @@ class ServiceOptions:
     pool_dir: Path | None = None  # warm pool slots' directories (same filesystem as vms_dir); None: no pools
 
 
+@dataclass(frozen=True)
+class ServicePorts:
+    """What one host's service is built from: the daemon wires the real ports, tests fakes."""
+
+    store: VmRecords
+    event_log: EventLog
+    backend: Backend
+    network: Network | None
+    assets: AssetResolver
+    page_tokens: PageTokens
+    events: ServiceEvents
+    options: ServiceOptions
+    snapshots: SnapshotRecords | None = None  # None: no snapshot records (snapshots off)
+    guest_work: GuestWork | None = None  # None: the backend has no agent channel
+
+
 class ServiceBase:
-    def __init__(
-        self,
-        *,
-        store: VmRecords,
-        event_log: EventLog,
-        backend: Backend,
-        network: Network | None,
-        assets: AssetResolver,
-        page_tokens: PageTokens,
-        events: ServiceEvents,
-        options: ServiceOptions,
-        snapshots: SnapshotRecords | None = None,
-        guest_work: GuestWork | None = None,
-    ) -> None:
-        self._guest_work = guest_work
-        self._vms = store
-        self._snapshots = snapshots
-        self._event_log = event_log
-        self._backend = backend
-        self._network = network
-        self._assets = assets
-        self._tokens = page_tokens
-        self._events = events
-        self._opts = options
-        self._records = Transitions(store)
+    def __init__(self, *, ports: ServicePorts) -> None:
+        self._guest_work = ports.guest_work
+        self._vms = ports.store
+        self._snapshots = ports.snapshots
+        self._event_log = ports.event_log
+        self._backend = ports.backend
+        self._network = ports.network
+        self._assets = ports.assets
+        self._tokens = ports.page_tokens
+        self._events = ports.events
+        self._opts = ports.options
+        self._records = Transitions(ports.store)
         self._locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._create_lock = asyncio.Lock()  # id check, quota and insert of CreateVm, as one
@@ -89,7 +92,7 @@ class ServiceBase:
         self._booting: dict[str, Vm] = {}
         self._tails: dict[str, CustomerTail] = {}  # the watches' shared event tails, per customer
         self._graceful: dict[str, asyncio.Event] = {}  # set by a forced stop to cut a graceful one short
-        backend.set_exit_listener(self._on_vmm_exit)
+        ports.backend.set_exit_listener(self._on_vmm_exit)
 
     async def _on_vmm_exit(self, vm_id: str, reason: str) -> None:
         """A VMM ended by itself (metald/service/lifecycle.py)."""

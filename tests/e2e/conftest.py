@@ -18,16 +18,16 @@ Events = list[tuple[str, str]]
 
 
 def tcg_backend(state_dir: Path, **options: Any) -> QemuBackend:
-    """A QemuBackend (one "daemon") on TCG with no probe assets; `options`: sandbox, ram_dir, ..."""
+    """A QemuBackend (one "daemon") on TCG with no probe assets; `options`: sandbox, ram_dir, other
+    binaries, ..."""
+    tools = {"qemu_binary": "qemu-system-x86_64", "qemu_img_binary": "qemu-img"}
     return QemuBackend(
-        qemu_binary="qemu-system-x86_64",
-        qemu_img_binary="qemu-img",
         accel="tcg",
         state_dir=state_dir,
         probe_kernel=None,
         probe_initrd=None,
         probe_rootfs=None,
-        **options,
+        **{**tools, **options},
     )
 
 

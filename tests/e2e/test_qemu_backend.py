@@ -24,7 +24,7 @@ from metald.backends.qemu.backend import QemuBackend
 from metald.backends.vmm.layout import EXIT_STATE
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import DiskSpec, LaunchSpec, VmRuntime
-from tests.e2e.conftest import Events
+from tests.e2e.conftest import Events, tcg_backend
 
 pytestmark = [
     pytest.mark.e2e,
@@ -312,13 +312,5 @@ async def test_ping_and_accel_probe(assets_dir: Path, tmp_path: Path) -> None:
     await first.close()
     await second.close()
 
-    broken = QemuBackend(
-        qemu_binary="/nonexistent/qemu",
-        qemu_img_binary="qemu-img",
-        accel="tcg",
-        state_dir=tmp_path,
-        probe_kernel=None,
-        probe_initrd=None,
-        probe_rootfs=None,
-    )
+    broken = tcg_backend(tmp_path, qemu_binary="/nonexistent/qemu")
     assert (await broken.ping()).status == "unhealthy"

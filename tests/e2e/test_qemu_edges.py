@@ -17,7 +17,7 @@ import pytest
 from metald.backends.qemu.agent import GuestAgent
 from metald.backends.qemu.backend import QemuBackend
 from metald.domain.errors import ErrorCode, MetaldError
-from tests.e2e.conftest import Events
+from tests.e2e.conftest import Events, tcg_backend
 from tests.e2e.test_qemu_backend import READY_TIMEOUT, launch_spec
 
 pytestmark = [
@@ -119,15 +119,7 @@ async def test_a_kernel_that_is_not_a_kernel_is_the_customers_error(
 
 
 async def test_missing_qemu_img_is_unhealthy(tmp_path: Path) -> None:
-    backend = QemuBackend(
-        qemu_binary="qemu-system-x86_64",
-        qemu_img_binary=str(tmp_path / "no-qemu-img"),
-        accel="tcg",
-        state_dir=tmp_path,
-        probe_kernel=None,
-        probe_initrd=None,
-        probe_rootfs=None,
-    )
+    backend = tcg_backend(tmp_path, qemu_img_binary=str(tmp_path / "no-qemu-img"))
     health = await backend.ping()
     assert health.status == "unhealthy" and "no-qemu-img" in health.detail
     await backend.close()

@@ -18,7 +18,7 @@ from metald.domain.quotas import Quotas
 from metald.domain.states import VmState
 from metald.domain.validation import Defaults, Limits
 from metald.ports import EventRetention
-from metald.service import ServiceOptions, VmService
+from metald.service import ServiceOptions, ServicePorts, VmService
 from metald.store.sqlite import SqliteStore
 from metald.testing import FakeNetwork, RecordingEvents
 from tests.integration.firecracker_double import Contract, FakeFirecracker, destroy_leftovers
@@ -40,23 +40,25 @@ async def service() -> AsyncIterator[tuple[VmService, Path, FakeFirecracker]]:
     backend = fake.backend(root, jailed=True)
     store = await SqliteStore.open(root / "metald.db", EventRetention(count=1000))
     svc = VmService(
-        store=store.vms,
-        event_log=store.events,
-        backend=backend,
-        network=FakeNetwork(),
-        assets=AssetResolver(assets),
-        page_tokens=PageTokens(b"k" * 32),
-        events=RecordingEvents(),
-        options=ServiceOptions(
-            vms_dir=root / "vms",
-            limits=Limits(),
-            defaults=Defaults(),
-            quotas=Quotas(),
-            shutdown_timeout=1,
-            boot_wait_timeout=10,
-            snapshots_dir=root / "snapshots",
-        ),
-        snapshots=store.snapshots,
+        ports=ServicePorts(
+            store=store.vms,
+            event_log=store.events,
+            backend=backend,
+            network=FakeNetwork(),
+            assets=AssetResolver(assets),
+            page_tokens=PageTokens(b"k" * 32),
+            events=RecordingEvents(),
+            options=ServiceOptions(
+                vms_dir=root / "vms",
+                limits=Limits(),
+                defaults=Defaults(),
+                quotas=Quotas(),
+                shutdown_timeout=1,
+                boot_wait_timeout=10,
+                snapshots_dir=root / "snapshots",
+            ),
+            snapshots=store.snapshots,
+        )
     )
     await svc.recover()
     try:

@@ -31,7 +31,7 @@ from metald.domain.quotas import Quotas
 from metald.domain.validation import Defaults, Limits
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 from metald.ports import BackendCapabilities, CheckResult, LaunchSpec
-from metald.service import ServiceOptions, VmService
+from metald.service import ServiceOptions, ServicePorts, VmService
 from metald.store.sqlite import SqliteStore
 from metald.tracing import Tracing, provider_from_env
 from tests.ops.conftest import StartDaemon
@@ -82,14 +82,16 @@ async def test_service_work_becomes_child_spans(tmp_path: Path, assets_dir: Path
     store = await SqliteStore.open(tmp_path / "metald.db")
     try:
         service = VmService(
-            store=tracing.port(store.vms, "store"),
-            event_log=store.events,
-            backend=tracing.port(FakeBackend(), "backend"),  # type: ignore[arg-type]
-            network=None,
-            assets=AssetResolver(assets_dir),
-            page_tokens=PageTokens(b"k" * 32),
-            events=Metrics(),
-            options=ServiceOptions(tmp_path / "vms", Limits(), Defaults(), Quotas(), 30, 60),
+            ports=ServicePorts(
+                store=tracing.port(store.vms, "store"),
+                event_log=store.events,
+                backend=tracing.port(FakeBackend(), "backend"),  # type: ignore[arg-type]
+                network=None,
+                assets=AssetResolver(assets_dir),
+                page_tokens=PageTokens(b"k" * 32),
+                events=Metrics(),
+                options=ServiceOptions(tmp_path / "vms", Limits(), Defaults(), Quotas(), 30, 60),
+            )
         )
         tracer = provider.get_tracer("test")
         with tracer.start_as_current_span("rpc") as rpc_span:

@@ -19,7 +19,7 @@ from metald.domain.paging import PageTokens
 from metald.domain.quotas import Quotas
 from metald.domain.validation import Defaults, Limits
 from metald.ports import EventRetention
-from metald.service import ServiceOptions, VmService
+from metald.service import ServiceOptions, ServicePorts, VmService
 from metald.store.sqlite import SqliteStore
 from metald.testing import FakeBackend, FakeNetwork, RecordingEvents
 
@@ -46,25 +46,27 @@ class World:
     def make_service(self) -> VmService:
         assets = self.tmp / "assets"
         return VmService(
-            store=self.store.vms,
-            event_log=self.store.events,
-            backend=self.backend,
-            network=self.network,
-            assets=AssetResolver(assets),
-            page_tokens=PageTokens(b"k" * 32),
-            events=self.events,
-            options=ServiceOptions(
-                vms_dir=self.tmp / "vms",
-                limits=Limits(),
-                defaults=Defaults(),
-                quotas=self.quotas,
-                shutdown_timeout=5,
-                boot_wait_timeout=5,
-                snapshots_dir=self.tmp / "snapshots",
-                max_snapshots_per_customer=self.max_snapshots,
-                max_warm_pool_size=2,
-            ),
-            snapshots=self.store.snapshots,
+            ports=ServicePorts(
+                store=self.store.vms,
+                event_log=self.store.events,
+                backend=self.backend,
+                network=self.network,
+                assets=AssetResolver(assets),
+                page_tokens=PageTokens(b"k" * 32),
+                events=self.events,
+                options=ServiceOptions(
+                    vms_dir=self.tmp / "vms",
+                    limits=Limits(),
+                    defaults=Defaults(),
+                    quotas=self.quotas,
+                    shutdown_timeout=5,
+                    boot_wait_timeout=5,
+                    snapshots_dir=self.tmp / "snapshots",
+                    max_snapshots_per_customer=self.max_snapshots,
+                    max_warm_pool_size=2,
+                ),
+                snapshots=self.store.snapshots,
+            )
         )
 
     async def restart(self, *, host_reboot: bool = False) -> VmService:
