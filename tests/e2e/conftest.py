@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,16 @@ from metald.backends import procfs
 from metald.backends.qemu.backend import QemuBackend
 
 Events = list[tuple[str, str]]
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Whether `predicate` came true within `timeout` seconds (polled every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 def tcg_backend(state_dir: Path, **options: Any) -> QemuBackend:

@@ -24,7 +24,7 @@ from metald.backends.qemu.backend import QemuBackend
 from metald.backends.vmm.layout import EXIT_STATE
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import DiskSpec, LaunchSpec, VmRuntime
-from tests.e2e.conftest import Events, tcg_backend
+from tests.e2e.conftest import Events, tcg_backend, wait_until
 
 pytestmark = [
     pytest.mark.e2e,
@@ -68,15 +68,6 @@ def launch_spec(
 def _gone(pid: int) -> bool:
     stat = procfs.read_stat(pid)
     return stat is None or stat.state == "Z"
-
-
-async def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 def _sha256(path: Path) -> str:
@@ -235,10 +226,10 @@ async def test_unrequested_exits_reach_the_listener(
     assert "Linux version" not in specs[0].console_path.read_text()
     assert "Linux version" in (specs[0].vm_dir / layout.SERIAL_LOG).read_text()
     await _agent_poweroff(specs[0].vm_dir)
-    assert await _wait_for(lambda: ("vm-off", "guest_poweroff") in events, EXIT_EVENT_TIMEOUT), events
+    assert await wait_until(lambda: ("vm-off", "guest_poweroff") in events, EXIT_EVENT_TIMEOUT), events
     os.kill(runtimes[1].pid, signal.SIGKILL)
     started = time.monotonic()
-    assert await _wait_for(lambda: ("vm-crash", "vmm_crashed") in events, EXIT_EVENT_TIMEOUT), events
+    assert await wait_until(lambda: ("vm-crash", "vmm_crashed") in events, EXIT_EVENT_TIMEOUT), events
     assert time.monotonic() - started < 2.0
     assert sorted(events) == [("vm-crash", "vmm_crashed"), ("vm-off", "guest_poweroff")]
     assert [backend.last_exit_reason(s.vm_id) for s in specs] == ["guest_poweroff", "vmm_crashed"]
@@ -258,7 +249,7 @@ async def test_readoption_after_daemon_restart(
     await first.close()  # the daemon goes away; its VMs do not
     assert all(not _gone(pid) for pid in pids.values())
     os.kill(pids["vm-c"], signal.SIGKILL)  # dies while no daemon watches
-    assert await _wait_for(lambda: (specs["vm-c"].vm_dir / EXIT_STATE).exists(), 5.0)
+    assert await wait_until(lambda: (specs["vm-c"].vm_dir / EXIT_STATE).exists(), 5.0)
 
     events: Events = []
     second = backends(events)
@@ -282,7 +273,7 @@ async def test_readoption_after_daemon_restart(
 
     # Exit events of an adopted VM arrive too.
     await _agent_poweroff(specs["vm-b"].vm_dir)
-    assert await _wait_for(lambda: events == [("vm-b", "guest_poweroff")], EXIT_EVENT_TIMEOUT), events
+    assert await wait_until(lambda: events == [("vm-b", "guest_poweroff")], EXIT_EVENT_TIMEOUT), events
 
 
 async def test_ping_and_accel_probe(assets_dir: Path, tmp_path: Path) -> None:

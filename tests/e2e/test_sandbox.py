@@ -16,7 +16,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from metald.backends.vmm.layout import VMM_STATE
 from metald.backends.vmm.sandbox import VmmUser, resolve_vmm_user
 from metald.network import plumbing
 from metald.ports import DiskSpec, LaunchSpec, NicSpec
-from tests.e2e.conftest import Events
+from tests.e2e.conftest import Events, wait_until
 
 MIB = 1024 * 1024
 READY_TIMEOUT = 60.0
@@ -131,15 +130,6 @@ async def agent_exec(vm_dir: Path, command: str, timeout: float = 30.0) -> tuple
         await agent.close()
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
 async def test_vmm_is_unprivileged_confined_and_leaves_nothing(
     assets_dir: Path,
     tmp_path: Path,
@@ -219,7 +209,7 @@ async def test_vmm_is_unprivileged_confined_and_leaves_nothing(
     adopted = await second.adopt(spec)
     assert adopted is not None and adopted.pid == pid
     os.kill(state["supervisor_pid"], signal.SIGKILL)
-    assert await wait_for(lambda: events == [("vm-sbx", "vmm_crashed")], 10.0), events
+    assert await wait_until(lambda: events == [("vm-sbx", "vmm_crashed")], 10.0), events
     assert all(not d.exists() for d in cgroups.dirs(name))
     await second.destroy("vm-sbx", vm_dir)
     assert not vm_dir.exists()
@@ -248,7 +238,7 @@ async def test_vmm_over_its_memory_limit_is_oom_killed_alone(
 
     with contextlib.suppress(OSError, TimeoutError, EOFError, ValueError):  # the agent dies with QEMU
         await agent_exec(vm_dir, "dd if=/dev/zero of=/dev/null bs=400M count=1")
-    assert await wait_for(lambda: ("vm-oom", "oom_killed") in events, 30.0), events
+    assert await wait_until(lambda: ("vm-oom", "oom_killed") in events, 30.0), events
     assert events == [("vm-oom", "oom_killed")]
     assert backend.last_exit_reason("vm-oom") == "oom_killed"
     # Only QEMU was killed: the supervisor, outside the cgroup, lived to record why (the reason comes

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shutil
 import sqlite3
 import stat
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,28 +17,16 @@ from metald.domain.paging import PageTokens
 from tests.conftest import stop_and_sweep
 from tests.support.daemon import Daemon
 from tests.support.rpc import Rpc
+from tests.support.vmm_user import dir_the_vmm_user_enters, vmm_user_reads
 
-VMM_USER = "metald-vmm"
 DUMP = Path(__file__).parents[1] / "store" / "data" / "release_0_state.sql"
 RELEASE_TOKEN_KEY = bytes(range(32))  # the page-token key stored in the dump
-
-
-def vmm_user_reads(path: Path) -> bool:
-    argv = ["setpriv", "--reuid", VMM_USER, "--regid", VMM_USER, "--clear-groups", "cat", str(path)]
-    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
 
 
 @pytest.fixture
 def release_daemon(assets_dir: Path) -> Iterator[Daemon]:
     """A daemon on a data dir the VMM user may enter, holding the release's database left 0644."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv")
-    try:
-        pwd.getpwnam(VMM_USER)
-    except KeyError:
-        pytest.skip(f"no user {VMM_USER}")
-    data = Path(tempfile.mkdtemp(prefix="metald-state-"))
-    data.chmod(0o755)
+    data = dir_the_vmm_user_enters("metald-state-")
     with contextlib.closing(sqlite3.connect(data / "metald.db")) as db:
         db.executescript(DUMP.read_text())
     (data / "metald.db").chmod(0o644)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shutil
 import sqlite3
 import stat
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,8 +21,7 @@ from metald.store.factory import open_store
 from metald.store.memory import MemoryStore
 from metald.store.sqlite import SqliteStore
 from metald.store.sqlite_schema import MIGRATIONS
-
-VMM_USER = "metald-vmm"
+from tests.support.vmm_user import dir_the_vmm_user_enters, vmm_user_reads
 
 
 async def test_new_database_is_at_the_latest_version_and_records_events(tmp_path: Path) -> None:
@@ -81,28 +77,15 @@ async def test_open_store_follows_the_store_setting(tmp_path: Path) -> None:
         await sqlite.close()
 
 
-def _vmm_user_reads(path: Path) -> bool:
-    """True if the unprivileged VMM user can read the file (setpriv drops to it, as VMMs run)."""
-    argv = ["setpriv", "--reuid", VMM_USER, "--regid", VMM_USER, "--clear-groups", "cat", str(path)]
-    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
-
-
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory the VMM user may enter (pytest's tmp dirs are 0700 themselves), holding a 0644
     control file the VMM user can read, and a database an older release left world-readable."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv")
-    try:
-        pwd.getpwnam(VMM_USER)
-    except KeyError:
-        pytest.skip(f"no user {VMM_USER}")
-    data = Path(tempfile.mkdtemp(prefix="metald-perm-"))
-    data.chmod(0o755)
+    data = dir_the_vmm_user_enters("metald-perm-")
     control = data / "control.txt"
     control.write_text("readable\n")
     control.chmod(0o644)
-    assert _vmm_user_reads(control)  # so the check below can fail
+    assert vmm_user_reads(control)  # so the check below can fail
     with contextlib.closing(sqlite3.connect(data / "legacy.db")) as db:
         db.execute("CREATE TABLE t (x)")
     (data / "legacy.db").chmod(0o644)
@@ -115,7 +98,7 @@ def _assert_private(files: list[Path]) -> None:
         info = os.stat(f)
         assert stat.S_IMODE(info.st_mode) == 0o600, f
         assert info.st_uid == os.geteuid()
-        assert not _vmm_user_reads(f), f
+        assert not vmm_user_reads(f), f
 
 
 @pytest.mark.parametrize("name", ["metald.db", "legacy.db"])
