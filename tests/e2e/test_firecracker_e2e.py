@@ -15,6 +15,7 @@ from metald.backends.firecracker import FirecrackerBackend
 from metald.backends.select import kvm_usable
 from metald.ports import DiskSpec, LaunchSpec
 from tests.integration.firecracker_double import destroy_leftovers
+from tests.support.specs import bare_spec
 
 pytestmark = pytest.mark.e2e
 
@@ -45,21 +46,14 @@ async def backend(firecracker: str, tmp_path: Path) -> AsyncIterator[Firecracker
 def spec(backend: FirecrackerBackend, request: pytest.FixtureRequest, tmp_path: Path) -> LaunchSpec:
     assets: Path = request.getfixturevalue("assets_dir")  # built only once Firecracker can run
     vm_dir = tmp_path / "vm_e2e-1"
-    return LaunchSpec(
-        vm_id="vm_e2e-1",
-        vm_dir=vm_dir,
-        vcpu_count=1,
-        memory_bytes=256 << 20,
-        cpu_template="",
-        kernel=assets / "vmlinux",
+    disks = (DiskSpec("rootfs", assets / "rootfs.ext4", read_only=False, is_root=True),)
+    return bare_spec(
+        "vm_e2e-1",
+        vm_dir,
+        assets / "vmlinux",
+        disks,
         initrd=assets / "initrd",
-        customer_kernel_args="",
         guest_kernel_args="metald.vm_id=vm_e2e-1",
-        disks=(DiskSpec("rootfs", assets / "rootfs.ext4", read_only=False, is_root=True),),
-        nics=(),
-        netns=None,
-        console_type="SERIAL",
-        console_path=vm_dir / "console.log",
     )
 
 

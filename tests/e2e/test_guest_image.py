@@ -23,7 +23,8 @@ from metald.assets import AssetResolver
 from metald.backends.qemu.layout import overlay_path
 from metald.backends.qemu.overlay import prepare_vm_dir, recorded_bases
 from metald.guest import GuestImage, build_guest_image, builder
-from metald.ports import DiskSpec, LaunchSpec
+from metald.ports import DiskSpec
+from tests.support.specs import bare_spec
 
 QEMU = "qemu-system-x86_64"
 MACHINE = "microvm,acpi=on,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on,pcie=off"
@@ -242,12 +243,8 @@ async def test_rebuild_never_changes_the_base_of_an_existing_overlay(
     assert old_base.name == os.readlink(assets / "rootfs.ext4") != "rootfs.ext4"
     old_digest = _digest(old_base)
     vm_dir = tmp_path / "vm"
-    spec = LaunchSpec(
-        vm_id="vm-old", vm_dir=vm_dir, vcpu_count=1, memory_bytes=256 << 20, cpu_template="",
-        kernel=guest.vmlinux, initrd=guest.initrd, customer_kernel_args="", guest_kernel_args="",
-        disks=(DiskSpec("root", old_base, read_only=False, is_root=True),), nics=(), netns=None,
-        console_type="SERIAL", console_path=vm_dir / "console.log",
-    )  # fmt: skip
+    disks = (DiskSpec("root", old_base, read_only=False, is_root=True),)
+    spec = bare_spec("vm-old", vm_dir, guest.vmlinux, disks, initrd=guest.initrd)
     await prepare_vm_dir(spec, qemu_img="qemu-img")
     overlay = overlay_path(vm_dir, 0)
 

@@ -25,6 +25,7 @@ from metald.backends.vmm.layout import EXIT_STATE
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import DiskSpec, LaunchSpec, VmRuntime
 from tests.e2e.conftest import Events, tcg_backend, wait_until
+from tests.support.specs import bare_spec
 
 pytestmark = [
     pytest.mark.e2e,
@@ -47,21 +48,14 @@ def launch_spec(
     disks = [DiskSpec("root", root or assets / "rootfs.ext4", read_only=False, is_root=True)]
     if data_disk:
         disks.append(DiskSpec("data", assets / "data.ext4", read_only=True, is_root=False))
-    return LaunchSpec(
-        vm_id=vm_id,
-        vm_dir=vm_dir,
-        vcpu_count=1,
-        memory_bytes=256 * 1024 * 1024,
-        cpu_template="",
-        kernel=assets / "vmlinux",
+    return bare_spec(
+        vm_id,
+        vm_dir,
+        assets / "vmlinux",
+        disks,
         initrd=assets / "initrd",
-        customer_kernel_args="",
         guest_kernel_args=f"metald.vm_id={vm_id}",
-        disks=tuple(disks),
-        nics=(),
-        netns=None,
         console_type=console_type,
-        console_path=vm_dir / "console.log",
     )
 
 

@@ -30,6 +30,7 @@ from metald.backends.vmm.sandbox import VmmUser, resolve_vmm_user
 from metald.network import plumbing
 from metald.ports import DiskSpec, LaunchSpec, NicSpec
 from tests.e2e.conftest import Events, wait_until
+from tests.support.specs import bare_spec
 
 MIB = 1024 * 1024
 READY_TIMEOUT = 60.0
@@ -86,24 +87,14 @@ def netns() -> Iterator[tuple[str, str]]:
 
 
 def launch_spec(assets: Path, vm_dir: Path, vm_id: str, **changes: object) -> LaunchSpec:
-    spec = {
-        "vm_id": vm_id,
-        "vm_dir": vm_dir,
-        "vcpu_count": 1,
-        "memory_bytes": 256 * MIB,
-        "cpu_template": "",
-        "kernel": assets / "vmlinux",
-        "initrd": assets / "initrd",
-        "customer_kernel_args": "",
-        "guest_kernel_args": f"metald.vm_id={vm_id}",
-        "disks": (DiskSpec("root", (assets / "rootfs.ext4").resolve(), read_only=False, is_root=True),),
-        "nics": (),
-        "netns": None,
-        "console_type": "SERIAL",
-        "console_path": vm_dir / "console.log",
-        **changes,
-    }
-    return LaunchSpec(**spec)  # type: ignore[arg-type]
+    disks = (DiskSpec("root", (assets / "rootfs.ext4").resolve(), read_only=False, is_root=True),)
+    return bare_spec(
+        vm_id,
+        vm_dir,
+        assets / "vmlinux",
+        disks,
+        **{"initrd": assets / "initrd", "guest_kernel_args": f"metald.vm_id={vm_id}", **changes},
+    )
 
 
 def status(pid: int) -> dict[str, str]:

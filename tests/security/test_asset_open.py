@@ -15,6 +15,7 @@ from metald.assets import AssetResolver, open_beneath
 from metald.backends.qemu.files import close_fds, open_vmm_files
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import DiskSpec, LaunchSpec
+from tests.support.specs import bare_spec
 
 KERNEL = b"\x7fELF a kernel inside the root"
 OUTSIDE = b"\x7fELF a file outside the assets root"
@@ -48,22 +49,9 @@ def _open_fds() -> set[str]:
 
 def _spec(root: Path, vm_dir: Path) -> LaunchSpec:
     vm_dir.mkdir()
-    return LaunchSpec(
-        vm_id="vm-swap",
-        vm_dir=vm_dir,
-        vcpu_count=1,
-        memory_bytes=64 << 20,
-        cpu_template="",
-        kernel=root / "kernels" / "vmlinux",
-        initrd=None,
-        customer_kernel_args="",
-        guest_kernel_args="",
-        disks=(DiskSpec("root", root / "rootfs.ext4", read_only=True, is_root=True),),
-        nics=(),
-        netns=None,
-        console_type="SERIAL",
-        console_path=vm_dir / "console.log",
-        assets_root=root,
+    disks = (DiskSpec("root", root / "rootfs.ext4", read_only=True, is_root=True),)
+    return bare_spec(
+        "vm-swap", vm_dir, root / "kernels" / "vmlinux", disks, memory_bytes=64 << 20, assets_root=root
     )
 
 

@@ -20,6 +20,7 @@ from metald.backends.qemu.cmdline import (
 )
 from metald.backends.vmm.sandbox import VmmUser, wrap_argv
 from metald.ports import DiskSpec, LaunchSpec, NicSpec
+from tests.support.specs import bare_spec
 
 TCG = HostOptions(binary="qemu-system-x86_64", accel="tcg", tsc_khz=2596134)
 KVM = HostOptions(binary="qemu-system-x86_64", accel="kvm", tsc_khz=2596134)
@@ -27,21 +28,17 @@ VM_DIR = Path("/var/lib/metald/vms/vm_1")
 
 
 def make_spec(**changes: object) -> LaunchSpec:
-    spec = LaunchSpec(
-        vm_id="vm_1",
-        vm_dir=VM_DIR,
+    disks = (DiskSpec("root", Path("/assets/rootfs.ext4"), read_only=False, is_root=True),)
+    spec = bare_spec(
+        "vm_1",
+        VM_DIR,
+        Path("/assets/vmlinux"),
+        disks,
         vcpu_count=2,
         memory_bytes=512 * 1024 * 1024,
-        cpu_template="",
-        kernel=Path("/assets/vmlinux"),
         initrd=Path("/assets/initrd"),
         customer_kernel_args="console=ttyS0 reboot=k panic=1",
         guest_kernel_args="metald.vm_id=vm_1",
-        disks=(DiskSpec("root", Path("/assets/rootfs.ext4"), read_only=False, is_root=True),),
-        nics=(),
-        netns=None,
-        console_type="SERIAL",
-        console_path=VM_DIR / "console.log",
     )
     return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
 

@@ -11,6 +11,7 @@ import pytest
 from metald.backends.vmm.lifecycle import GONE_WHILE_DOWN, VmmLifecycle
 from metald.domain.errors import ErrorCode, MetaldError
 from metald.ports import DiskSpec, LaunchSpec
+from tests.support.specs import bare_spec
 
 
 class _Channel:
@@ -19,25 +20,11 @@ class _Channel:
 
 
 def _spec(vm_dir: Path) -> LaunchSpec:
-    return LaunchSpec(
-        vm_id="vm-gone",
-        vm_dir=vm_dir,
-        vcpu_count=1,
-        memory_bytes=128 << 20,
-        cpu_template="",
-        kernel=Path("/assets/vmlinux"),
-        initrd=None,
-        customer_kernel_args="",
-        guest_kernel_args="",
-        disks=(
-            DiskSpec("data", Path("/assets/data.ext4"), read_only=True, is_root=False),
-            DiskSpec("root", Path("/assets/rootfs.ext4"), read_only=False, is_root=True),
-        ),
-        nics=(),
-        netns=None,
-        console_type="SERIAL",
-        console_path=vm_dir / "console.log",
+    disks = (
+        DiskSpec("data", Path("/assets/data.ext4"), read_only=True, is_root=False),
+        DiskSpec("root", Path("/assets/rootfs.ext4"), read_only=False, is_root=True),
     )
+    return bare_spec("vm-gone", vm_dir, Path("/assets/vmlinux"), disks, memory_bytes=128 << 20)
 
 
 def _never(_: object) -> bool:
