@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -15,6 +17,8 @@ from metald.network import LinuxNetwork
 from metald.store.sqlite import SqliteStore
 from tests.support.daemon import REPO, Daemon, kill_leftovers
 from tests.support.rpc import Rpc
+
+D = TypeVar("D", bound=Daemon)
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +52,16 @@ async def _sweep_vm_namespaces(daemon: Daemon) -> list[str]:
         await store.close()
 
 
+@contextlib.contextmanager
+def serving(daemon: D) -> Iterator[D]:
+    """`daemon` started; afterwards stopped and swept (stop_and_sweep), whatever happened."""
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        stop_and_sweep(daemon)
+
+
 def stop_and_sweep(daemon: Daemon) -> None:
     """Stop a test daemon and remove anything it left: VMMs, VM namespaces, its host namespace."""
     daemon.stop()
@@ -61,11 +75,8 @@ def stop_and_sweep(daemon: Daemon) -> None:
 @pytest.fixture(scope="session")
 def daemon(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Iterator[Daemon]:
     """One shared daemon for the API tests; tests isolate themselves by customer id."""
-    d = Daemon(tmp_path_factory.mktemp("metald"), assets_dir).start()
-    try:
+    with serving(Daemon(tmp_path_factory.mktemp("metald"), assets_dir)) as d:
         yield d
-    finally:
-        stop_and_sweep(d)
 
 
 @pytest.fixture

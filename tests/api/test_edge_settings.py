@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
-from tests.conftest import stop_and_sweep
+from tests.conftest import serving
 from tests.support.daemon import Daemon
 from tests.support.rpc import SERVICE, Rpc, token
 
@@ -24,17 +24,16 @@ CUSTOMER_SERIES = re.compile(r"^unkey_metald_customer_vms\{", re.MULTILINE)
 
 @pytest.fixture(scope="module")
 def edge_daemon(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(
-        tmp_path_factory.mktemp("edge"),
-        assets_dir,
-        f"--cors-allowed-origins={CONSOLE}/",  # a trailing slash is the same origin
-        f"--metrics-token={METRICS_TOKEN}",
-        name="edge-set",
-    ).start()
-    try:
+    with serving(
+        Daemon(
+            tmp_path_factory.mktemp("edge"),
+            assets_dir,
+            f"--cors-allowed-origins={CONSOLE}/",  # a trailing slash is the same origin
+            f"--metrics-token={METRICS_TOKEN}",
+            name="edge-set",
+        )
+    ) as d:
         yield d
-    finally:
-        stop_and_sweep(d)
 
 
 def _preflight(daemon: Daemon, origin: str) -> httpx.Response:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import stop_and_sweep
+from tests.conftest import serving
 from tests.support.daemon import Daemon
 from tests.support.rpc import Rpc
 
@@ -19,11 +19,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def own_daemon(tmp_path: Path, assets_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path / "state", assets_dir, name="restart").start()
-    try:
+    with serving(Daemon(tmp_path / "state", assets_dir, name="restart")) as d:
         yield d
-    finally:
-        stop_and_sweep(d)
 
 
 def test_restart_keeps_states_and_readopts_guests(own_daemon: Daemon) -> None:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.api.test_guest_lifecycle import guest_exec
-from tests.conftest import stop_and_sweep
+from tests.conftest import serving
 from tests.support.daemon import Daemon
 from tests.support.rpc import Rpc
 
@@ -30,11 +30,10 @@ NIC = {"network": [{"interface_id": "eth0"}]}
 @pytest.fixture
 def fresh_daemon(tmp_path: Path, assets_dir: Path) -> Iterator[Daemon]:
     """A daemon that has never attached a NIC: its host namespace does not exist yet."""
-    d = Daemon(tmp_path / "state", assets_dir, "--max-vms-per-customer", "1", name="fresh-svc").start()
-    try:
+    with serving(
+        Daemon(tmp_path / "state", assets_dir, "--max-vms-per-customer", "1", name="fresh-svc")
+    ) as d:
         yield d
-    finally:
-        stop_and_sweep(d)
 
 
 def test_delete_and_refused_create_without_a_host_namespace(fresh_daemon: Daemon) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import stop_and_sweep
+from tests.conftest import serving
 from tests.support.clones import READY, assert_own_identity
 from tests.support.daemon import Daemon, vmm_pids
 from tests.support.rpc import Rpc
@@ -30,11 +30,8 @@ POOL_FILL_TIMEOUT = 120.0
 
 @pytest.fixture
 def own_daemon(tmp_path: Path, assets_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path / "metald", assets_dir).start()
-    try:
+    with serving(Daemon(tmp_path / "metald", assets_dir)) as d:
         yield d
-    finally:
-        stop_and_sweep(d)
 
 
 def _metric(daemon: Daemon, name: str) -> float:

@@ -23,7 +23,7 @@ from metald.client import AsyncClient, Client, NotFoundError
 from metald.gen.google.rpc.error_details_pb import ErrorInfo
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceClient
-from tests.conftest import stop_and_sweep
+from tests.conftest import serving
 from tests.ops.support import METALCTL
 from tests.support.daemon import Daemon
 from tests.support.rpc import Rpc, token
@@ -36,13 +36,10 @@ SERVICE = "vmprovisioner.v1.VmService"
 @pytest.fixture(scope="module")
 def agent_daemon(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Iterator[Daemon]:
     # Requests up to 20 MiB, so that 16 MiB files fit (the default request limit is 1 MiB).
-    d = Daemon(
-        tmp_path_factory.mktemp("metald-agent"), assets_dir, "--max-request-bytes", str(20 * MIB)
-    ).start()
-    try:
+    with serving(
+        Daemon(tmp_path_factory.mktemp("metald-agent"), assets_dir, "--max-request-bytes", str(20 * MIB))
+    ) as d:
         yield d
-    finally:
-        stop_and_sweep(d)
 
 
 @pytest.fixture(scope="module")

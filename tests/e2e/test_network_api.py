@@ -24,7 +24,7 @@ import pytest
 
 from metald.backends.qemu.agent import GuestAgent
 from metald.network import names
-from tests.conftest import stop_and_sweep
+from tests.conftest import serving
 from tests.support.daemon import Daemon
 from tests.support.rpc import Rpc
 
@@ -155,11 +155,10 @@ def netns_list() -> set[str]:
 
 @pytest.fixture(scope="module")
 def netd(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Iterator[Daemon]:
-    daemon = Daemon(tmp_path_factory.mktemp("metald-net"), assets_dir, name="net").start()
-    try:
+    with serving(
+        Daemon(tmp_path_factory.mktemp("metald-net"), assets_dir, name="net")
+    ) as daemon:  # stops it, kills its VMMs, removes its namespaces
         yield daemon
-    finally:
-        stop_and_sweep(daemon)  # stops it, kills its VMMs, removes its namespaces
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from metald.network import names
-from tests.conftest import stop_and_sweep
+from tests.conftest import serving
 from tests.support.daemon import Daemon, kill_leftovers
 from tests.support.rpc import Rpc
 
@@ -27,11 +27,8 @@ def netns_exists(name: str) -> bool:
 
 @pytest.fixture(scope="module")
 def lifed(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Iterator[Daemon]:
-    daemon = Daemon(tmp_path_factory.mktemp("metald-life"), assets_dir, name="lif").start()
-    try:
+    with serving(Daemon(tmp_path_factory.mktemp("metald-life"), assets_dir, name="lif")) as daemon:
         yield daemon
-    finally:
-        stop_and_sweep(daemon)
 
 
 def test_delete_of_a_never_booted_vm_before_the_host_namespace_exists(lifed: Daemon, customer: str) -> None:

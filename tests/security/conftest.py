@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import stop_and_sweep
+from tests.conftest import serving
 from tests.security.pki import JwtKeys, Pki
 from tests.support.daemon import Daemon
 
@@ -49,43 +49,41 @@ def jwt_daemon(
     tmp_path_factory: pytest.TempPathFactory, assets_dir: Path, pki: Pki, jwt_keys: JwtKeys
 ) -> Iterator[TlsDaemon]:
     """jwt mode over TLS: HS256 secret and an RS256/ES256 JWKS, audience and issuer required."""
-    d = TlsDaemon(
-        tmp_path_factory.mktemp("jwtd"),
-        assets_dir,
-        "--auth-mode=jwt",
-        f"--jwt-secret={jwt_keys.secret}",
-        f"--jwt-jwks-file={jwt_keys.jwks_path}",
-        "--jwt-audience=metald",
-        "--jwt-issuer=https://issuer.test",
-        "--jwt-customer-claim=tenant",
-        "--jwt-leeway-seconds=5",
-        "--no-network-enabled",
-        *_tls_flags(pki),
-        ca=pki.ca_path,
-        name="sec-jwt",
-    ).start()
-    try:
+    with serving(
+        TlsDaemon(
+            tmp_path_factory.mktemp("jwtd"),
+            assets_dir,
+            "--auth-mode=jwt",
+            f"--jwt-secret={jwt_keys.secret}",
+            f"--jwt-jwks-file={jwt_keys.jwks_path}",
+            "--jwt-audience=metald",
+            "--jwt-issuer=https://issuer.test",
+            "--jwt-customer-claim=tenant",
+            "--jwt-leeway-seconds=5",
+            "--no-network-enabled",
+            *_tls_flags(pki),
+            ca=pki.ca_path,
+            name="sec-jwt",
+        )
+    ) as d:
         yield d
-    finally:
-        stop_and_sweep(d)
 
 
 @pytest.fixture(scope="session")
 def mtls_daemon(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path, pki: Pki) -> Iterator[TlsDaemon]:
-    d = TlsDaemon(
-        tmp_path_factory.mktemp("mtlsd"),
-        assets_dir,
-        "--auth-mode=mtls",
-        f"--tls-client-ca={pki.ca_path}",
-        "--no-network-enabled",
-        *_tls_flags(pki),
-        ca=pki.ca_path,
-        name="sec-mtls",
-    ).start()
-    try:
+    with serving(
+        TlsDaemon(
+            tmp_path_factory.mktemp("mtlsd"),
+            assets_dir,
+            "--auth-mode=mtls",
+            f"--tls-client-ca={pki.ca_path}",
+            "--no-network-enabled",
+            *_tls_flags(pki),
+            ca=pki.ca_path,
+            name="sec-mtls",
+        )
+    ) as d:
         yield d
-    finally:
-        stop_and_sweep(d)
 
 
 @pytest.fixture(scope="session")
@@ -106,8 +104,7 @@ def own_assets(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Pa
 
 @pytest.fixture(scope="session")
 def own_daemon(tmp_path_factory: pytest.TempPathFactory, own_assets: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("ownd"), own_assets, "--no-network-enabled", name="sec-own").start()
-    try:
+    with serving(
+        Daemon(tmp_path_factory.mktemp("ownd"), own_assets, "--no-network-enabled", name="sec-own")
+    ) as d:
         yield d
-    finally:
-        stop_and_sweep(d)

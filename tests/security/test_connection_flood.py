@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
-from tests.conftest import stop_and_sweep
+from tests.conftest import serving
 from tests.support.daemon import Daemon
 from tests.support.rpc import SERVICE, Rpc, token
 
@@ -88,11 +88,8 @@ class Flood:
 
 @pytest.fixture
 def limited_daemon(tmp_path: Path, assets_dir: Path) -> Iterator[Daemon]:
-    d = FdLimitedDaemon(tmp_path / "state", assets_dir, name="fdlimit").start()
-    try:
+    with serving(FdLimitedDaemon(tmp_path / "state", assets_dir, name="fdlimit")) as d:
         yield d
-    finally:
-        stop_and_sweep(d)
 
 
 def _list_vms_over_grpc(daemon: Daemon, customer: str) -> tuple[grpc.StatusCode, str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import stop_and_sweep
+from tests.conftest import serving
 from tests.support.daemon import Daemon, vmm_pids
 from tests.support.rpc import Rpc
 
@@ -172,11 +172,8 @@ def state_in_assets(tmp_path: Path, own_assets: Path) -> Iterator[Daemon]:
     data.mkdir()
     for name in ("vmlinux", "initrd", "rootfs.ext4"):
         os.link(own_assets / name, data / name)
-    d = Daemon(data, data, "--no-network-enabled", name="sec-stateassets").start()
-    try:
+    with serving(Daemon(data, data, "--no-network-enabled", name="sec-stateassets")) as d:
         yield d
-    finally:
-        stop_and_sweep(d)
 
 
 def test_metald_state_is_never_an_asset(state_in_assets: Daemon) -> None:

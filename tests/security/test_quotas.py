@@ -14,7 +14,7 @@ import pytest
 
 from metald.network.ip import netns_exists
 from metald.network.names import vm_netns
-from tests.conftest import stop_and_sweep
+from tests.conftest import serving
 from tests.support.daemon import Daemon, vmm_pids
 from tests.support.rpc import Rpc
 
@@ -43,11 +43,8 @@ def leaves_nothing(daemon: Daemon, rpc: Rpc, vm_id: str, *, record: bool) -> Non
 
 
 def _daemon(tmp: Path, assets: Path, name: str, *flags: str) -> Iterator[Daemon]:
-    d = Daemon(tmp, assets, *flags, name=name).start()
-    try:
+    with serving(Daemon(tmp, assets, *flags, name=name)) as d:
         yield d
-    finally:
-        stop_and_sweep(d)
 
 
 @pytest.fixture(scope="module")
