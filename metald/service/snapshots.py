@@ -15,7 +15,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from metald.domain import paging
-from metald.domain.errors import ErrorCode, MetaldError, invalid, snapshot_not_found, snapshot_not_owned
+from metald.domain.errors import (
+    MetaldError,
+    conflict,
+    exhausted,
+    invalid,
+    precondition,
+    snapshot_not_found,
+    snapshot_not_owned,
+)
 from metald.domain.model import Vm
 from metald.domain.pending import PendingOp
 from metald.domain.snapshots import PENDING_CREATING, Snapshot, check_snapshot_id, new_snapshot_id
@@ -37,12 +45,8 @@ class Snapshots(ServiceBase):
         """The records and the files' directory; FAILED_PRECONDITION where snapshots are off."""
         caps = self._backend.capabilities
         if self._snapshots is None or self._opts.snapshots_dir is None or not caps.supports_snapshots:
-            raise MetaldError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"the {caps.backend_type} backend on this host takes no snapshots",
-                reason="SNAPSHOTS_UNSUPPORTED",
-                metadata={"backend": caps.backend_type},
-            )
+            message = f"the {caps.backend_type} backend on this host takes no snapshots"
+            raise precondition("SNAPSHOTS_UNSUPPORTED", message, backend=caps.backend_type)
         return self._snapshots, self._opts.snapshots_dir
 
     def _snapshot_dir(self, snapshot_id: str) -> Path:
@@ -63,13 +67,11 @@ class Snapshots(ServiceBase):
         count, size = await records.usage(customer_id)
         limit, bytes_limit = self._opts.max_snapshots_per_customer, self._opts.max_snapshot_bytes_per_customer
         if (limit and count >= limit) or (bytes_limit and size >= bytes_limit):
-            raise MetaldError(
-                ErrorCode.RESOURCE_EXHAUSTED,
+            message = (
                 f"customer {customer_id} has {count} snapshots of {size} bytes "
-                f"(limits: {limit or 'none'} snapshots, {bytes_limit or 'no'} bytes)",
-                reason="SNAPSHOT_QUOTA_EXCEEDED",
-                metadata={"customer_id": customer_id},
+                f"(limits: {limit or 'none'} snapshots, {bytes_limit or 'no'} bytes)"
             )
+            raise exhausted("SNAPSHOT_QUOTA_EXCEEDED", message, customer_id=customer_id)
 
     # ---- SnapshotVm ----
 
@@ -85,12 +87,9 @@ class Snapshots(ServiceBase):
         async with self._vm_lock(vm_id):
             vm = await self._owned(customer_id, vm_id)
             if vm.state not in ACTIVE_STATES or vm.pending:
-                raise MetaldError(
-                    ErrorCode.FAILED_PRECONDITION,
-                    f"VM {vm_id} is {vm.state.api_name}; only a RUNNING or PAUSED VM can be snapshotted",
-                    reason="INVALID_STATE",
-                    metadata={"vm_id": vm_id, "state": vm.state.api_name},
-                )
+                state = vm.state.api_name
+                message = f"VM {vm_id} is {state}; only a RUNNING or PAUSED VM can be snapshotted"
+                raise precondition("INVALID_STATE", message, vm_id=vm_id, state=state)
             await self._require_disk_room()
             await self._check_snapshot_quota(records, customer_id)
             now = datetime.now(UTC)
@@ -101,12 +100,8 @@ class Snapshots(ServiceBase):
             try:
                 record = await records.insert(record)
             except KeyError:
-                raise MetaldError(
-                    ErrorCode.ALREADY_EXISTS,
-                    f"snapshot {snapshot_id} already exists",
-                    reason="SNAPSHOT_EXISTS",
-                    metadata={"snapshot_id": snapshot_id},
-                ) from None
+                message = f"snapshot {snapshot_id} already exists"
+                raise conflict("SNAPSHOT_EXISTS", message, snapshot_id=snapshot_id) from None
             temp = root / f"{TEMP_PREFIX}{snapshot_id}"
             try:
                 await asyncio.to_thread(root.mkdir, mode=0o700, parents=True, exist_ok=True)
