@@ -13,10 +13,11 @@ import pytest
 
 from metald.assets import AssetResolver
 from metald.domain.errors import ErrorCode, MetaldError
-from metald.domain.events import VmEvent
+from metald.domain.events import VmEvent, VmEventType
 from metald.domain.model import NetworkInterface, Vm, VmConfig
 from metald.domain.paging import PageTokens
 from metald.domain.quotas import Quotas
+from metald.domain.states import VmState
 from metald.domain.validation import Defaults, Limits
 from metald.ports import EventRetention
 from metald.service import ServiceOptions, ServicePorts, VmService
@@ -97,6 +98,11 @@ class World:
     async def events_of(self, vm_id: str) -> list[VmEvent]:
         events = await self.store.events.events_after(CUSTOMER, 0, 10_000)
         return [e for e in events if e.vm_id == vm_id]
+
+    async def last_event(self, vm_id: str) -> tuple[VmEventType, VmState, VmState, str]:
+        """What the VM's newest event says: (type, state, previous_state, reason)."""
+        event = (await self.events_of(vm_id))[-1]
+        return event.type, event.state, event.previous_state, event.reason
 
     async def create(self, vm_id: str, config: VmConfig | None = None, customer: str = CUSTOMER) -> Vm:
         return await self.service.create(customer, vm_id, config or VmConfig(), "")

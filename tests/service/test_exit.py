@@ -16,8 +16,7 @@ async def test_a_crash_is_recorded_with_its_reason(world: World) -> None:
     assert vm is not None and (vm.state, vm.shutdown_reason) == (VmState.SHUTDOWN, "oom_killed")
     assert "vm-a" not in world.network.attached
     assert world.events.exits["oom_killed"] == 1
-    event = (await world.events_of("vm-a"))[-1]
-    assert (event.type, event.state, event.previous_state, event.reason) == (
+    assert await world.last_event("vm-a") == (
         VmEventType.EXITED,
         VmState.SHUTDOWN,
         VmState.PAUSED,
