@@ -19,6 +19,10 @@ cgroup, writes exit.json {"returncode": rc, "oom_killed": bool} (rc < 0: killed 
 exits. Its state files are written relative to its working directory, which follows vm_dir if that
 is renamed (a warm pool slot becoming a VM's directory). The supervisor itself stays outside the cgroup: an OOM kill there takes the VMM, never the
 process that reports it.
+
+Its start is on the clock of every VM start (a clone's BootVm most visibly: docs/snapshots.md), so
+it is run with `python -S` and imports little: no dataclasses (the NamedTuples of procfs, cgroups
+and relay), no tempfile (jsonfile) and no hashlib (cgroups) on its import path.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from metald.backends import procfs
@@ -42,20 +45,20 @@ def _identity(pid: int) -> int:
     return stat.start_time if stat else 0
 
 
-@dataclass
 class _Options:
-    vm_dir: Path
-    fds: list[int] = field(default_factory=list)
-    cgroups: list[Path] = field(default_factory=list)
-    relays: list[Relay] = field(default_factory=list)
-    command: list[str] = field(default_factory=list)
+    def __init__(self, command: list[str]) -> None:
+        self.vm_dir = Path()
+        self.fds: list[int] = []
+        self.cgroups: list[Path] = []
+        self.relays: list[Relay] = []
+        self.command = command
 
 
 def _parse(args: Sequence[str]) -> _Options | None:
     if "--" not in args:
         return None
     split = list(args).index("--")
-    parsed = _Options(Path(), command=list(args[split + 1 :]))
+    parsed = _Options(list(args[split + 1 :]))
     vm_dir = False
     for option in args[:split]:
         name, _, value = option.partition("=")
