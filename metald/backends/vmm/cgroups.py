@@ -173,12 +173,6 @@ class Cgroups(NamedTuple):
         return removed
 
 
-def join(dirs: Iterable[Path], pid: int) -> None:
-    """Move process `pid` into each cgroup directory."""
-    for directory in dirs:
-        (directory / "cgroup.procs").write_text(str(pid))
-
-
 def oom_kills(dirs: Iterable[Path]) -> int:
     """How many processes the kernel OOM-killed in this cgroup (v2 memory.events, v1 memory.oom_control)."""
     for directory in dirs:
