@@ -9,14 +9,13 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
 
 
-@dataclass(frozen=True)
-class ProcStat:
+class ProcStat(NamedTuple):  # not a dataclass: see vmm/supervisor.py on its start
     """The fields of /proc/PID/stat that identify a process and measure its CPU use."""
 
     state: str  # R, S, D, Z, T, ...

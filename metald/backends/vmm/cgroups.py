@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 MIB = 1024 * 1024
 CPU_PERIOD_US = 100_000
@@ -37,8 +36,7 @@ _REMOVE_WAIT = 2.0
 STALE_AGE = 60.0  # a younger empty cgroup may be one whose VMM is being started
 
 
-@dataclass(frozen=True)
-class VmmLimits:
+class VmmLimits(NamedTuple):  # not dataclasses: see vmm/supervisor.py on its start
     memory_bytes: int
     cpu_quota_us: int  # per CPU_PERIOD_US, the one CFS period every VMM runs with
     pids: int
@@ -80,6 +78,8 @@ def _swap_file(version: int, limits: VmmLimits) -> tuple[str, str]:
 
 def cgroup_name(vm_id: str, vm_dir: Path) -> str:
     """`<vm_id>-<hash of vm_dir>`: daemons with different data dirs (tests) never share a cgroup."""
+    import hashlib  # here: the supervisor imports this module, and its start is on every VM's clock
+
     safe = re.sub(r"[^A-Za-z0-9_.-]", "-", vm_id)[:64]
     return f"{safe}-{hashlib.sha256(str(vm_dir).encode()).hexdigest()[:8]}"
 
@@ -95,8 +95,7 @@ def _is_v1_hierarchy(path: Path) -> bool:
     return (path / "cgroup.procs").exists() and not (path / "cgroup.controllers").exists()
 
 
-@dataclass(frozen=True)
-class Cgroups:
+class Cgroups(NamedTuple):
     """Where VMM cgroups are made: controller -> mounted hierarchy root, and the parent in it."""
 
     version: int
@@ -171,12 +170,6 @@ class Cgroups:
                     child.rmdir()
                     removed.append(child)
         return removed
-
-
-def join(dirs: Iterable[Path], pid: int) -> None:
-    """Move process `pid` into each cgroup directory."""
-    for directory in dirs:
-        (directory / "cgroup.procs").write_text(str(pid))
 
 
 def oom_kills(dirs: Iterable[Path]) -> int:

@@ -182,7 +182,10 @@ class VmmProcess:
             *(f"--cgroup={d}" for d in cgroup),
             *(relay.option() for relay in relays),
         ]
-        command = [sys.executable, "-m", _SUPERVISOR_MODULE, *options, "--", *argv]
+        # -S: no site module. The supervisor needs the standard library and this package only (on
+        # PYTHONPATH), and site's processing of the environment's .pth files (an editable install's
+        # import hook) was half of its start: every VM start waits for it (docs/snapshots.md).
+        command = [sys.executable, "-S", "-m", _SUPERVISOR_MODULE, *options, "--", *argv]
 
         def start() -> tuple[subprocess.Popen[bytes], int]:
             log_fd = os.open(

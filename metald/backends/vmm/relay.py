@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1 << 16
@@ -23,8 +23,7 @@ def rotated(path: Path) -> Path:
     return path.with_name(path.name + ".1")
 
 
-@dataclass(frozen=True)
-class Relay:
+class Relay(NamedTuple):  # not a dataclass: see vmm/supervisor.py on its start
     """Copy from descriptor `source` into `path`, bounded by `max_bytes` (see the module docstring)."""
 
     source: int

@@ -19,111 +19,105 @@ cgroup, writes exit.json {"returncode": rc, "oom_killed": bool} (rc < 0: killed 
 exits. Its state files are written relative to its working directory, which follows vm_dir if that
 is renamed (a warm pool slot becoming a VM's directory). The supervisor itself stays outside the cgroup: an OOM kill there takes the VMM, never the
 process that reports it.
+
+Its start is on the clock of every VM start (a clone's BootVm most visibly: docs/snapshots.md), so
+it starts the VMM first and imports the rest after: this module imports only what the fork needs
+(the VMM's cgroup join, a kernel RCU grace period on this host, and QEMU's start then overlap with
+the imports of vmm/supervised.py, which does everything after the fork). It runs with `python -S`,
+and its import path holds no dataclasses, tempfile, hashlib or subprocess.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import NoReturn
 
 from metald.backends import procfs
-from metald.backends.vmm import cgroups, layout
-from metald.backends.vmm.jsonfile import write_json_atomic
-from metald.backends.vmm.relay import Relay
+
+USAGE = (
+    "usage: supervisor --vm-dir=DIR [--fd=N]... [--cgroup=DIR]... [--relay=FD,MAX,FILE]... -- CMD [ARG...]"
+)
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)  # ignored by Python, default for the VMM (as Popen)
 
 
-def _identity(pid: int) -> int:
-    stat = procfs.read_stat(pid)
-    return stat.start_time if stat else 0
+class Options:
+    def __init__(self, command: list[str]) -> None:
+        self.vm_dir = ""
+        self.fds: list[int] = []
+        self.cgroups: list[str] = []
+        self.relays: list[str] = []  # FD,MAX,FILE: parsed after the fork (vmm/relay.py)
+        self.command = command
 
 
-@dataclass
-class _Options:
-    vm_dir: Path
-    fds: list[int] = field(default_factory=list)
-    cgroups: list[Path] = field(default_factory=list)
-    relays: list[Relay] = field(default_factory=list)
-    command: list[str] = field(default_factory=list)
-
-
-def _parse(args: Sequence[str]) -> _Options | None:
+def _parse(args: Sequence[str]) -> Options | None:
     if "--" not in args:
         return None
     split = list(args).index("--")
-    parsed = _Options(Path(), command=list(args[split + 1 :]))
-    vm_dir = False
+    parsed = Options(list(args[split + 1 :]))
     for option in args[:split]:
         name, _, value = option.partition("=")
         if name == "--vm-dir":
-            parsed.vm_dir, vm_dir = Path(value), True
+            parsed.vm_dir = value
         elif name == "--fd":
             parsed.fds.append(int(value))
         elif name == "--cgroup":
-            parsed.cgroups.append(Path(value))
+            parsed.cgroups.append(value)
         elif name == "--relay":
-            parsed.relays.append(Relay.parse(value))
+            parsed.relays.append(value)
         else:
             return None
-    return parsed if vm_dir and parsed.command else None
+    return parsed if parsed.vm_dir and parsed.command else None
 
 
-def _child_setup(parent_pid: int, dirs: Sequence[Path]) -> None:
-    """In the forked child, before exec: die with the supervisor, enter the cgroup."""
-    procfs.die_with_parent(parent_pid)
-    cgroups.join(dirs, os.getpid())
+def _exec_vmm(parent_pid: int, options: Options, report: int) -> NoReturn:
+    """In the forked child: die with the supervisor, enter the cgroup, keep only the --fd
+    descriptors (and `report`, closed by the exec) and exec; a failure is written to `report`."""
+    try:
+        procfs.die_with_parent(parent_pid)
+        for directory in options.cgroups:
+            with open(os.path.join(directory, "cgroup.procs"), "w") as procs:
+                procs.write(str(os.getpid()))
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(2, 1)  # the VMM writes to the supervisor's log, never to the daemon's pipe
+        keep = sorted({*options.fds, report})
+        for low, high in zip([2, *keep], [*keep, os.sysconf("SC_OPEN_MAX")], strict=True):
+            os.closerange(low + 1, high)
+        for fd in options.fds:
+            os.set_inheritable(fd, True)
+        for number in _RESET_SIGNALS:
+            signal.signal(number, signal.SIG_DFL)
+        os.execvp(options.command[0], options.command)
+    except BaseException as e:
+        os.write(report, str(e).encode(errors="replace") or type(e).__name__.encode())
+    finally:
+        os._exit(127)
+
+
+def _start_vmm(options: Options) -> tuple[int, int]:
+    """The VMM's pid, and the reading end of a close-on-exec pipe that says why its exec failed
+    (nothing before EOF: it runs)."""
+    report_read, report = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        os.close(report_read)
+        _exec_vmm(parent, options, report)
+    os.close(report)
+    return pid, report_read
 
 
 def main(args: Sequence[str]) -> int:
-    parsed = _parse(args)
-    if parsed is None:
-        print(
-            "usage: supervisor --vm-dir=DIR [--fd=N]... [--cgroup=DIR]... [--relay=FD,MAX,FILE]... -- CMD [ARG...]",
-            file=sys.stderr,
-        )
+    options = _parse(args)
+    if options is None:
+        print(USAGE, file=sys.stderr)
         return 2
-    fds, dirs, command = parsed.fds, parsed.cgroups, parsed.command
-    here = Path()  # vm_dir, as the daemon starts us in it: followed across a rename
-    parent = os.getpid()
-    try:
-        proc = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=sys.stderr.fileno(),
-            stderr=sys.stderr.fileno(),
-            pass_fds=fds,
-            preexec_fn=lambda: _child_setup(parent, dirs),
-        )
-    except (OSError, subprocess.SubprocessError) as e:
-        print(f"supervisor: cannot run {command[0]}: {e}", file=sys.stderr)
-        return 127
-    for fd in fds:
-        os.close(fd)
-    relays = [relay.start() for relay in parsed.relays]  # after the fork: no thread crosses it
-    state = {
-        "pid": proc.pid,
-        "start_time": _identity(proc.pid),
-        "supervisor_pid": parent,
-        "supervisor_start_time": _identity(parent),
-        "cgroup": [str(d) for d in dirs],
-    }
-    write_json_atomic(here / layout.VMM_STATE, state)
-    print(proc.pid, flush=True)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the daemon may go away
-    returncode = proc.wait()
-    for relay in relays:  # the VMM held the writing ends: the relays are at their end
-        relay.join()
-    oom_killed = returncode == -signal.SIGKILL and cgroups.oom_kills(dirs) > 0
-    try:
-        cgroups.remove_dirs(dirs)
-    except OSError as e:
-        print(f"supervisor: cannot remove cgroup {e.filename}: {e.strerror}", file=sys.stderr)
-    write_json_atomic(here / layout.EXIT_STATE, {"returncode": returncode, "oom_killed": oom_killed})
-    return 0
+    vmm = _start_vmm(options)
+    from metald.backends.vmm import supervised  # after the fork: on no VM start's critical path
+
+    return supervised.run(options, *vmm)
 
 
 if __name__ == "__main__":
