@@ -149,6 +149,17 @@ class FleetGateway:
         now = datetime.now(UTC)
         return Vm(vm_id, customer_id, VmConfig(), state, now, now)
 
+    @property
+    def routes(self) -> Routes:
+        return self._routes
+
+    async def seen_info(self, location: VmLocation, state: pb.VmState) -> None:
+        """The host answered GetVmInfo with `state`: cache it, and note it in the fleet view if new."""
+        seen = state_from_proto(state)
+        if seen != location.state:
+            self._routes.confirmed(location, seen)
+            await self._note_state(location, seen)
+
     # ---- use cases -----------------------------------------------------------------------------
 
     async def create(
@@ -241,9 +252,7 @@ class FleetGateway:
             interfaces = tuple(from_message(i, InterfaceInfo) for i in r.network_info.interfaces)
             network = NetworkAttachment(r.network_info.namespace, (), interfaces)
         backend_info = {**r.backend_info, "host_id": location.host_id}
-        if vm.state != location.state:
-            self._routes.confirmed(location, vm.state)
-            await self._note_state(location, vm.state)
+        await self.seen_info(location, r.state)
         return VmDetails(vm, backend_info.get("backend_type", ""), None, metrics, network, backend_info)
 
     async def list(
