@@ -21,6 +21,7 @@ from metald.fleet.db import FleetDb
 from metald.fleet.fastpath import FastForward
 from metald.fleet.forward import HostClients
 from metald.fleet.gateway import FleetGateway, GatewayOptions
+from metald.fleet.gateway_snapshots import SnapshotQuota
 from metald.fleet.metrics import FleetMetrics
 from metald.fleet.operator import OperatorApi, load_operator_token
 from metald.fleet.tokens import GatewayTokens, derive_key
@@ -44,7 +45,8 @@ def gateway_options(settings: Settings) -> GatewayOptions:
     host = service_options(settings)
     q = host.quotas
     customer_only = Quotas(q.max_vms_per_customer, q.max_vcpus_per_customer, q.max_memory_bytes_per_customer)
-    return GatewayOptions(host.limits, host.defaults, customer_only)
+    snapshots = SnapshotQuota(host.max_snapshots_per_customer, host.max_snapshot_bytes_per_customer)
+    return GatewayOptions(host.limits, host.defaults, customer_only, snapshots)
 
 
 async def run_gateway(settings: Settings) -> None:

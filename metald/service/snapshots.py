@@ -17,6 +17,7 @@ from pathlib import Path
 from metald.domain.errors import ErrorCode, MetaldError, invalid, snapshot_not_found, snapshot_not_owned
 from metald.domain.model import Vm
 from metald.domain.pending import PendingOp
+from metald.domain.quotas import check_snapshot
 from metald.domain.snapshots import PENDING_CREATING, Snapshot, check_snapshot_id, new_snapshot_id
 from metald.domain.states import ACTIVE_STATES, VmState
 from metald.domain.validation import validate_metadata
@@ -63,14 +64,7 @@ class Snapshots(ServiceBase):
     async def _check_snapshot_quota(self, records: SnapshotRecords, customer_id: str) -> None:
         count, size = await records.usage(customer_id)
         limit, bytes_limit = self._opts.max_snapshots_per_customer, self._opts.max_snapshot_bytes_per_customer
-        if (limit and count >= limit) or (bytes_limit and size >= bytes_limit):
-            raise MetaldError(
-                ErrorCode.RESOURCE_EXHAUSTED,
-                f"customer {customer_id} has {count} snapshots of {size} bytes "
-                f"(limits: {limit or 'none'} snapshots, {bytes_limit or 'no'} bytes)",
-                reason="SNAPSHOT_QUOTA_EXCEEDED",
-                metadata={"customer_id": customer_id},
-            )
+        check_snapshot(customer_id, count, size, limit, bytes_limit)
 
     # ---- SnapshotVm ----
 
