@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 import zlib
+from dataclasses import dataclass, field
 from typing import Any
 
 from connectrpc.compression.gzip import GzipCompression
@@ -83,31 +84,23 @@ def _deadline(headers: dict[str, str]) -> float | None:
     return int(given) / 1000
 
 
+@dataclass
 class FastForward:
-    def __init__(
-        self,
-        app: ASGIApp,
-        gateway: FleetGateway,
-        hosts: HostClients,
-        authenticator: Authenticator,
-        metrics: Metrics,
-        max_request_bytes: int,
-    ) -> None:
-        self._app = app
-        self._gateway = gateway
-        self._hosts = hosts
-        self._auth = authenticator
-        self._metrics = metrics
-        self._max_bytes = max_request_bytes
-        self._pool = Http1Pool()
-        self._origins: dict[str, Origin | None] = {}
+    app: ASGIApp  # the gateway's whole API app: the full path
+    gateway: FleetGateway
+    hosts: HostClients
+    auth: Authenticator
+    metrics: Metrics
+    max_bytes: int  # max_request_bytes
+    _pool: Http1Pool = field(default_factory=Http1Pool)
+    _origins: dict[str, Origin | None] = field(default_factory=dict)
 
     async def close(self) -> None:
         await self._pool.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
-            await self._app(scope, receive, send)
+            await self.app(scope, receive, send)
             return
         started = time.monotonic()
         consumed: list[Message] = []
@@ -126,11 +119,11 @@ class FastForward:
         except _Fallback:
             if deadline is not None:
                 scope = _with_deadline(scope, max(1, int((deadline - (time.monotonic() - started)) * 1000)))
-            await self._app(scope, _replaying(receive, consumed), send)
+            await self.app(scope, _replaying(receive, consumed), send)
 
     def _gunzip(self, body: bytes) -> bytes:
         try:
-            return _GZIP.decompress(body, self._max_bytes)
+            return _GZIP.decompress(body, self.max_bytes)
         except (ConnectError, zlib.error, OSError, EOFError):  # not gzip, or too large once it is
             raise _Fallback from None
 
@@ -143,7 +136,7 @@ class FastForward:
             if message["type"] != "http.request":
                 raise _Fallback
             size += len(message.get("body", b""))
-            if size > self._max_bytes:
+            if size > self.max_bytes:
                 raise _Fallback
             if not message.get("more_body", False):
                 return b"".join(m.get("body", b"") for m in consumed)
@@ -153,10 +146,10 @@ class FastForward:
     ) -> None:
         try:
             vm_id = codec.decode(body, pb.GetVmInfoRequest).vm_id
-            customer = self._auth.authenticate(headers, current_peer.get())
+            customer = self.auth.authenticate(headers, current_peer.get())
         except (MetaldError, ConnectError):
             raise _Fallback from None
-        location = self._gateway.routes.peek(customer, vm_id)
+        location = self.gateway.routes.peek(customer, vm_id)
         if location is None:
             raise _Fallback
         origin = self._origins.get(location.url, ...)
@@ -167,7 +160,7 @@ class FastForward:
         request_id = _request_id(headers.get("x-request-id", ""))
         sent = [
             ("content-type", headers["content-type"]),
-            ("authorization", f"Bearer {self._hosts.token(location.host_id, customer)}"),
+            ("authorization", f"Bearer {self.hosts.token(location.host_id, customer)}"),
             ("x-request-id", request_id),
             *((name, headers[name]) for name in _PASSED if name in headers),
         ]
@@ -183,9 +176,9 @@ class FastForward:
             info = codec.decode(answer.body, pb.GetVmInfoResponse)
         except ConnectError:
             raise _Fallback from None
-        self._hosts.forwarded(location.host_id, "ok", time.monotonic() - forwarded)
+        self.hosts.forwarded(location.host_id, "ok", time.monotonic() - forwarded)
         info.backend_info["host_id"] = location.host_id
-        await self._gateway.seen_info(location, info.state)
+        await self.gateway.seen_info(location, info.state)
         payload = codec.encode(info)
         gzipped = _gzip_answer(headers.get("accept-encoding", ""))
         if gzipped:
@@ -195,9 +188,10 @@ class FastForward:
                 "type": "http.response.start",
                 "status": 200,
                 "headers": [
-                    (b"content-type", headers["content-type"].encode()),
+                    (b"content-type", headers["content-type"].encode()),  # as connectrpc answers
+                    (b"content-encoding", b"gzip" if gzipped else b"identity"),
+                    (b"vary", b"Accept-Encoding"),
                     (b"x-request-id", request_id.encode()),
-                    *([(b"content-encoding", b"gzip")] if gzipped else []),
                     (b"content-length", str(len(payload)).encode()),
                 ],
             }
@@ -206,7 +200,7 @@ class FastForward:
         self._finished(request_id, customer, vm_id, time.monotonic() - started)
 
     def _finished(self, request_id: str, customer: str, vm_id: str, seconds: float) -> None:
-        self._metrics.rpc_finished(RPC, "ok", seconds)
+        self.metrics.rpc_finished(RPC, "ok", seconds)
         log.info(
             "rpc %s %s",
             RPC,
