@@ -140,7 +140,19 @@ def test_snapshot_quotas_hold_across_hosts(dsn: str) -> None:
         await db.open()
         try:
             agent_a, store_a = await _host(db, "quota-a")
-            await _host(db, "quota-b")
+            agent_b, store_b = await _host(db, "quota-b")
+            source = _vm("vm_qb", "quotaco")  # on quota-b: the gateway records its snapshots by it
+            created = VmEvent(
+                source.vm_id,
+                "quotaco",
+                VmEventType.CREATED,
+                source.state,
+                VmState.UNSPECIFIED,
+                "",
+                source.created_at,
+            )
+            await store_b.vms.insert(source, created)
+            await agent_b.sync_once()
             now = datetime.now(UTC)
             await store_a.snapshots.insert(
                 Snapshot("snap_qa1", "quotaco", "vm_qa", CONFIG, now, size_bytes=GIB)
