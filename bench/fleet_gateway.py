@@ -6,7 +6,8 @@ network namespace, 2 gateways) and three measurements, VMs created but never boo
   a gateway, interleaved call by call in one run (the order alternates each round), binary Connect
   over one HTTP connection per side, from a client inside the bridge namespace (as a client next
   to a gateway: the gateway on loopback, hosts over their veths; no test proxy in the path);
-  ratio = gateway p50 / direct p50 (target <= 1.5);
+  ratio = gateway p50 / direct p50 (target <= 1.5); and the floor of each server (a 404 from the
+  same stack, no RPC), interleaved the same way;
 - balance: 60 VMs created through both gateways: VMs per host, most/fewest (target <= 1.5);
 - create rate: CreateVm calls per second through one gateway, then through two (the same total,
   the same client concurrency, split over both).
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from connectrpc.codec import proto_binary_codec
+from pyqwest import Client as HttpClient
 
 from bench.api_load import PROFILE_RATE, py_spy, summarise_profile
 from bench.common import machine_context, parser, percentile, print_table, workdir, write_results
@@ -83,6 +85,7 @@ async def latency(fleet: Fleet, customer: str, vm_id: str, rounds: int, warmup: 
     host, gateway = fleet.hosts[0], fleet.gateways[0]
     gateway_headers = {"authorization": f"Bearer dev_customer_{customer}"}
     codec = proto_binary_codec()
+    http = HttpClient()
     async with (
         VmServiceClient(host.inner_url, codec=codec) as direct,
         VmServiceClient(gateway.inner_url, codec=codec) as through,
@@ -106,6 +109,14 @@ async def latency(fleet: Fleet, customer: str, vm_id: str, rounds: int, warmup: 
             "ListVms": await _interleaved(
                 lambda: direct.list_vms(listing, headers=host_headers()),
                 lambda: through.list_vms(listing, headers=gateway_headers),
+                rounds,
+                warmup,
+            ),
+            # The server floor on each side: a 404 from the same stack (hypercorn, the edge layers,
+            # the root app), no RPC. What a gateway adds to GetVmInfo compares with the gateway's.
+            "empty request (404)": await _interleaved(
+                lambda: http.get(f"{host.inner_url}/no-such-endpoint"),
+                lambda: http.get(f"{gateway.inner_url}/no-such-endpoint"),
                 rounds,
                 warmup,
             ),

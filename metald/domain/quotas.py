@@ -67,3 +67,15 @@ def check_boot(quotas: Quotas, customer: Usage, host: Usage, vcpus: int, memory_
             ("host_memory_bytes", quotas.max_host_memory_bytes, host.memory_bytes + memory_bytes),
         )
     )
+
+
+def check_snapshot(customer_id: str, count: int, size: int, limit: int, bytes_limit: int) -> None:
+    """A customer holding `count` snapshots of `size` bytes may take one more (0: no limit); on a
+    host for its own snapshots, on a gateway for the customer's snapshots fleet-wide."""
+    if (limit and count >= limit) or (bytes_limit and size >= bytes_limit):
+        raise exhausted(
+            "SNAPSHOT_QUOTA_EXCEEDED",
+            f"customer {customer_id} has {count} snapshots of {size} bytes "
+            f"(limits: {limit or 'none'} snapshots, {bytes_limit or 'no'} bytes)",
+            customer_id=customer_id,
+        )

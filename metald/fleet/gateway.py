@@ -9,7 +9,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -32,7 +32,7 @@ from metald.domain.validation import Defaults, Limits, validate_config, with_def
 from metald.fleet import inventory
 from metald.fleet.db import FleetDb
 from metald.fleet.forward import HostClients
-from metald.fleet.gateway_snapshots import FleetSnapshots
+from metald.fleet.gateway_snapshots import FleetSnapshots, SnapshotQuota
 from metald.fleet.gateway_watch import FleetWatch
 from metald.fleet.inventory import VmLocation
 from metald.fleet.metrics import FleetMetrics
@@ -64,6 +64,7 @@ class GatewayOptions:
     limits: Limits
     defaults: Defaults
     quotas: Quotas  # per-customer limits only: they hold fleet-wide
+    snapshot_quota: SnapshotQuota = field(default_factory=SnapshotQuota)  # fleet-wide too
 
 
 def _datetime(value: Timestamp | None) -> datetime:
@@ -86,7 +87,7 @@ class FleetGateway:
         self._tokens = page_tokens
         self._opts = options
         self._metrics = metrics
-        self._snapshots = FleetSnapshots(db, hosts, page_tokens)
+        self._snapshots = FleetSnapshots(db, hosts, page_tokens, options.snapshot_quota)
         self._watch = FleetWatch(db, hosts)
         self._routes = Routes(db)
 
@@ -148,6 +149,17 @@ class FleetGateway:
         await self._note_state(location, state)
         now = datetime.now(UTC)
         return Vm(vm_id, customer_id, VmConfig(), state, now, now)
+
+    @property
+    def routes(self) -> Routes:
+        return self._routes
+
+    async def seen_info(self, location: VmLocation, state: pb.VmState) -> None:
+        """The host answered GetVmInfo with `state`: cache it, and note it in the fleet view if new."""
+        seen = state_from_proto(state)
+        if seen != location.state:
+            self._routes.confirmed(location, seen)
+            await self._note_state(location, seen)
 
     # ---- use cases -----------------------------------------------------------------------------
 
@@ -241,9 +253,7 @@ class FleetGateway:
             interfaces = tuple(from_message(i, InterfaceInfo) for i in r.network_info.interfaces)
             network = NetworkAttachment(r.network_info.namespace, (), interfaces)
         backend_info = {**r.backend_info, "host_id": location.host_id}
-        if vm.state != location.state:
-            self._routes.confirmed(location, vm.state)
-            await self._note_state(location, vm.state)
+        await self.seen_info(location, r.state)
         return VmDetails(vm, backend_info.get("backend_type", ""), None, metrics, network, backend_info)
 
     async def list(

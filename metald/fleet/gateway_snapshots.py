@@ -5,6 +5,7 @@ the fleet's map (every host, one keyset order), and a clone is placed on the sna
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +14,7 @@ from metald.domain import paging
 from metald.domain.errors import MetaldError
 from metald.domain.model import VmConfig
 from metald.domain.paging import PageTokens
+from metald.domain.quotas import check_snapshot
 from metald.domain.snapshots import Snapshot, check_snapshot_id
 from metald.fleet import snapshot_rows
 from metald.fleet.db import FleetDb
@@ -27,11 +29,22 @@ SNAPSHOT_TIMEOUT_SECONDS = 300.0  # a save copies the guest's RAM and disks
 _PAGE_FILTER = "snapshots"
 
 
+@dataclass(frozen=True)
+class SnapshotQuota:
+    """Per-customer snapshot limits over the whole fleet (0: none)."""
+
+    count: int = 0
+    bytes: int = 0
+
+
 class FleetSnapshots:
-    def __init__(self, db: FleetDb, hosts: HostClients, page_tokens: PageTokens) -> None:
+    def __init__(
+        self, db: FleetDb, hosts: HostClients, page_tokens: PageTokens, quota: SnapshotQuota | None = None
+    ) -> None:
         self._db = db
         self._hosts = hosts
         self._tokens = page_tokens
+        self._quota = quota or SnapshotQuota()
 
     async def _call(self, host_id: str, url: str, customer_id: str, rpc: str, request: Any, **kw: Any) -> Any:
         method = getattr(self._hosts.rpc(url), rpc)
@@ -44,8 +57,12 @@ class FleetSnapshots:
         metadata: dict[str, str],
         warm_pool_size: int,
     ) -> SnapshotTaken:
-        """SnapshotVm on the source VM's host (already routed: owned, host live)."""
+        """SnapshotVm on the source VM's host (already routed: owned, host live), if the customer's
+        snapshots on all hosts leave room for one more."""
         customer_id, vm_id = source.customer_id, source.vm_id
+        if self._quota.count or self._quota.bytes:
+            count, size = await snapshot_rows.customer_snapshot_usage(self._db, customer_id)
+            check_snapshot(customer_id, count, size, self._quota.count, self._quota.bytes)
         request = pb.SnapshotVmRequest(
             vm_id=vm_id, snapshot_id=snapshot_id, metadata=metadata, warm_pool_size=warm_pool_size
         )

@@ -61,6 +61,12 @@ class HostView:
                     await self._read()
         return self._hosts.get(host_id)
 
+    def peek(self, host_id: str) -> HostLease | None:
+        """The host as last read, only while that read is fresh (never reads the database)."""
+        if time.monotonic() - self._read_at > self._max_age:
+            return None
+        return self._hosts.get(host_id)
+
     async def _read(self) -> None:
         now = time.monotonic()
         self._hosts = {
@@ -114,6 +120,17 @@ class Routes:
                 return replace(cached, url=lease.url, host_live=live), True
         location = await inventory.locate(self._db, ids.check_vm_id(vm_id))
         return owned(location, vm_id, customer_id), False
+
+    def peek(self, customer_id: str, vm_id: str) -> VmLocation | None:
+        """The caller's VM from the cache on a host that is live now, without any wait or query;
+        None whenever `locate` would have more to do (a miss, another customer, a stale host view)."""
+        cached = self._cache.get(vm_id)
+        if cached is None or cached.customer_id != customer_id:
+            return None
+        lease = self._hosts.peek(cached.host_id)
+        if lease is None or time.monotonic() >= lease.live_until:
+            return None
+        return replace(cached, url=lease.url, host_live=True)
 
     def confirmed(self, location: VmLocation, state: VmState | None = None) -> None:
         """The host answered for this VM: remember where it is (and the state it reported)."""

@@ -6,6 +6,7 @@ import os
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+from metald.api.asgi import ASGIApp
 from metald.api.auth import build_authenticator
 from metald.api.health import HealthReporter
 from metald.api.metrics import Metrics
@@ -17,8 +18,10 @@ from metald.domain.states import VmState
 from metald.fleet import inventory
 from metald.fleet.config import gateway_fleet_secret
 from metald.fleet.db import FleetDb
+from metald.fleet.fastpath import FastForward
 from metald.fleet.forward import HostClients
 from metald.fleet.gateway import FleetGateway, GatewayOptions
+from metald.fleet.gateway_snapshots import SnapshotQuota
 from metald.fleet.metrics import FleetMetrics
 from metald.fleet.operator import OperatorApi, load_operator_token
 from metald.fleet.tokens import GatewayTokens, derive_key
@@ -42,7 +45,8 @@ def gateway_options(settings: Settings) -> GatewayOptions:
     host = service_options(settings)
     q = host.quotas
     customer_only = Quotas(q.max_vms_per_customer, q.max_vcpus_per_customer, q.max_memory_bytes_per_customer)
-    return GatewayOptions(host.limits, host.defaults, customer_only)
+    snapshots = SnapshotQuota(host.max_snapshots_per_customer, host.max_snapshot_bytes_per_customer)
+    return GatewayOptions(host.limits, host.defaults, customer_only, snapshots)
 
 
 async def run_gateway(settings: Settings) -> None:
@@ -83,4 +87,9 @@ async def run_gateway(settings: Settings) -> None:
             settings=settings,
             tracing=tracing,
         )
-        await serve_api(OperatorApi(app, db, operator_token), settings)
+        front: ASGIApp = OperatorApi(app, db, operator_token)
+        if not tracing.enabled:  # spans come from the full path's interceptors
+            fast = FastForward(front, gateway, hosts, authenticator, metrics, settings.max_request_bytes)
+            stack.push_async_callback(fast.close)
+            front = fast
+        await serve_api(front, settings)

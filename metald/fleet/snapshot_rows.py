@@ -145,3 +145,14 @@ async def record_taken(
                 snapshot.source_vm_id,
             ),
         )  # fmt: skip
+
+
+async def customer_snapshot_usage(db: FleetDb, customer_id: str) -> tuple[int, int]:
+    """How many snapshots the customer holds on all hosts, and their bytes."""
+    async with db.connection() as conn:
+        cursor = await conn.execute(
+            "SELECT count(*), coalesce(sum(size_bytes), 0) FROM fleet_snapshots WHERE customer_id = %s",
+            (customer_id,),
+        )
+        count, size = await cursor.fetchone() or (0, 0)
+    return int(count), int(size)

@@ -18,7 +18,6 @@ from metald.domain import paging
 from metald.domain.errors import (
     MetaldError,
     conflict,
-    exhausted,
     invalid,
     precondition,
     snapshot_not_found,
@@ -26,6 +25,7 @@ from metald.domain.errors import (
 )
 from metald.domain.model import Vm
 from metald.domain.pending import PendingOp
+from metald.domain.quotas import check_snapshot
 from metald.domain.snapshots import PENDING_CREATING, Snapshot, check_snapshot_id, new_snapshot_id
 from metald.domain.states import ACTIVE_STATES, VmState
 from metald.domain.validation import validate_metadata
@@ -66,12 +66,7 @@ class Snapshots(ServiceBase):
     async def _check_snapshot_quota(self, records: SnapshotRecords, customer_id: str) -> None:
         count, size = await records.usage(customer_id)
         limit, bytes_limit = self._opts.max_snapshots_per_customer, self._opts.max_snapshot_bytes_per_customer
-        if (limit and count >= limit) or (bytes_limit and size >= bytes_limit):
-            message = (
-                f"customer {customer_id} has {count} snapshots of {size} bytes "
-                f"(limits: {limit or 'none'} snapshots, {bytes_limit or 'no'} bytes)"
-            )
-            raise exhausted("SNAPSHOT_QUOTA_EXCEEDED", message, customer_id=customer_id)
+        check_snapshot(customer_id, count, size, limit, bytes_limit)
 
     # ---- SnapshotVm ----
 

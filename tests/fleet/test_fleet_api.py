@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from metald.client import Client
 from tests.fleet.cluster import Fleet, FleetRpc
 
 pytestmark = pytest.mark.e2e
@@ -164,3 +165,30 @@ def test_a_customer_never_reads_another_customers_vm_through_a_cached_location(f
             assert "config" not in response.json()
     _read_through_both(rpc, vm_id, alice)  # untouched
     rpc.ok(0, "DeleteVm", {"vm_id": vm_id}, alice)
+
+
+def test_get_vm_info_through_a_gateway_answers_the_same_over_every_protocol(fleet: Fleet) -> None:
+    """Connect (JSON, binary) for a cached VM is the gateway's forwarding fast path
+    (metald/fleet/fastpath.py), gRPC and gRPC-Web its full path: one answer, host_id included."""
+    rpc = FleetRpc(fleet)
+    who = customer()
+    vm_id = rpc.ok(0, "CreateVm", {"config": {"metadata": {"k": "v"}}}, who)["vm_id"]
+    host_id = rpc.ok(0, "GetVmInfo", {"vm_id": vm_id}, who)["backend_info"]["host_id"]  # now cached
+    url, token = fleet.gateways[0].url, f"dev_customer_{who}"
+    answers = {}
+    for protocol in ("connect", "grpc", "grpc-web"):
+        with Client(url, token, protocol=protocol) as client:
+            answers[protocol] = client.get_vm_info(vm_id)
+    assert answers["connect"] == answers["grpc"] == answers["grpc-web"]
+    assert answers["connect"].backend_info["host_id"] == host_id
+    assert dict(answers["connect"].config.metadata) == {"k": "v"}
+    asked = rpc.http.post(
+        f"{url}/vmprovisioner.v1.VmService/GetVmInfo",
+        json={"vm_id": vm_id},
+        headers={"Authorization": f"Bearer {token}", "X-Request-Id": "fast-1"},
+    )
+    assert asked.status_code == 200 and asked.headers["x-request-id"] == "fast-1"
+    assert asked.json()["backend_info"]["host_id"] == host_id and asked.json()["vm_id"] == vm_id
+    rpc.ok(0, "DeleteVm", {"vm_id": vm_id}, who)
+    gone = rpc.gw(0, "GetVmInfo", {"vm_id": vm_id}, who)  # dropped from the cache: the full path
+    assert gone.status_code == 404 and gone.json()["details"][0]["debug"]["reason"] == "VM_NOT_FOUND"

@@ -7,22 +7,27 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from metald.domain.errors import MetaldError
 from metald.domain.events import VmEvent, VmEventType
 from metald.domain.model import BootConfig, CpuConfig, MemoryConfig, Vm, VmConfig
+from metald.domain.paging import PageTokens
 from metald.domain.quotas import Quotas
 from metald.domain.snapshots import Snapshot
 from metald.domain.states import VmState
 from metald.fleet import inventory, snapshot_rows
 from metald.fleet.agent import HostAgent, HostIdentity
 from metald.fleet.db import FleetDb
+from metald.fleet.gateway_snapshots import FleetSnapshots, SnapshotQuota
 from metald.fleet.gateway_watch import FleetCursor
-from metald.fleet.inventory import HostCapacity
+from metald.fleet.inventory import HostCapacity, VmLocation
 from metald.fleet.operator import hosts_report
 from metald.fleet.placement import reserve
+from metald.gen.vmprovisioner.v1 import vm_pb as pb
 from metald.store.memory import MemoryStore
 from tests.fleet.postgres import Postgres
 
@@ -104,6 +109,79 @@ def test_hosts_report_their_snapshots_and_clones_go_to_the_snapshots_host(dsn: s
             await store.snapshots.mark_deleted("snap_inv1")  # deleted on the host: gone from the fleet
             await agent.sync_once()
             assert await snapshot_rows.locate_snapshot(db, "snap_inv1") is None
+        finally:
+            await db.close()
+
+    asyncio.run(scenario())
+
+
+class _Host:
+    """HostClients for FleetSnapshots: every SnapshotVm succeeds with a snapshot of 3 GiB."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+
+    def rpc(self, url: str) -> Any:
+        return SimpleNamespace(snapshot_vm="snapshot_vm")
+
+    async def call(self, host_id: str, customer_id: str, method: Any, request: Any, **kw: Any) -> Any:
+        self.taken += 1
+        return pb.SnapshotVmResponse(
+            snapshot_id=request.snapshot_id, size_bytes=3 * GIB, state=pb.VmState.RUNNING
+        )
+
+
+def test_snapshot_quotas_hold_across_hosts(dsn: str) -> None:
+    """Count and bytes of a customer's snapshots on every host, checked by the gateway before the
+    host is asked; another customer is not counted."""
+
+    async def scenario() -> None:
+        db = FleetDb(dsn)
+        await db.open()
+        try:
+            agent_a, store_a = await _host(db, "quota-a")
+            agent_b, store_b = await _host(db, "quota-b")
+            source = _vm("vm_qb", "quotaco")  # on quota-b: the gateway records its snapshots by it
+            created = VmEvent(
+                source.vm_id,
+                "quotaco",
+                VmEventType.CREATED,
+                source.state,
+                VmState.UNSPECIFIED,
+                "",
+                source.created_at,
+            )
+            await store_b.vms.insert(source, created)
+            await agent_b.sync_once()
+            now = datetime.now(UTC)
+            await store_a.snapshots.insert(
+                Snapshot("snap_qa1", "quotaco", "vm_qa", CONFIG, now, size_bytes=GIB)
+            )
+            await store_a.snapshots.insert(
+                Snapshot("snap_qx1", "other", "vm_qx", CONFIG, now, size_bytes=9 * GIB)
+            )
+            await agent_a.sync_once()
+            assert await snapshot_rows.customer_snapshot_usage(db, "quotaco") == (1, GIB)
+            host = _Host()
+            on_b = VmLocation("vm_qb", "quotaco", "quota-b", "http://quota-b:8080", True, False)
+
+            by_count = FleetSnapshots(db, host, PageTokens(b"k" * 32), SnapshotQuota(count=2))  # type: ignore[arg-type]
+            await by_count.take(on_b, "snap_qb1", {}, 0)  # 2nd of 2: on another host than the 1st
+            with pytest.raises(MetaldError) as full:
+                await by_count.take(on_b, "snap_qb2", {}, 0)
+            assert (full.value.code.value, full.value.reason) == (
+                "resource_exhausted",
+                "SNAPSHOT_QUOTA_EXCEEDED",
+            )
+            assert full.value.metadata == {"customer_id": "quotaco"} and host.taken == 1
+
+            by_bytes = FleetSnapshots(db, host, PageTokens(b"k" * 32), SnapshotQuota(bytes=4 * GIB))  # type: ignore[arg-type]
+            with pytest.raises(MetaldError) as too_big:  # 1 GiB + 3 GiB held
+                await by_bytes.take(on_b, "snap_qb3", {}, 0)
+            assert too_big.value.reason == "SNAPSHOT_QUOTA_EXCEEDED" and host.taken == 1
+            roomy = FleetSnapshots(db, host, PageTokens(b"k" * 32), SnapshotQuota(count=3, bytes=5 * GIB))  # type: ignore[arg-type]
+            await roomy.take(on_b, "snap_qb4", {}, 0)
+            assert host.taken == 2
         finally:
             await db.close()
 
