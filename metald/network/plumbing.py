@@ -75,16 +75,19 @@ async def ensure_bridge(
     return created
 
 
+async def _own_namespace(host_netns: str, netns: str) -> list[str]:
+    """Create `netns` if missing, with no IPv6 stack on its devices (nothing in here for a guest
+    to talk to); returns the `ip` lines marking it as made for host_netns (belongs_to)."""
+    if not ip.netns_exists(netns):
+        await ip.check("ip", "netns", "add", netns)
+    await ip.sysctl(netns, {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"})
+    return [f"link set lo alias {marker(host_netns)}", "link set lo up"]
+
+
 async def ensure_vm(host_netns: str, vm_netns: str, bridge: str, nics: Sequence[NicLinks]) -> None:
-    if not ip.netns_exists(vm_netns):
-        await ip.check("ip", "netns", "add", vm_netns)
-    # No host-side IPv6 stack on the VM's devices: nothing in here for a guest to talk to.
-    await ip.sysctl(
-        vm_netns, {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
-    )
+    vm_lines = await _own_namespace(host_netns, vm_netns)
     present = {str(link["ifname"]) for link in await ip.links(vm_netns)}
     host_lines: list[str] = []
-    vm_lines = [f"link set lo alias {marker(host_netns)}", "link set lo up"]
     for nic in nics:
         if nic.uplink not in present:
             # A veth pair lives and dies as a pair, unless an old namespace is still held open.
@@ -109,6 +112,25 @@ async def ensure_vm(host_netns: str, vm_netns: str, bridge: str, nics: Sequence[
         for dev in (nic.tap, nic.uplink)
     ]
     await ip.batch(ip.tc(vm_netns), shaping)
+
+
+async def ensure_holder(host_netns: str, netns: str, taps: Sequence[str]) -> None:
+    """A namespace holding TAPs for a VMM started before its VM: links down, no address, no
+    bridge, so they carry nothing until move_held() gives them to their VM."""
+    lines = await _own_namespace(host_netns, netns)  # always a new one: its holder's name is new
+    await ip.batch(ip.ip(netns), [*lines, *(f"tuntap add dev {tap} mode tap" for tap in taps)])
+
+
+async def move_held(holder_netns: str, vm_netns: str, moves: Sequence[tuple[str, str]]) -> bool:
+    """Move held TAPs (held name, VM's name) into the VM's namespace, made if missing (a TAP's
+    open descriptors stay valid); False if a TAP could not be moved (the rest may have been)."""
+    if not ip.netns_exists(holder_netns):
+        return False
+    if not ip.netns_exists(vm_netns):
+        await ip.check("ip", "netns", "add", vm_netns)
+    lines = [f"link set {held} netns {vm_netns} name {tap}" for held, tap in moves]
+    done = await ip.run(*ip.ip(holder_netns), "-batch", "-", stdin="\n".join(lines) + "\n")
+    return done.ok
 
 
 async def remove_vm(host_netns: str, vm_netns: str, host_veths: Iterable[str]) -> list[str]:
