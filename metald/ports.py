@@ -302,8 +302,8 @@ class Network(Protocol):
         namespace of their own that carries no traffic (links down, no address, no bridge)."""
 
     async def take_held(self, vm: Vm, holder: str) -> bool:
-        """Before attach(vm): the holder's TAPs become the VM's (moved into its namespace, under
-        its TAP names; attach then plumbs them as any). False if they could not all be moved."""
+        """Before attach(vm): the holder's namespace becomes the VM's, its TAPs renamed to the
+        VM's TAP names (attach then plumbs them as any). False if that cannot be done."""
 
     async def unhold(self, holder: str | None) -> None:
         """Remove the holder's namespace and what is left in it; None: every holder's (a restart

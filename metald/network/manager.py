@@ -142,8 +142,8 @@ class LinuxNetwork:
         return NetworkAttachment(netns, nics, ())
 
     async def take_held(self, vm: Vm, holder: str) -> bool:
-        moves = [(names.held_tap(nic.index), nic.tap) for nic in plumbing.nic_links(vm)]
-        return await plumbing.move_held(names.holder_netns(holder), names.vm_netns(vm.vm_id), moves)
+        renames = [(names.held_tap(nic.index), nic.tap) for nic in plumbing.nic_links(vm)]
+        return await plumbing.adopt_holder(names.holder_netns(holder), names.vm_netns(vm.vm_id), renames)
 
     async def unhold(self, holder: str | None) -> None:
         if holder is not None:

@@ -8,9 +8,9 @@ a clone's device state (WarmPoolBackend), so a clone's BootVm skips the VMM's st
   with a growing delay, and after `MAX_FAILURES` in a row the pool stops trying until its next use
   (a clone's boot that takes a slot, or finds none).
 - NICs: a slot of a snapshot whose VM had N interfaces starts with N TAPs that the network holds
-  for it (Network.hold: a namespace of the slot's own, links down, no address, no bridge). A clone
-  that takes the slot gets them moved into its namespace under its TAP names (take_held) before
-  its network is attached as any VM's; the slot's holder namespace then goes (unhold).
+  for it (Network.hold: a namespace of the slot's own, links down, no address, no bridge). For a
+  clone that takes the slot, that namespace becomes the clone's, its TAPs renamed to the clone's
+  (take_held), before its network is attached as any VM's; the holder's name then goes (unhold).
 - Take: the first BootVm of a clone takes a waiting slot if the clone can run in it (as many NICs
   as the snapshot's VM, the default console file: both are fixed in the slot's command line); the
   pool refills a second later (REFILL_DELAY_SECONDS), once that clone's restore no longer needs

@@ -164,13 +164,13 @@ def _netns_inode(netns: str) -> int:
     return os.stat(f"/run/netns/{netns}").st_ino
 
 
-async def test_a_slot_with_a_held_tap_serves_a_clone_once_the_tap_is_moved(
+async def test_a_slot_with_a_held_tap_serves_a_clone_once_its_holder_is_the_clones_namespace(
     assets_dir: Path,
     tmp_path: Path,
     backend: QemuBackend,  # noqa: F811
 ) -> None:
-    """The TAP a slot's QEMU opened in its holder namespace still carries the clone's traffic once
-    moved into the clone's namespace; the holder then goes, and nothing is left. Traffic stays
+    """The TAP a slot's QEMU opened in its holder namespace carries the clone's traffic once that
+    namespace is the clone's (its TAP renamed); the holder's name then goes, and nothing is left. Traffic stays
     inside the namespace this test made (the TAP's own address)."""
     tag = f"npt{os.getpid() % 100000}"
     src_ns, vm_ns, holder = f"{tag}s", f"{tag}v", names.holder_netns(f"pool_{tag}")
@@ -203,7 +203,7 @@ async def test_a_slot_with_a_held_tap_serves_a_clone_once_the_tap_is_moved(
         ]
         assert held["ifname"] == "held0" and "UP" not in held["flags"] and held["addr_info"] == []
 
-        assert await plumbing.move_held(holder, vm_ns, [("held0", "tap_clone")])
+        assert await plumbing.adopt_holder(holder, vm_ns, [("held0", "tap_clone")])
         await _ip("-n", vm_ns, "addr", "add", "10.254.0.1/24", "dev", "tap_clone")
         await _ip("-n", vm_ns, "link", "set", "tap_clone", "up")
         clone = dataclasses.replace(
@@ -216,11 +216,12 @@ async def test_a_slot_with_a_held_tap_serves_a_clone_once_the_tap_is_moved(
         await backend.prepare(clone)
         runtime = await backend.start(clone)
         assert runtime.pid == waiting_pid and runtime.extra["warm_pool_slot"] == slot_dir.name
-        # QEMU stays in the holder's namespace; the TAP it holds now is in the clone's.
-        assert os.stat(f"/proc/{waiting_pid}/ns/net").st_ino == _netns_inode(holder)
-        assert [link["ifname"] for link in json.loads(await _ip("-n", holder, "-j", "link"))] == ["lo"]
-        await plumbing.remove_vm(tag, holder, ())
+        # The holder became the clone's namespace: QEMU runs in it, its TAP renamed.
+        assert os.stat(f"/proc/{waiting_pid}/ns/net").st_ino == _netns_inode(vm_ns) == _netns_inode(holder)
+        await plumbing.remove_vm(tag, holder, ())  # the holder's name goes, the clone's stays
         assert holder not in await _ip("netns", "list")
+        links = [link["ifname"] for link in json.loads(await _ip("-n", vm_ns, "-j", "link"))]
+        assert links == ["lo", "tap_clone"]
         setup = "ip addr flush dev eth0; ip addr add 10.254.0.2/24 dev eth0; ip link set eth0 up"
         assert (await _agent_exec(clone.vm_dir, setup))[0] == 0
         assert (await _agent_exec(clone.vm_dir, "ping -c 1 -W 5 10.254.0.1"))[0] == 0

@@ -153,6 +153,7 @@ async def test_a_boot_failing_after_taking_a_slot_stops_it_and_its_holder(pooled
     await pooled.service.create(CUSTOMER, "clone-n", NIC, "", snapshot_id="snap-1")
     with pytest.raises(MetaldError):
         await pooled.boot("clone-n")
+    await _filled(pooled)  # the refills fail too, each unholding what it held
     assert slot not in _slots(pooled) and pooled.network.held == {}
 
 

@@ -10,9 +10,8 @@ relative to their working directory, which follows), `migrate-incoming` and `con
 What must be in QEMU's argv cannot differ between slot and clone. NICs are (microvm has no
 hotplug, and a virtio-net device needs its netdev at start), so a slot has as many TAPs as its
 snapshot's VM had NICs, passed by descriptor (`-netdev tap,fd=N`) and held by the network in a
-namespace of the slot's own, where QEMU runs; a clone taking the slot gets those TAPs moved into
-its own namespace first (a TAP's descriptor stays valid across the move), so only clones with as
-many interfaces take one. The name (`-name`) and the kernel command line are the slot's
+namespace of the slot's own, where QEMU runs; for a clone taking the slot, that namespace becomes
+the clone's first (its TAPs renamed), so only clones with as many interfaces take one. The name (`-name`) and the kernel command line are the slot's
 (boot.json records the process name, which re-adoption then looks for). A reset would boot the guest again with the
 slot's kernel command line (its vm_id), so a pool-born VM's reboot starts a QEMU of its own
 instead: a cold boot of its own disk, as after a shutdown.
