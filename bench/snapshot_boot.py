@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,38 @@ def clone_pss(rpc: Rpc, snapshot_id: str, count: int, timeout: float) -> list[fl
         delete_vms(rpc, vm_ids)
 
 
+def interleaved(
+    daemon: Daemon, sides: Sequence[str], runs: int, one: Callable[[str], float]
+) -> dict[str, Any]:
+    """`runs` rounds of one boot per side (after a warm-up round), the order rotating each round,
+    each side's clock started with the warm pool full: medians, p90s and the pool's hits/misses."""
+    pool_before = pool_figures(daemon)
+    single: dict[str, list[float]] = {side: [] for side in sides}
+    for i in range(runs + 1):
+        k = i % len(sides)
+        for side in [*sides[k:], *sides[:k]]:
+            wait_pool_full(daemon, 1)
+            seconds = one(side)
+            if i > 0:  # round 0 warms caches up
+                single[side].append(seconds)
+            print(f"round {i} {side:>9}: {seconds:.3f} s", flush=True)
+    pool_after = pool_figures(daemon)
+    return {
+        "median_s": {side: median(v) for side, v in single.items()},
+        "p90_s": {side: percentile(v, 90) for side, v in single.items()},
+        "runs_s": single,
+        "pool_hits": pool_after.get("hits_total", 0) - pool_before.get("hits_total", 0),
+        "pool_misses": pool_after.get("misses_total", 0) - pool_before.get("misses_total", 0),
+    }
+
+
+def print_sides(title: str, figures: dict[str, Any]) -> None:
+    rows = [
+        (s, figures["median_s"][s], figures["p90_s"][s], min(v), max(v)) for s, v in figures["runs_s"].items()
+    ]
+    print_table(title, ["side", "median", "p90", "min", "max"], rows)
+
+
 def nic_main(argv: Sequence[str], args: argparse.Namespace) -> int:
     """A clone with a NIC: BootVm(wait_for_ready) without and with a warm pool, interleaved."""
     if args.out == RESULTS_DIR / f"{NAME}.json":
@@ -235,32 +267,14 @@ def nic_main(argv: Sequence[str], args: argparse.Namespace) -> int:
             "pool_nic": rpc.ok("SnapshotVm", {"vm_id": template, "warm_pool_size": 1})["snapshot_id"],
         }
         rpc.ok("ShutdownVm", {"vm_id": template, "force": True})
-        pool_before = pool_figures(daemon)
-        single: dict[str, list[float]] = {side: [] for side in NIC_SIDES}
-        for i in range(args.runs + 1):
-            k = i % len(NIC_SIDES)
-            for side in NIC_SIDES[k:] + NIC_SIDES[:k]:
-                wait_pool_full(daemon, 1)
-                body = {"config": NIC, "snapshot_id": snapshots[side]}
-                seconds = api_boots(rpc, 1, body, args.timeout)[0]
-                if i > 0:  # round 0 warms caches up
-                    single[side].append(seconds)
-                print(f"round {i} {side:>9}: {seconds:.3f} s", flush=True)
-        pool_after = pool_figures(daemon)
-    med = {side: median(v) for side, v in single.items()}
-    figures = {
-        "median_s": med,
-        "p90_s": {side: percentile(v, 90) for side, v in single.items()},
-        "runs_s": single,
-        "pool_nic_over_clone_nic": med["pool_nic"] / med["clone_nic"],
-        "pool_hits": pool_after.get("hits_total", 0) - pool_before.get("hits_total", 0),
-        "pool_misses": pool_after.get("misses_total", 0) - pool_before.get("misses_total", 0),
-    }
-    print_table(
-        f"A clone with a NIC, start to ready, {args.runs} interleaved rounds (seconds)",
-        ["side", "median", "p90", "min", "max"],
-        [(s, med[s], figures["p90_s"][s], min(v), max(v)) for s, v in single.items()],
-    )
+        figures = interleaved(
+            daemon,
+            NIC_SIDES,
+            args.runs,
+            lambda side: api_boots(rpc, 1, {"config": NIC, "snapshot_id": snapshots[side]}, args.timeout)[0],
+        )
+    figures["pool_nic_over_clone_nic"] = figures["median_s"]["pool_nic"] / figures["median_s"]["clone_nic"]
+    print_sides(f"A clone with a NIC, start to ready, {args.runs} interleaved rounds (seconds)", figures)
     print(
         f"\npool_nic / clone_nic {figures['pool_nic_over_clone_nic']:.2f} "
         f"({figures['pool_hits']:.0f} hits, {figures['pool_misses']:.0f} misses)"
@@ -298,17 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rpc.ok("SnapshotVm", {"vm_id": template, "snapshot_id": POOLED, "warm_pool_size": 1})
         # The template's vCPU would count against the host's limit beside N=16 clones.
         rpc.ok("ShutdownVm", {"vm_id": template, "force": True})
-        pool_before = pool_figures(daemon)
-        single: dict[str, list[float]] = {side: [] for side in SIDES}
-        for i in range(args.runs + 1):
-            k = i % len(SIDES)
-            for side in SIDES[k:] + SIDES[:k]:
-                wait_pool_full(daemon, 1)
-                seconds = one_side(side, rpc, root, args, snap, 1)[0]
-                if i > 0:  # round 0 warms caches up
-                    single[side].append(seconds)
-                print(f"round {i} {side:>5}: {seconds:.3f} s", flush=True)
-        pool_after = pool_figures(daemon)
+        singles = interleaved(
+            daemon, SIDES, args.runs, lambda side: one_side(side, rpc, root, args, snap, 1)[0]
+        )
         scaling: dict[int, dict[str, float]] = {}
         for n in counts:
             clone = one_side("clone", rpc, root, args, snap, n)
@@ -320,28 +326,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             print(f"N={n}: clones all ready {clone[-1]:.2f} s, by hand {hand[-1]:.2f} s", flush=True)
         pss = clone_pss(rpc, snap[0], max(counts), args.timeout)
-    med = {side: median(v) for side, v in single.items()}
+    med = singles["median_s"]
     figures = {
-        "median_s": med,
-        "p90_s": {side: percentile(v, 90) for side, v in single.items()},
-        "runs_s": single,
+        **singles,
         "clone_over_hand": med["clone"] / med["hand"],
         "clone_over_cold": med["clone"] / med["cold"],
         "pool_over_pool_hand": med["pool"] / med["pool_hand"],
         "pool_over_cold": med["pool"] / med["cold"],
-        "pool_hits": pool_after.get("hits_total", 0) - pool_before.get("hits_total", 0),
-        "pool_misses": pool_after.get("misses_total", 0) - pool_before.get("misses_total", 0),
         "scaling": scaling,
         "pss_mib_per_clone": {"median": median(pss), "max": max(pss), "count": len(pss)},
         "snapshot_pause_ms": pause_ms,
         "snapshot_size_bytes": int(taken["size_bytes"]),
         "targets": TARGETS,
     }
-    print_table(
-        f"Start to ready, {args.runs} interleaved rounds (seconds)",
-        ["side", "median", "p90", "min", "max"],
-        [(s, med[s], figures["p90_s"][s], min(v), max(v)) for s, v in single.items()],
-    )
+    print_sides(f"Start to ready, {args.runs} interleaved rounds (seconds)", figures)
     print(
         f"\nclone / hand {figures['clone_over_hand']:.2f} (target <= 1.3); clone / cold "
         f"{figures['clone_over_cold']:.3f} (target <= 0.05); pool / pool_hand "
