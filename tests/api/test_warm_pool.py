@@ -218,6 +218,13 @@ def test_clones_with_nics_boot_from_the_warm_pool_and_reach_each_other(
     _wait_ready_slots(daemon, 2)
     assert not left & set(vmm_pids(daemon.data_dir)) and not set(_holders(daemon)) & set(left_holders)
     assert _exec(rpc, clones[0], "ping", "-c", "1", "-W", "5", seen[1][2])
+    # A daemon that stops (SIGTERM) stops its slots and their holders; its VMs run on.
+    daemon.stop()
+    assert _holders(daemon) == [] and _pool_processes(daemon) == []
+    daemon.start()
+    _wait_ready_slots(daemon, 2)
+    assert len(_holders(daemon)) == 2
+    assert _exec(rpc, clones[1], "ping", "-c", "1", "-W", "5", seen[0][2])
 
     assert rpc.ok("DeleteSnapshot", {"snapshot_id": snap}) == {"success": True}
     assert _holders(daemon) == [] and _pool_processes(daemon) == []
