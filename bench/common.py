@@ -40,7 +40,8 @@ from metald.backends.vmm.console import ReadyWatch
 from metald.domain import ids
 from metald.domain.guest_args import guest_kernel_args
 from metald.ports import DiskSpec, LaunchSpec
-from tests.support.daemon import Daemon, kill_leftovers
+from tests.conftest import stop_and_sweep
+from tests.support.daemon import Daemon
 from tests.support.rpc import Rpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,14 +98,15 @@ def workdir(given: Path | None) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def bench_daemon(root: Path, assets: Path, *extra_args: str) -> Iterator[Daemon]:
-    """A real `metald serve` without networking; on exit it is stopped and every VMM it left is killed."""
-    daemon = Daemon(root / "daemon", assets.resolve(), "--no-network-enabled", *extra_args)
+def bench_daemon(root: Path, assets: Path, *extra_args: str, network: bool = False) -> Iterator[Daemon]:
+    """A real `metald serve`, without networking unless `network` (then in a host namespace of its
+    own); on exit it is stopped and every VMM and namespace it left is removed."""
+    flags = () if network else ("--no-network-enabled",)
+    daemon = Daemon(root / "daemon", assets.resolve(), *flags, *extra_args)
     try:
         yield daemon.start()
     finally:
-        daemon.stop()
-        kill_leftovers(daemon.data_dir)
+        stop_and_sweep(daemon)
         kill_processes_under(root)
 
 

@@ -14,7 +14,12 @@ Sides of one round (the order rotates every round):
 Creates are outside the clock on every side (the overlay is made at CreateVm), and every side waits
 until the warm pool is full again before its clock starts (a refill is background work).
 
+`--nics` measures instead, on a daemon with networking (its own host namespace), a clone with one
+NIC: `clone_nic` (no pool) against `pool_nic` (a slot waiting with its TAP held), interleaved.
+BootVm includes the network's attach and the clone's identity (MAC, addresses) over the agent.
+
     .venv/bin/python -m bench.snapshot_boot --runs 8 --counts 1,4,8,16
+    .venv/bin/python -m bench.snapshot_boot --nics --runs 8
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,7 @@ from typing import Any
 from bench.common import (
     CUSTOMER,
     HAND_RAM,
+    RESULTS_DIR,
     bench_daemon,
     bench_rpc,
     boot_vm,
@@ -79,6 +85,8 @@ _POOL = re.compile(
     r'^unkey_metald_warm_pool_(slots\{state="ready"\}|hits_total|misses_total) ([0-9.e+-]+)$', re.M
 )
 POOL_FILL_TIMEOUT = 120.0
+NIC = {"network": [{"interface_id": "eth0"}]}
+NIC_SIDES = ("clone_nic", "pool_nic")
 
 
 # ---- the API sides ---------------------------------------------------------------------------------
@@ -213,6 +221,68 @@ def clone_pss(rpc: Rpc, snapshot_id: str, count: int, timeout: float) -> list[fl
         delete_vms(rpc, vm_ids)
 
 
+def interleaved(
+    daemon: Daemon, sides: Sequence[str], runs: int, one: Callable[[str], float]
+) -> dict[str, Any]:
+    """`runs` rounds of one boot per side (after a warm-up round), the order rotating each round,
+    each side's clock started with the warm pool full: medians, p90s and the pool's hits/misses."""
+    pool_before = pool_figures(daemon)
+    single: dict[str, list[float]] = {side: [] for side in sides}
+    for i in range(runs + 1):
+        k = i % len(sides)
+        for side in [*sides[k:], *sides[:k]]:
+            wait_pool_full(daemon, 1)
+            seconds = one(side)
+            if i > 0:  # round 0 warms caches up
+                single[side].append(seconds)
+            print(f"round {i} {side:>9}: {seconds:.3f} s", flush=True)
+    pool_after = pool_figures(daemon)
+    return {
+        "median_s": {side: median(v) for side, v in single.items()},
+        "p90_s": {side: percentile(v, 90) for side, v in single.items()},
+        "runs_s": single,
+        "pool_hits": pool_after.get("hits_total", 0) - pool_before.get("hits_total", 0),
+        "pool_misses": pool_after.get("misses_total", 0) - pool_before.get("misses_total", 0),
+    }
+
+
+def print_sides(title: str, figures: dict[str, Any]) -> None:
+    rows = [
+        (s, figures["median_s"][s], figures["p90_s"][s], min(v), max(v)) for s, v in figures["runs_s"].items()
+    ]
+    print_table(title, ["side", "median", "p90", "min", "max"], rows)
+
+
+def nic_main(argv: Sequence[str], args: argparse.Namespace) -> int:
+    """A clone with a NIC: BootVm(wait_for_ready) without and with a warm pool, interleaved."""
+    if args.out == RESULTS_DIR / f"{NAME}.json":
+        args.out = RESULTS_DIR / f"{NAME}_nic.json"
+    context = machine_context()
+    with workdir(args.workdir) as root, bench_daemon(root, args.assets_dir, network=True) as daemon:
+        rpc = bench_rpc(daemon)
+        template = rpc.create({**vm_config(args.memory_mib), **NIC})
+        rpc.ok("BootVm", {"vm_id": template, "wait_for_ready": True, "wait_timeout_seconds": args.timeout})
+        snapshots = {
+            "clone_nic": rpc.ok("SnapshotVm", {"vm_id": template})["snapshot_id"],
+            "pool_nic": rpc.ok("SnapshotVm", {"vm_id": template, "warm_pool_size": 1})["snapshot_id"],
+        }
+        rpc.ok("ShutdownVm", {"vm_id": template, "force": True})
+        figures = interleaved(
+            daemon,
+            NIC_SIDES,
+            args.runs,
+            lambda side: api_boots(rpc, 1, {"config": NIC, "snapshot_id": snapshots[side]}, args.timeout)[0],
+        )
+    figures["pool_nic_over_clone_nic"] = figures["median_s"]["pool_nic"] / figures["median_s"]["clone_nic"]
+    print_sides(f"A clone with a NIC, start to ready, {args.runs} interleaved rounds (seconds)", figures)
+    print(
+        f"\npool_nic / clone_nic {figures['pool_nic_over_clone_nic']:.2f} "
+        f"({figures['pool_hits']:.0f} hits, {figures['pool_misses']:.0f} misses)"
+    )
+    write_results(NAME, argv, args, context, figures)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = parser(NAME, "Clone boots vs cold boots vs restores by hand (interleaved, medians).")
@@ -221,7 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--snapshots", type=int, default=5, help="SnapshotVm calls to measure the pause")
     p.add_argument("--memory-mib", type=int, default=256)
     p.add_argument("--timeout", type=float, default=180.0)
+    p.add_argument("--nics", action="store_true", help="instead: a NIC clone without and with a pool")
     args = p.parse_args(argv)
+    if args.nics:
+        return nic_main(argv, args)
     counts = [int(c) for c in args.counts.split(",") if c]
     context = machine_context()
     with workdir(args.workdir) as root, bench_daemon(root, args.assets_dir) as daemon:
@@ -239,17 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rpc.ok("SnapshotVm", {"vm_id": template, "snapshot_id": POOLED, "warm_pool_size": 1})
         # The template's vCPU would count against the host's limit beside N=16 clones.
         rpc.ok("ShutdownVm", {"vm_id": template, "force": True})
-        pool_before = pool_figures(daemon)
-        single: dict[str, list[float]] = {side: [] for side in SIDES}
-        for i in range(args.runs + 1):
-            k = i % len(SIDES)
-            for side in SIDES[k:] + SIDES[:k]:
-                wait_pool_full(daemon, 1)
-                seconds = one_side(side, rpc, root, args, snap, 1)[0]
-                if i > 0:  # round 0 warms caches up
-                    single[side].append(seconds)
-                print(f"round {i} {side:>5}: {seconds:.3f} s", flush=True)
-        pool_after = pool_figures(daemon)
+        singles = interleaved(
+            daemon, SIDES, args.runs, lambda side: one_side(side, rpc, root, args, snap, 1)[0]
+        )
         scaling: dict[int, dict[str, float]] = {}
         for n in counts:
             clone = one_side("clone", rpc, root, args, snap, n)
@@ -261,28 +326,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             print(f"N={n}: clones all ready {clone[-1]:.2f} s, by hand {hand[-1]:.2f} s", flush=True)
         pss = clone_pss(rpc, snap[0], max(counts), args.timeout)
-    med = {side: median(v) for side, v in single.items()}
+    med = singles["median_s"]
     figures = {
-        "median_s": med,
-        "p90_s": {side: percentile(v, 90) for side, v in single.items()},
-        "runs_s": single,
+        **singles,
         "clone_over_hand": med["clone"] / med["hand"],
         "clone_over_cold": med["clone"] / med["cold"],
         "pool_over_pool_hand": med["pool"] / med["pool_hand"],
         "pool_over_cold": med["pool"] / med["cold"],
-        "pool_hits": pool_after.get("hits_total", 0) - pool_before.get("hits_total", 0),
-        "pool_misses": pool_after.get("misses_total", 0) - pool_before.get("misses_total", 0),
         "scaling": scaling,
         "pss_mib_per_clone": {"median": median(pss), "max": max(pss), "count": len(pss)},
         "snapshot_pause_ms": pause_ms,
         "snapshot_size_bytes": int(taken["size_bytes"]),
         "targets": TARGETS,
     }
-    print_table(
-        f"Start to ready, {args.runs} interleaved rounds (seconds)",
-        ["side", "median", "p90", "min", "max"],
-        [(s, med[s], figures["p90_s"][s], min(v), max(v)) for s, v in single.items()],
-    )
+    print_sides(f"Start to ready, {args.runs} interleaved rounds (seconds)", figures)
     print(
         f"\nclone / hand {figures['clone_over_hand']:.2f} (target <= 1.3); clone / cold "
         f"{figures['clone_over_cold']:.3f} (target <= 0.05); pool / pool_hand "

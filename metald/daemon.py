@@ -185,6 +185,7 @@ async def run(settings: Settings) -> None:
                 guest_work=guest_work,
             )
         )
+        stack.push_async_callback(service.close_pools)  # before the backend's close: holders too
         await service.recover()
         checks: dict[str, Callable[[], Awaitable[CheckResult]]] = {
             "backend_ping": backend.ping,

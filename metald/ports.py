@@ -297,6 +297,18 @@ class Network(Protocol):
     async def remove_orphans(self, live_vm_ids: set[str]) -> list[str]:
         """Remove namespaces/devices of VMs not in the set; returns what was removed."""
 
+    async def hold(self, holder: str, count: int) -> NetworkAttachment:
+        """`count` TAPs for a VMM started before its VM (a warm pool slot named `holder`), in a
+        namespace of their own that carries no traffic (links down, no address, no bridge)."""
+
+    async def take_held(self, vm: Vm, holder: str) -> bool:
+        """Before attach(vm): the holder's namespace becomes the VM's, its TAPs renamed to the
+        VM's TAP names (attach then plumbs them as any). False if that cannot be done."""
+
+    async def unhold(self, holder: str | None) -> None:
+        """Remove the holder's namespace and what is left in it; None: every holder's (a restart
+        removes them all). Idempotent."""
+
     async def ping(self) -> CheckResult: ...
 
 

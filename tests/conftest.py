@@ -47,6 +47,7 @@ async def _sweep_vm_namespaces(daemon: Daemon) -> list[str]:
             ipv6_pool="fd6d:6574:616c::/48",
             allow_egress=False,
         )
+        await network.unhold(None)  # the TAP holders of warm pool slots
         return await network.remove_orphans(set())
     finally:
         await store.close()

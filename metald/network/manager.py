@@ -18,6 +18,7 @@ from metald.domain.model import NicAddress, Vm
 from metald.network import egress, ip, names, plumbing, sourceguard, walls
 from metald.network.ipam import CustomerNetwork, Ipam
 from metald.network.keeper import WallKeeper
+from metald.network.mac import derive_mac
 from metald.network.netlink import LinkReader
 from metald.network.plan import host_interface, plan_vm
 from metald.ports import AddressBook, CheckResult, InterfaceInfo, NetworkAttachment, NicSpec, TrafficCounters
@@ -125,6 +126,32 @@ class LinuxNetwork:
             sum(taps[nic.tap].tx_bytes for nic in nics), sum(taps[nic.tap].rx_bytes for nic in nics)
         )
         return dataclasses.replace(self._attachment(vm, nics), counters=counters)
+
+    # ---- TAPs held for a VMM started before its VM (a warm pool slot) ----
+
+    async def hold(self, holder: str, count: int) -> NetworkAttachment:
+        netns = names.holder_netns(holder)
+        taps = [names.held_tap(i) for i in range(count)]
+        try:
+            await plumbing.ensure_holder(self._host, netns, taps)
+        except BaseException:
+            await asyncio.shield(self.unhold(holder))
+            raise
+        # The guest's MAC comes from the restored device state, then the agent sets the VM's own.
+        nics = tuple(NicSpec(tap, tap, derive_mac(holder, tap)) for tap in taps)
+        return NetworkAttachment(netns, nics, ())
+
+    async def take_held(self, vm: Vm, holder: str) -> bool:
+        renames = [(names.held_tap(nic.index), nic.tap) for nic in plumbing.nic_links(vm)]
+        return await plumbing.adopt_holder(names.holder_netns(holder), names.vm_netns(vm.vm_id), renames)
+
+    async def unhold(self, holder: str | None) -> None:
+        if holder is not None:
+            await plumbing.remove_vm(self._host, names.holder_netns(holder), ())
+            return
+        for netns in await ip.netns_names():
+            if netns.startswith(names.HOLDER_NETNS_PREFIX) and await plumbing.belongs_to(self._host, netns):
+                await plumbing.remove_vm(self._host, netns, ())
 
     async def remove_orphans(self, live_vm_ids: set[str]) -> list[str]:
         """Remove VM namespaces (made for this host namespace) and host veths of VMs not alive."""

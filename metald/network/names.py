@@ -15,6 +15,7 @@ MAX_NICS = 10  # keeps "tap_<id8>_<i>" within IFNAMSIZ
 VM_NETNS_PREFIX = "ns_vm_"
 HOST_VETH_PREFIX = "vh_"
 CUSTOMER_BRIDGE_PREFIX = "mb_"
+HOLDER_NETNS_PREFIX = "ns_held_"
 
 _VM_NETNS = re.compile(r"ns_vm_([0-9a-f]{8})")
 _HOST_VETH = re.compile(r"vh_([0-9a-f]{8})(?:_\d)?")
@@ -43,6 +44,16 @@ def tap_device(vm_id: str, index: int) -> str:
 def host_veth(vm_id: str, index: int) -> str:
     """Host-namespace end of the veth pair, a port of the customer bridge."""
     return _indexed(HOST_VETH_PREFIX, vm_id, index)
+
+
+def holder_netns(holder: str) -> str:
+    """The namespace holding the TAPs of a VMM started before its VM (a warm pool slot)."""
+    return HOLDER_NETNS_PREFIX + holder
+
+
+def held_tap(index: int) -> str:
+    """A TAP in a holder's namespace, until it is moved into its VM's under tap_device()."""
+    return f"held{index}"
 
 
 def vm_bridge(index: int) -> str:

@@ -7,17 +7,26 @@ QEMU runs inside ns_vm_<id8> and opens the TAP there; the small bridge br<i> joi
 uplink so that each direction has a device whose egress qdisc can shape it (tc.py). Every step
 is either idempotent (set master/up, addr/qdisc replace) or guarded by a look at what exists,
 so re-running after a crash halfway converges without duplicates.
+
+A warm pool slot's QEMU starts in a holder namespace (ns_held_<slot>) holding only its TAPs, down;
+when a clone takes the slot, that namespace becomes the clone's ns_vm_<id8> (adopt_holder) and is
+then plumbed like any other.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from metald.domain.model import RateLimit, Vm
 from metald.network import ip, names, tc, walls
 
+_MS_BIND = 4096
 _MARKER = "metald:"  # alias of lo in a VM namespace: which host namespace it belongs to
 
 
@@ -75,16 +84,19 @@ async def ensure_bridge(
     return created
 
 
+async def _own_namespace(host_netns: str, netns: str) -> list[str]:
+    """Create `netns` if missing, with no IPv6 stack on its devices (nothing in here for a guest
+    to talk to); returns the `ip` lines marking it as made for host_netns (belongs_to)."""
+    if not ip.netns_exists(netns):
+        await ip.check("ip", "netns", "add", netns)
+    await ip.sysctl(netns, {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"})
+    return [f"link set lo alias {marker(host_netns)}", "link set lo up"]
+
+
 async def ensure_vm(host_netns: str, vm_netns: str, bridge: str, nics: Sequence[NicLinks]) -> None:
-    if not ip.netns_exists(vm_netns):
-        await ip.check("ip", "netns", "add", vm_netns)
-    # No host-side IPv6 stack on the VM's devices: nothing in here for a guest to talk to.
-    await ip.sysctl(
-        vm_netns, {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
-    )
+    vm_lines = await _own_namespace(host_netns, vm_netns)
     present = {str(link["ifname"]) for link in await ip.links(vm_netns)}
     host_lines: list[str] = []
-    vm_lines = [f"link set lo alias {marker(host_netns)}", "link set lo up"]
     for nic in nics:
         if nic.uplink not in present:
             # A veth pair lives and dies as a pair, unless an old namespace is still held open.
@@ -109,6 +121,42 @@ async def ensure_vm(host_netns: str, vm_netns: str, bridge: str, nics: Sequence[
         for dev in (nic.tap, nic.uplink)
     ]
     await ip.batch(ip.tc(vm_netns), shaping)
+
+
+async def ensure_holder(host_netns: str, netns: str, taps: Sequence[str]) -> None:
+    """A namespace holding TAPs for a VMM started before its VM: links down, no address, no
+    bridge, so they carry nothing until adopt_holder() gives them to their VM."""
+    lines = await _own_namespace(host_netns, netns)  # always a new one: its holder's name is new
+    await ip.batch(ip.ip(netns), [*lines, *(f"tuntap add dev {tap} mode tap" for tap in taps)])
+
+
+async def adopt_holder(holder_netns: str, vm_netns: str, renames: Sequence[tuple[str, str]]) -> bool:
+    """The holder's namespace becomes the VM's: its TAPs renamed (held name, VM's name), then the
+    namespace mounted under the VM's name as well (the holder's name goes with unhold). Cheaper
+    than moving each TAP (a move waits for the kernel's network RCU grace periods, 25-50 ms here),
+    and the VMM already in it runs in its VM's namespace, as any VM's does. False if the holder
+    is gone, the VM's namespace exists already, or a rename fails."""
+    if not ip.netns_exists(holder_netns) or ip.netns_exists(vm_netns):
+        return False
+    lines = [f"link set {held} name {tap}" for held, tap in renames]
+    if not (await ip.run(*ip.ip(holder_netns), "-batch", "-", stdin="\n".join(lines) + "\n")).ok:
+        return False
+    try:
+        await asyncio.to_thread(_mount_netns, ip.NETNS_RUN_DIR / holder_netns, ip.NETNS_RUN_DIR / vm_netns)
+    except OSError:
+        return False
+    return True
+
+
+def _mount_netns(source: Path, target: Path) -> None:
+    """What `ip netns attach` does, from a mounted namespace instead of a pid; blocking."""
+    os.close(os.open(target, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+    if ctypes.CDLL(None, use_errno=True).mount(
+        os.fsencode(source), os.fsencode(target), None, _MS_BIND, None
+    ):
+        errno = ctypes.get_errno()
+        target.unlink()
+        raise OSError(errno, os.strerror(errno), str(target))
 
 
 async def remove_vm(host_netns: str, vm_netns: str, host_veths: Iterable[str]) -> list[str]:

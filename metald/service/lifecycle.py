@@ -124,10 +124,11 @@ class Lifecycle(Pools):
             restoring = restores(vm.state, vm.snapshot_id)
             try:
                 await self._records.begin(vm, PendingOp.RESTORING if restoring else PendingOp.BOOTING)
-                attachment = await self._attach(vm)
-                spec = self._with_pool_slot(vm, await self._launch_spec(vm, attachment))
-                runtime = await self._backend_call("start", lambda: self._backend.start(spec))
-                self._count_pool_use(spec, runtime)
+                async with self._pool_slot(vm) as slot:
+                    attachment = await self._attach(vm)
+                    spec = dataclasses.replace(await self._launch_spec(vm, attachment), pool_slot=slot)
+                    runtime = await self._backend_call("start", lambda: self._backend.start(spec))
+                    self._count_pool_use(spec, runtime)
                 if spec.restore_from is not None:
                     await self._refresh_clone(vm)
                 vm = await self._records.settle(vm, VmState.RUNNING, reason="")

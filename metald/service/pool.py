@@ -7,12 +7,17 @@ a clone's device state (WarmPoolBackend), so a clone's BootVm skips the VMM's st
 - Fill: one background task per pool starts slots one at a time until N wait; a failure is retried
   with a growing delay, and after `MAX_FAILURES` in a row the pool stops trying until its next use
   (a clone's boot that takes a slot, or finds none).
-- Take: the first BootVm of a clone takes a waiting slot if the clone can run in it (no NICs, the
-  default console file: both are fixed in the slot's command line); the pool refills a second
-  later (REFILL_DELAY_SECONDS), once that clone's restore no longer needs the CPU. Without
-  a slot the clone restores the normal way (a miss).
-- Stop: deleting the snapshot stops its slots. A daemon restart (or one killed with -9) removes
-  every slot an earlier daemon left (process, cgroup, directory), then refills every pool.
+- NICs: a slot of a snapshot whose VM had N interfaces starts with N TAPs that the network holds
+  for it (Network.hold: a namespace of the slot's own, links down, no address, no bridge). For a
+  clone that takes the slot, that namespace becomes the clone's, its TAPs renamed to the clone's
+  (take_held), before its network is attached as any VM's; the holder's name then goes (unhold).
+- Take: the first BootVm of a clone takes a waiting slot if the clone can run in it (as many NICs
+  as the snapshot's VM, the default console file: both are fixed in the slot's command line); the
+  pool refills a second later (REFILL_DELAY_SECONDS), once that clone's restore no longer needs
+  the CPU. Without a slot the clone restores the normal way (a miss).
+- Stop: deleting the snapshot stops its slots, as does a daemon's shutdown. A daemon restart (or
+  one killed with -9) removes every slot an earlier daemon left (process, cgroup, directory,
+  holder namespace), then refills every pool.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import dataclasses
 import logging
 import secrets
 import shutil
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +39,7 @@ from metald.domain.snapshots import Snapshot
 from metald.domain.states import ACTIVE_STATES, VmState
 from metald.ports import CheckResult, LaunchSpec, VmRuntime, WarmPoolBackend, WarmPoolStatus
 from metald.service.launch import Launch
+from metald.service.snapshots import restores
 
 log = logging.getLogger("metald.service")
 
@@ -79,18 +86,35 @@ class Pools(Launch):
 
     async def _snapshot_removed(self, snapshot_id: str) -> None:
         pool = self._pools.pop(snapshot_id, None)
-        port = self._pool_port()
-        if pool is None or port is None:
-            return
+        if pool is not None and self._pool_port() is not None:
+            await self._stop_pool(pool)
+
+    async def close_pools(self) -> None:
+        """At daemon shutdown: no slot is left waiting (the next daemon fills its own)."""
+        while self._pools:
+            await self._stop_pool(self._pools.popitem()[1])
+
+    async def _stop_pool(self, pool: _Pool) -> None:
         pool.stopped = True
         if pool.task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(pool.task)  # a slot being started is stopped by the task itself
         for slot_dir in pool.ready:
-            await port.stop_pool_slot(slot_dir)
+            await self._stop_slot(slot_dir)
         pool.ready.clear()
         assert self._opts.pool_dir is not None
-        await asyncio.to_thread(shutil.rmtree, self._opts.pool_dir / snapshot_id, True)
+        await asyncio.to_thread(shutil.rmtree, self._opts.pool_dir / pool.snapshot.snapshot_id, True)
+
+    async def _stop_slot(self, slot_dir: Path) -> None:
+        port = self._pool_port()
+        assert port is not None
+        await port.stop_pool_slot(slot_dir)
+        await self._unhold(slot_dir)
+
+    async def _unhold(self, slot_dir: Path) -> None:
+        """The slot's holder namespace (its TAPs, or what is left of them once a clone took them)."""
+        if self._network is not None:
+            await self._network.unhold(slot_dir.name)
 
     async def recover_snapshots(self) -> None:
         await super().recover_snapshots()
@@ -109,6 +133,8 @@ class Pools(Launch):
                     await port.stop_pool_slot(slot_dir)
                 log.info("recovery: removed warm pool slot %s left by an earlier daemon", slot_dir.name)
             await asyncio.to_thread(shutil.rmtree, snapshot_dir, True)
+        if self._network is not None:  # also those of slots killed before their directory existed
+            await self._network.unhold(None)
         if self._snapshots is not None:
             for snapshot in await self._snapshots.all_snapshots():
                 if not snapshot.pending and not snapshot.deleted:
@@ -124,11 +150,13 @@ class Pools(Launch):
         await asyncio.sleep(delay)
         port = self._pool_port()
         assert port is not None and self._opts.pool_dir is not None
-        if pool.snapshot.config.network:
-            pool.blocked = "its VM has network interfaces, which a slot's QEMU cannot take after its start"
+        if pool.snapshot.config.network and self._network is None:
+            pool.blocked = "its VM has network interfaces and networking is disabled"
             return
         while not pool.stopped and pool.failures < MAX_FAILURES:
-            pool.ready = [d for d in pool.ready if port.pool_slot_running(d)]
+            for gone in [d for d in pool.ready if not port.pool_slot_running(d)]:
+                pool.ready.remove(gone)
+                await self._unhold(gone)
             if len(pool.ready) >= pool.target:
                 pool.blocked = ""
                 return
@@ -143,14 +171,14 @@ class Pools(Launch):
                 pool.failures += 1
                 pool.blocked = f"slot failed to start: {exc}"
                 log.warning("warm pool of %s: %s", pool.snapshot.snapshot_id, pool.blocked)
-                await port.stop_pool_slot(slot_dir)
+                await self._stop_slot(slot_dir)
                 if pool.failures < MAX_FAILURES:
                     await asyncio.sleep(RETRY_SECONDS * pool.failures)
                 continue
             finally:
                 pool.starting -= 1
             if pool.stopped:  # the snapshot was deleted meanwhile
-                await port.stop_pool_slot(slot_dir)
+                await self._stop_slot(slot_dir)
                 return
             pool.ready.append(slot_dir)
             pool.failures = 0
@@ -167,32 +195,61 @@ class Pools(Launch):
         return running + booting + slots + pool.snapshot.config.memory_bytes <= limit
 
     async def _slot_spec(self, snapshot: Snapshot, slot_dir: Path) -> LaunchSpec:
-        """A clone's launch with no NIC, in `slot_dir`, named after the slot."""
+        """A clone's launch in `slot_dir`, named after the slot, with held TAPs for its NICs."""
         now = datetime.now(UTC)
         name = slot_dir.name
         template = Vm(name, snapshot.customer_id, snapshot.config, VmState.CREATED, now, now, snapshot_id=snapshot.snapshot_id)  # fmt: skip
-        spec = await self._launch_spec(template, None)
+        held = None
+        if snapshot.config.network and self._network is not None:
+            held = await self._network.hold(name, len(snapshot.config.network))
+        spec = await self._launch_spec(template, held)
         await asyncio.to_thread(slot_dir.parent.mkdir, mode=0o700, parents=True, exist_ok=True)
         return dataclasses.replace(spec, vm_dir=slot_dir, console_path=slot_dir / "console.log")
 
     # ---- taking a slot (BootVm) ----
 
-    def _with_pool_slot(self, vm: Vm, spec: LaunchSpec) -> LaunchSpec:
-        """A clone's first boot: `spec` with a waiting slot of its snapshot's pool, if one fits."""
-        pool = self._pools.get(vm.snapshot_id) if spec.restore_from is not None else None
+    @contextlib.asynccontextmanager
+    async def _pool_slot(self, vm: Vm) -> AsyncIterator[Path | None]:
+        """A clone's first boot, inside: a waiting slot of its snapshot's pool if one fits, its held
+        TAPs already the clone's (attach then plumbs them); whatever happens, the slot's holder
+        namespace goes afterwards."""
+        slot = await self._take_slot(vm)
+        try:
+            yield slot
+        finally:
+            port = self._pool_port()
+            if slot is not None and port is not None and port.pool_slot_running(slot):
+                await asyncio.shield(self._stop_slot(slot))  # the boot failed before taking it
+            elif slot is not None:
+                await asyncio.shield(self._unhold(slot))
+
+    async def _take_slot(self, vm: Vm) -> Path | None:
+        pool = self._pools.get(vm.snapshot_id) if restores(vm.state, vm.snapshot_id) else None
         if pool is None:
-            return spec
-        fits = not spec.nics and spec.console_path == spec.vm_dir / "console.log"
+            return None
+        fits = (
+            len(vm.config.network) == len(pool.snapshot.config.network)
+            and self._console_path(vm) == self._vm_dir(vm.vm_id) / "console.log"
+        )
         if not fits or not pool.ready:
             self._pool_misses += 1
             if not pool.ready:  # a pool that gave up (failures, no room) tries again
                 pool.failures = 0
                 self._kick(pool, REFILL_DELAY_SECONDS)
-            return spec
+            return None
         slot = pool.ready.pop(0)
         pool.failures = 0
         self._kick(pool, REFILL_DELAY_SECONDS)
-        return dataclasses.replace(spec, pool_slot=slot)
+        if (
+            vm.config.network
+            and self._network is not None
+            and not await self._network.take_held(vm, slot.name)
+        ):
+            log.warning("warm pool slot %s: its TAPs cannot be moved to %s", slot.name, vm.vm_id)
+            self._pool_misses += 1
+            await self._stop_slot(slot)
+            return None
+        return slot
 
     def _count_pool_use(self, spec: LaunchSpec, runtime: VmRuntime) -> None:
         """After the start: a slot the backend found gone was a miss after all."""

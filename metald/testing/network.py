@@ -20,6 +20,7 @@ class FakeNetwork:
         self.attached: dict[str, NetworkAttachment] = {}
         self.host_ready = False
         self.counters_by_vm: dict[str, tuple[int, int]] = {}
+        self.held: dict[str, int] = {}  # holder -> TAPs it holds
         self._next_host = 2
 
     def host_reboot(self) -> None:
@@ -71,6 +72,23 @@ class FakeNetwork:
         for vm_id in stale:
             del self.attached[vm_id]
         return [f"ns_{vm_id}" for vm_id in stale]
+
+    async def hold(self, holder: str, count: int) -> NetworkAttachment:
+        await self.faults.step("hold")
+        self.held[holder] = count
+        specs = tuple(NicSpec(f"held{i}", f"held{i}", f"02:00:00:00:ff:{i:02x}") for i in range(count))
+        return NetworkAttachment(f"ns_held_{holder}", specs, ())
+
+    async def take_held(self, vm: Vm, holder: str) -> bool:
+        await self.faults.step("take_held")
+        return self.held.pop(holder, -1) == len(vm.config.network)
+
+    async def unhold(self, holder: str | None) -> None:
+        await self.faults.step("unhold")
+        if holder is None:
+            self.held.clear()
+        else:
+            self.held.pop(holder, None)
 
     async def ping(self) -> CheckResult:
         return CheckResult("healthy", "fake network")

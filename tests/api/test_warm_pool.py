@@ -1,23 +1,30 @@
 """Warm pools over the API, on real guests: SnapshotVm with warm_pool_size fills the pool (/health,
 /metrics), a clone's BootVm takes a waiting QEMU and is its own correct machine, the pool refills,
 a kill -9 of the daemon leaves no slot behind and the next daemon refills; deleting the clones and
-the snapshot leaves no process, cgroup or file."""
+the snapshot leaves no process, cgroup or file. With NICs: the slots' TAPs wait in holder
+namespaces, two pool-born clones on one customer network reach each other with their own MACs and
+addresses, and nothing (holder, VM namespace, TAP) is left at the end. Traffic stays between the
+guests, inside namespaces this test's daemon made."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import hashlib
 import json
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from metald.network import names, plumbing
 from tests.conftest import serving
 from tests.support.clones import READY, assert_own_identity
 from tests.support.daemon import Daemon, vmm_pids
@@ -134,3 +141,88 @@ def test_a_clone_boots_from_the_warm_pool(own_daemon: Daemon, customer: str) -> 
     assert vmm_pids(daemon.data_dir) == []
     assert list((daemon.data_dir / "snapshots").iterdir()) == []
     assert list((daemon.data_dir / "vms").iterdir()) == []
+
+
+def _holders(daemon: Daemon) -> list[str]:
+    """This daemon's TAP holder namespaces (of warm pool slots with NICs)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    held = [line.split()[0] for line in out.splitlines() if line.startswith(names.HOLDER_NETNS_PREFIX)]
+    return [ns for ns in held if asyncio.run(plumbing.belongs_to(daemon.host_netns, ns))]
+
+
+def _links(netns: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        ["ip", "-n", netns, "-j", "addr", "show"], capture_output=True, text=True, check=True
+    )
+    return [link for link in json.loads(out.stdout) if link["ifname"] != "lo"]
+
+
+def _vm_namespaces(daemon: Daemon) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    spaces = [line.split()[0] for line in out.splitlines() if line.startswith(names.VM_NETNS_PREFIX)]
+    return [ns for ns in spaces if asyncio.run(plumbing.belongs_to(daemon.host_netns, ns))]
+
+
+def test_clones_with_nics_boot_from_the_warm_pool_and_reach_each_other(
+    own_daemon: Daemon, customer: str
+) -> None:
+    daemon = own_daemon
+    rpc = Rpc(daemon.url, customer)
+    nic = {"network": [{"interface_id": "eth0"}]}
+    source = rpc.create(nic)
+    rpc.ok("BootVm", {"vm_id": source, **READY})
+    snap = rpc.ok("SnapshotVm", {"vm_id": source, "warm_pool_size": 2})["snapshot_id"]
+    _wait_ready_slots(daemon, 2)
+    assert "2/2 slots ready" in _pool_check(daemon)["detail"]
+    # Each slot's TAP waits in a namespace of its own: down, no address, no bridge.
+    holders = _holders(daemon)
+    assert len(holders) == 2
+    for holder in holders:
+        [tap] = _links(holder)
+        assert tap["ifname"] == "held0" and "UP" not in tap["flags"] and tap["addr_info"] == []
+        assert "master" not in tap
+    waiting = _slot_pids(daemon)
+
+    clones = [rpc.create(nic, snapshot_id=snap) for _ in range(2)]
+    seen = []
+    for clone in clones:
+        rpc.ok("BootVm", {"vm_id": clone, **READY})
+        info = rpc.info(clone)
+        assert info["backend_info"]["warm_pool_slot"].startswith("pool_")
+        assert int(info["backend_info"]["process_id"]) in waiting
+        [interface] = info["network_info"]["interfaces"]
+        mac, address = interface["guest_mac"], interface["guest_ipv4"].split("/")[0]
+        # Its own MAC and address inside the guest, not the snapshot's.
+        assert rpc.exec(clone, "cat", "/sys/class/net/eth0/address").strip() == mac
+        assert f"inet {address}/" in rpc.exec(clone, "ip", "-4", "addr", "show", "eth0")
+        seen.append((clone, mac, address))
+    assert len({mac for _, mac, _ in seen}) == 2
+    assert _metric(daemon, "unkey_metald_warm_pool_hits_total") == 2
+    for (clone, _, _), (_, _, other) in zip(seen, reversed(seen), strict=True):
+        assert rpc.exec(clone, "ping", "-c", "1", "-W", "5", other), (clone, other)
+    _wait_ready_slots(daemon, 2)  # refilled, with new holders; the taken ones' are gone
+    assert len(_holders(daemon)) == 2 and not set(_holders(daemon)) & set(holders)
+
+    # kill -9 with slots waiting: the next daemon removes their QEMUs and holders, fills its own.
+    left, left_holders = _slot_pids(daemon), _holders(daemon)
+    daemon.restart(hard=True)
+    _wait_ready_slots(daemon, 2)
+    assert not left & set(vmm_pids(daemon.data_dir)) and not set(_holders(daemon)) & set(left_holders)
+    assert rpc.exec(clones[0], "ping", "-c", "1", "-W", "5", seen[1][2])
+    # A daemon that stops (SIGTERM) stops its slots and their holders; its VMs run on.
+    daemon.stop()
+    assert _holders(daemon) == [] and _pool_processes(daemon) == []
+    daemon.start()
+    _wait_ready_slots(daemon, 2)
+    assert len(_holders(daemon)) == 2
+    assert rpc.exec(clones[1], "ping", "-c", "1", "-W", "5", seen[0][2])
+
+    assert rpc.ok("DeleteSnapshot", {"snapshot_id": snap}) == {"success": True}
+    assert _holders(daemon) == [] and _pool_processes(daemon) == []
+    for vm_id in (*clones, source):
+        rpc.ok("DeleteVm", {"vm_id": vm_id, "force": True})
+    # The pool-born clones ran in their slots' cgroups, removed as their QEMUs ended.
+    assert (
+        vmm_pids(daemon.data_dir) == [] and _vm_namespaces(daemon) == [] and _pool_cgroups(daemon, snap) == []
+    )
+    assert list((daemon.data_dir / "snapshots").iterdir()) == []

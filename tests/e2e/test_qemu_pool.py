@@ -1,6 +1,7 @@
 """QemuBackend warm pool slots on real guests (TCG): a clone boots into the QEMU that waited for it,
 is the snapshot's machine in its own directory, and slots stopped (also by another "daemon",
-after a kill -9) leave no process or file."""
+after a kill -9) leave no process or file; a slot's TAP, held in a namespace of its own, carries
+the clone's traffic once moved into the clone's namespace."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 from metald.backends import procfs
 from metald.backends.qemu.agent import GuestAgent
 from metald.backends.qemu.backend import QemuBackend
-from metald.ports import LaunchSpec
+from metald.network import ip, names, plumbing
+from metald.ports import LaunchSpec, NicSpec
 from tests.e2e.conftest import tcg_backend
 from tests.e2e.test_qemu_backend import READY_TIMEOUT, _agent_exec, launch_spec
 from tests.e2e.test_qemu_snapshot import (
@@ -136,3 +138,81 @@ async def test_a_slot_gone_makes_the_clone_restore_normally(
     assert await backend.wait_ready("vm-c", READY_TIMEOUT)
     for vm_id in ("vm-src", "vm-c"):
         await backend.stop(vm_id, graceful=False, timeout=0)
+
+
+async def _ip(*args: str) -> str:
+    return await ip.check("ip", *args)
+
+
+def _netns_inode(netns: str) -> int:
+    return os.stat(f"/run/netns/{netns}").st_ino
+
+
+async def test_a_slot_with_a_held_tap_serves_a_clone_once_its_holder_is_the_clones_namespace(
+    assets_dir: Path,
+    tmp_path: Path,
+    backend: QemuBackend,  # noqa: F811
+) -> None:
+    """The TAP a slot's QEMU opened in its holder namespace carries the clone's traffic once that
+    namespace is the clone's (its TAP renamed); the holder's name then goes, and nothing is left. Traffic stays
+    inside the namespace this test made (the TAP's own address)."""
+    tag = f"npt{os.getpid() % 100000}"
+    src_ns, vm_ns, holder = f"{tag}s", f"{tag}v", names.holder_netns(f"pool_{tag}")
+    try:
+        await _ip("netns", "add", src_ns)
+        await _ip("-n", src_ns, "tuntap", "add", "dev", "tap0", "mode", "tap")
+        source = dataclasses.replace(
+            launch_spec(assets_dir, tmp_path / "src", "vm-src"),
+            nics=(NicSpec("eth0", "tap0", "02:00:00:aa:00:01"),),
+            netns=src_ns,
+        )
+        await backend.start(source)
+        assert await backend.wait_ready("vm-src", READY_TIMEOUT)
+        snap = tmp_path / "snapshots" / "snap-1"
+        snap.parent.mkdir()
+        await backend.snapshot("vm-src", snap)
+        await backend.stop("vm-src", graceful=False, timeout=0)
+
+        await plumbing.ensure_holder(tag, holder, ["held0"])
+        slot_dir = tmp_path / "pool" / "snap-1" / f"pool_{tag}"
+        slot = dataclasses.replace(
+            _slot_spec(assets_dir, slot_dir, snap),
+            nics=(NicSpec("held0", "held0", "02:00:00:aa:00:02"),),
+            netns=holder,
+        )
+        await backend.start_pool_slot(slot)
+        waiting_pid = _vmm_pid(slot_dir)
+        [held] = [
+            link for link in json.loads(await _ip("-n", holder, "-j", "addr")) if link["ifname"] != "lo"
+        ]
+        assert held["ifname"] == "held0" and "UP" not in held["flags"] and held["addr_info"] == []
+
+        assert await plumbing.adopt_holder(holder, vm_ns, [("held0", "tap_clone")])
+        await _ip("-n", vm_ns, "addr", "add", "10.254.0.1/24", "dev", "tap_clone")
+        await _ip("-n", vm_ns, "link", "set", "tap_clone", "up")
+        clone = dataclasses.replace(
+            launch_spec(assets_dir, tmp_path / "vms" / "vm-clone", "vm-clone"),
+            restore_from=snap,
+            pool_slot=slot_dir,
+            nics=(NicSpec("eth0", "tap_clone", "02:00:00:aa:00:03"),),
+            netns=vm_ns,
+        )
+        await backend.prepare(clone)
+        runtime = await backend.start(clone)
+        assert runtime.pid == waiting_pid and runtime.extra["warm_pool_slot"] == slot_dir.name
+        # The holder became the clone's namespace: QEMU runs in it, its TAP renamed.
+        assert os.stat(f"/proc/{waiting_pid}/ns/net").st_ino == _netns_inode(vm_ns) == _netns_inode(holder)
+        await plumbing.remove_vm(tag, holder, ())  # the holder's name goes, the clone's stays
+        assert holder not in await _ip("netns", "list")
+        links = [link["ifname"] for link in json.loads(await _ip("-n", vm_ns, "-j", "link"))]
+        assert links == ["lo", "tap_clone"]
+        setup = "ip addr flush dev eth0; ip addr add 10.254.0.2/24 dev eth0; ip link set eth0 up"
+        assert (await _agent_exec(clone.vm_dir, setup))[0] == 0
+        assert (await _agent_exec(clone.vm_dir, "ping -c 1 -W 5 10.254.0.1"))[0] == 0
+        await backend.destroy("vm-clone", clone.vm_dir)
+        assert not _alive(waiting_pid)
+    finally:
+        for netns in (src_ns, vm_ns, holder):
+            await ip.run("ip", "netns", "del", netns)
+    listed = await _ip("netns", "list")
+    assert not any(ns in listed for ns in (src_ns, vm_ns, holder))

@@ -116,13 +116,61 @@ async def test_an_empty_pool_is_a_miss(pooled: World) -> None:
     assert pooled.service.warm_pool_status().misses == 1
 
 
-async def test_a_snapshot_with_nics_gets_no_slots_and_says_why(pooled: World) -> None:
+async def test_a_snapshot_with_nics_gets_slots_with_held_taps_that_a_clone_takes(pooled: World) -> None:
     await _template(pooled, 2, NIC)
-    assert _slots(pooled) == []
-    status = pooled.service.warm_pool_status()
-    assert status.ready == 0 and "network interfaces" in status.blocked[0]
+    slots = _slots(pooled)
+    assert len(slots) == 2 and sorted(pooled.network.held) == sorted(p.name for p in slots)
+    spec = pooled.backend.pool_slots[slots[0]]
+    assert spec.netns == f"ns_held_{slots[0].name}" and [n.tap_device for n in spec.nics] == ["held0"]
     check = await pooled.service.warm_pool_check()
-    assert check.status == "healthy" and "0/2 slots ready" in check.detail
+    assert check.status == "healthy" and "2/2 slots ready" in check.detail
+    await pooled.service.create(CUSTOMER, "clone-n", NIC, "", snapshot_id="snap-1")
+    await pooled.boot("clone-n")
+    vmm = pooled.backend.vmms["clone-n"]
+    assert vmm.pool_slot in {p.name for p in slots} and vmm.pool_slot not in pooled.network.held
+    assert vmm.spec.netns == "ns_clone-n" and len(vmm.spec.nics) == 1  # its own attachment
+    assert pooled.service.warm_pool_status().hits == 1
+    await _filled(pooled)
+    assert len(pooled.network.held) == 2 and vmm.pool_slot not in pooled.network.held
+
+
+async def test_held_taps_that_cannot_be_moved_are_a_miss_and_the_slot_goes(pooled: World) -> None:
+    await _template(pooled, 1, NIC)
+    [slot] = _slots(pooled)
+    pooled.network.held.pop(slot.name)  # its holder namespace vanished
+    pooled.backend.faults.fail("start_pool_slot", RuntimeError("no"), times=0)
+    await pooled.service.create(CUSTOMER, "clone-n", NIC, "", snapshot_id="snap-1")
+    await pooled.boot("clone-n")
+    assert pooled.backend.vmms["clone-n"].pool_slot == "" and _slots(pooled) == []
+    assert pooled.service.warm_pool_status().misses == 1
+
+
+async def test_a_boot_failing_after_taking_a_slot_stops_it_and_its_holder(pooled: World) -> None:
+    await _template(pooled, 1, NIC)
+    [slot] = _slots(pooled)
+    pooled.backend.faults.fail("start_pool_slot", RuntimeError("no"), times=0)
+    pooled.network.faults.fail("attach", RuntimeError("bridge broke"), times=1)
+    await pooled.service.create(CUSTOMER, "clone-n", NIC, "", snapshot_id="snap-1")
+    with pytest.raises(MetaldError):
+        await pooled.boot("clone-n")
+    await _filled(pooled)  # the refills fail too, each unholding what it held
+    assert slot not in _slots(pooled) and pooled.network.held == {}
+
+
+async def test_nic_slots_leave_no_holder_after_delete_or_restart(pooled: World) -> None:
+    await _template(pooled, 2, NIC)
+    await pooled.restart()  # kill -9: the old slots and their holders were left
+    await _filled(pooled)
+    assert sorted(pooled.network.held) == sorted(p.name for p in _slots(pooled))
+    await pooled.service.delete_snapshot(CUSTOMER, "snap-1")
+    assert _slots(pooled) == [] and pooled.network.held == {}
+
+
+async def test_shutdown_stops_every_slot_and_holder(pooled: World) -> None:
+    await _template(pooled, 2, NIC)
+    await pooled.service.close_pools()
+    assert _slots(pooled) == [] and pooled.network.held == {}
+    assert pooled.service.warm_pool_status().pools == 0
 
 
 async def test_slots_are_bounded_by_host_memory(tmp_path: Path) -> None:

@@ -8,9 +8,11 @@ slot's directory with the clone's (renameat2 RENAME_EXCHANGE: the supervisor and
 relative to their working directory, which follows), `migrate-incoming` and `cont`.
 
 What must be in QEMU's argv cannot differ between slot and clone. NICs are (microvm has no
-hotplug, and a virtio-net device needs its netdev at start), so only clones without interfaces
-take a slot; the name (`-name`) and the kernel command line are the slot's (boot.json records the
-process name, which re-adoption then looks for). A reset would boot the guest again with the
+hotplug, and a virtio-net device needs its netdev at start), so a slot has as many TAPs as its
+snapshot's VM had NICs, passed by descriptor (`-netdev tap,fd=N`) and held by the network in a
+namespace of the slot's own, where QEMU runs; for a clone taking the slot, that namespace becomes
+the clone's first (its TAPs renamed), so only clones with as many interfaces take one. The name (`-name`) and the kernel command line are the slot's
+(boot.json records the process name, which re-adoption then looks for). A reset would boot the guest again with the
 slot's kernel command line (its vm_id), so a pool-born VM's reboot starts a QEMU of its own
 instead: a cold boot of its own disk, as after a shutdown.
 """
@@ -89,7 +91,7 @@ class PoolSlots:
         return len(self._slots)
 
     async def start(self, spec: LaunchSpec) -> None:
-        assert spec.restore_from is not None and not spec.nics, "a slot is a clone's QEMU without NICs"
+        assert spec.restore_from is not None, "a slot is a clone's QEMU"
         launched = await self._launch(spec)
         launched.control.vmm_name = spec.vm_id
         await asyncio.to_thread(write_boot_state, spec.vm_dir, 0, launched.control)  # for re-adoption
