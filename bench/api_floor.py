@@ -271,15 +271,20 @@ def stocked_daemon(
     data_dir: Path, assets: Path, stored: int, index: int, side: str = "daemon"
 ) -> Iterator[tuple[Server, str, int]]:
     """A daemon of its own for one size: one RUNNING VM with a NIC (booted through the API), a
-    CreateVm'd template, and copies of the template written into its SQLite file before any load
-    (a daemon that has been reading may keep an older snapshot of a file others write)."""
+    CreateVm'd template, and copies of the template written into its SQLite file while the daemon
+    is stopped (it keeps records and counts between its own writes: docs/store.md)."""
     flags = ("--max-vms-per-customer", "0", "--max-vms", "0", "--server", DAEMONS[side])
     with own_daemon(data_dir, assets.resolve(), *flags, name=f"bench-{index:03d}") as daemon:
-        assert daemon.proc is not None
         rpc = bench_rpc(daemon)
-        running = rpc.create(RUNNING_CONFIG)
-        rpc.ok("BootVm", {"vm_id": running, "wait_for_ready": True, "wait_timeout_seconds": 300})
-        shutdown = seed_rows(daemon.data_dir / "metald.db", rpc.create(dict(SEED_CONFIG)), stored)
+        running, template = rpc.create(RUNNING_CONFIG), rpc.create(dict(SEED_CONFIG))
+        rpc.client.close()
+        daemon.stop()
+        shutdown = seed_rows(daemon.data_dir / "metald.db", template, stored)
+        daemon.start()
+        assert daemon.proc is not None
+        bench_rpc(daemon).ok(
+            "BootVm", {"vm_id": running, "wait_for_ready": True, "wait_timeout_seconds": 300}
+        )
         yield Server(side, daemon.url, daemon.proc.pid), running, shutdown
 
 

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextvars import Token
 from typing import Any, TypeVar, cast
 
-from connectrpc.errors import ConnectError
 from connectrpc.interceptor import Interceptor
 from connectrpc.request import RequestContext
 from opentelemetry import context, propagate, trace
@@ -31,7 +30,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from metald import __version__
 from metald.api.auth import ConfigError
-from metald.api.interceptor import current_customer
+from metald.api.interceptor import current_customer, result_code
 
 T = TypeVar("T")
 Ctx = RequestContext[Any, Any]
@@ -97,11 +96,7 @@ class RpcSpans:
         self, token: tuple[trace.Span, Token[Context]], ctx: Ctx, error: Exception | None, /
     ) -> None:
         span, attached = token
-        code = "ok"
-        if isinstance(error, ConnectError):
-            code = error.code.name.lower()
-        elif error is not None:
-            code = "internal"
+        code = result_code(error)
         span.set_attribute("metald.code", code)
         if customer := current_customer.get(""):
             span.set_attribute("metald.customer_id", customer)

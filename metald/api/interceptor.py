@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -58,12 +58,7 @@ class AuthInterceptor:
     async def on_end(
         self, token: CallStart, ctx: RequestContext[Any, Any], error: Exception | None, /
     ) -> None:
-        code = "ok"
-        if isinstance(error, ConnectError):
-            code = error.code.name.lower()
-        elif error is not None:
-            code = "internal"
-        self._finish(token, ctx, code)
+        self._finish(token, ctx, result_code(error))
 
     def _finish(self, start: CallStart, ctx: RequestContext[Any, Any], code: str) -> None:
         rpc = ctx.method.name
@@ -84,11 +79,20 @@ class AuthInterceptor:
         )
 
 
+def result_code(error: Exception | None) -> str:
+    """A finished call's code as logged, counted and put on its span: "ok", the Connect code's
+    name in lower case, or "internal" for anything else."""
+    if error is None:
+        return "ok"
+    return error.code.name.lower() if isinstance(error, ConnectError) else "internal"
+
+
 def _request_id(given: str) -> str:
     """The caller's x-request-id (at most 64 characters), unless it is empty or carries a
-    credential (then a fresh one: a token must not reach the logs or come back in a header)."""
+    credential (then a fresh one, 64 random bits in hex: a token must not reach the logs or come
+    back in a header)."""
     given = given[:64]
-    return given if given and not has_secret(given) else uuid.uuid4().hex[:16]
+    return given if given and not has_secret(given) else os.urandom(8).hex()
 
 
 class ErrorInterceptor:

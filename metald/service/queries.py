@@ -2,10 +2,11 @@
 a runtime, metrics or network detail that cannot be read right now is left out, not an error.
 
 GetVmInfo reads the VM's record every time; what it reads live beside it (QMP status and
-counters, /proc, the netlink dump of its links) is shared by the calls about the same VM that
-arrive while one read runs (and, if LIVE_READ_MAX_AGE is raised, for that long after it), while the
-record is unchanged: concurrent pollers cost one live read, and a boot, pause, reboot, stop or
-guest-ready change (each a record write, with a new `updated_at`) is never answered from before it."""
+counters, /proc, the netlink dump of its links) is shared by the calls about the same VM, with
+the same record, that arrive while one read runs: concurrent pollers cost one live read, a call
+made after another returned reads anew (so it sees the counters of a guest write in between), and
+a boot, pause, reboot, stop or guest-ready change (each a record write, with a new `updated_at`)
+is never answered from a read started before it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import errno
 import functools
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TypeVar
@@ -30,32 +30,23 @@ from metald.usecases import ConsoleChunk, Page, VmDetails
 log = logging.getLogger("metald.service")
 T = TypeVar("T")
 
-# Seconds a finished live read (runtime, metrics, links) still serves later GetVmInfo calls. 0: only
-# calls that arrive while a read runs share it, so a call made after a guest action sees its counters.
-LIVE_READ_MAX_AGE = 0.0
-_LIVE_KEPT = 4096  # live reads kept before the expired ones are dropped
-
 Live = tuple[VmRuntime | None, VmMetrics, NetworkAttachment | None]
 
 
 class LiveReads:
-    """The last live read per VM: (record version, read at, the read), the read shared by every
-    caller that asks while it runs and for LIVE_READ_MAX_AGE after it started, while the record's
-    version (its last write and state) is the same."""
+    """The live reads running, by VM and record version (last write and state): a caller asking
+    while one runs awaits it; a finished read is forgotten at once (before its callers resume)."""
 
     def __init__(self) -> None:
-        self._kept: dict[str, tuple[tuple[datetime, VmState], float, asyncio.Future[Live]]] = {}
+        self._running: dict[tuple[str, datetime, VmState], asyncio.Future[Live]] = {}
 
     async def read(self, vm: Vm, fresh: Callable[[], Awaitable[Live]]) -> Live:
-        now = time.monotonic()
-        version = (vm.updated_at, vm.state)
-        kept = self._kept.get(vm.vm_id)
-        if kept is None or kept[0] != version or (kept[2].done() and now - kept[1] > LIVE_READ_MAX_AGE):
-            if len(self._kept) >= _LIVE_KEPT:
-                self._kept = {k: v for k, v in self._kept.items() if now - v[1] <= LIVE_READ_MAX_AGE}
-            kept = (version, now, asyncio.ensure_future(fresh()))
-            self._kept[vm.vm_id] = kept
-        return await asyncio.shield(kept[2])  # one caller going away does not cancel the others' read
+        key = (vm.vm_id, vm.updated_at, vm.state)
+        running = self._running.get(key)
+        if running is None:
+            running = self._running[key] = asyncio.ensure_future(fresh())
+            running.add_done_callback(lambda _: self._running.pop(key, None))
+        return await asyncio.shield(running)  # one caller going away does not cancel the others' read
 
 
 class Queries(Launch):

@@ -14,6 +14,7 @@ from metald.domain.model import NicAddress, Vm, VmConfig, from_dict, to_dict
 from metald.domain.states import VmState
 from metald.store.sqlite_db import Db
 from metald.store.sqlite_events import SqliteEventLog
+from metald.store.sqlite_reads import RecordReads
 
 _COLUMNS = "seq, vm_id, customer_id, state, config, nics, shutdown_reason, pending, created_at, updated_at, snapshot_id"
 
@@ -23,6 +24,7 @@ class SqliteVmRecords:
         self._db = db
         self._events = events
         self._configs = _ConfigCache()
+        self._reads = RecordReads()
 
     async def insert(self, vm: Vm, event: VmEvent) -> Vm:
         row = (
@@ -50,12 +52,16 @@ class SqliteVmRecords:
             return int(cur.lastrowid or 0)
 
         try:
-            vm.seq = await self._db.transaction(insert)
+            with self._reads.writing(vm.vm_id):
+                vm.seq = await self._db.transaction(insert)
         except sqlite3.IntegrityError as exc:
             raise KeyError(vm.vm_id) from exc
         return vm
 
     async def get(self, vm_id: str) -> Vm | None:
+        return await self._reads.record(vm_id, lambda: self._read(vm_id))
+
+    async def _read(self, vm_id: str) -> Vm | None:
         row = await self._db.read_one(f"SELECT {_COLUMNS} FROM vms WHERE vm_id = ?", (vm_id,))
         return self._configs.vm(row) if row else None
 
@@ -69,19 +75,20 @@ class SqliteVmRecords:
             vm.vm_id,
         )
         sql = "UPDATE vms SET state=?, nics=?, shutdown_reason=?, pending=?, updated_at=? WHERE vm_id=?"
-        await self._change(sql, params, event)
+        await self._change(vm.vm_id, sql, params, event)
 
     async def delete(self, vm_id: str, event: VmEvent | None = None) -> None:
-        await self._change("DELETE FROM vms WHERE vm_id = ?", (vm_id,), event)
+        await self._change(vm_id, "DELETE FROM vms WHERE vm_id = ?", (vm_id,), event)
 
-    async def _change(self, sql: str, params: Sequence[Any], event: VmEvent | None) -> None:
+    async def _change(self, vm_id: str, sql: str, params: Sequence[Any], event: VmEvent | None) -> None:
         """One statement on an existing record, and its event if the record was there."""
 
         def change(conn: sqlite3.Connection) -> None:
             if conn.execute(sql, params).rowcount and event is not None:
                 self._events.append(conn, event)
 
-        await self._db.transaction(change)
+        with self._reads.writing(vm_id):
+            await self._db.transaction(change)
 
     async def list_page(
         self, customer_id: str, states: Sequence[VmState], after_seq: int, limit: int
@@ -93,8 +100,12 @@ class SqliteVmRecords:
 
     async def count(self, customer_id: str, states: Sequence[VmState]) -> int:
         where, params = _filter(customer_id, states)
-        row = await self._db.read_one(f"SELECT COUNT(*) FROM vms WHERE {where}", params)
-        return int(row[0]) if row else 0
+
+        async def read() -> int:
+            row = await self._db.read_one(f"SELECT COUNT(*) FROM vms WHERE {where}", params)
+            return int(row[0]) if row else 0
+
+        return await self._reads.count(customer_id, states, read)
 
     async def all_vms(self) -> list[Vm]:
         rows = await self._db.read(f"SELECT {_COLUMNS} FROM vms ORDER BY seq")

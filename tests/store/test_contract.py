@@ -119,6 +119,29 @@ async def test_list_page_is_keyset_ordered_per_customer_and_hides_creating(store
     assert [v.vm_id for v in await store.vms.all_vms()][-1] == "vm_half"  # all_vms sees everything
 
 
+async def test_reads_after_each_write_see_it(store: Store) -> None:
+    """The SQLite store keeps records and counts between writes: every write shows at once."""
+    vm = await insert(store, make_vm("vm_a"))
+    await insert(store, make_vm("vm_b", pending="creating"))
+    assert await store.vms.count("acme", ()) == 1
+    assert await store.vms.count("acme", (VmState.CREATED,)) == 1
+    assert (await store.vms.get("vm_a")).state is VmState.CREATED  # type: ignore[union-attr]
+    await store.vms.save(dataclasses.replace(vm, state=VmState.RUNNING, updated_at=T0 + timedelta(seconds=1)))
+    assert (await store.vms.get("vm_a")).state is VmState.RUNNING  # type: ignore[union-attr]
+    assert await store.vms.count("acme", (VmState.CREATED,)) == 0
+    assert await store.vms.count("acme", (VmState.RUNNING,)) == 1
+    created = await store.vms.get("vm_b")
+    assert created is not None
+    await store.vms.save(dataclasses.replace(created, pending=""))
+    assert await store.vms.count("acme", ()) == 2
+    await store.vms.delete("vm_a")
+    assert await store.vms.get("vm_a") is None
+    assert await store.vms.count("acme", ()) == 1
+    assert await store.vms.count("acme", (VmState.RUNNING,)) == 0
+    await insert(store, make_vm("vm_c", state=VmState.RUNNING))
+    assert await store.vms.count("acme", (VmState.RUNNING,)) == 1
+
+
 async def test_state_counts_and_usage(store: Store) -> None:
     await insert(store, make_vm("a1", vcpus=2, mib=256, state=VmState.RUNNING))
     await insert(store, make_vm("a2", vcpus=1, mib=128))
