@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,12 @@ from metald.network import LinuxNetwork
 from metald.store.sqlite import SqliteStore
 from tests.support.daemon import REPO, Daemon, kill_leftovers
 from tests.support.rpc import Rpc
+
+# A run started in the background of a script inherits SIGINT ignored, and so would every process
+# the tests start (the Ctrl-C tests of `metalctl watch` then fail): take the default back, which
+# the children get as SIG_DFL at their exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 D = TypeVar("D", bound=Daemon)
 

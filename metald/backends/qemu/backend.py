@@ -158,7 +158,7 @@ class QemuBackend(kit.VmmBackend[Qmp]):
         except FileNotFoundError as e:
             raise kit.tool_missing(self._binary, e) from e
         except kit.VmmStartError as e:
-            if not await asyncio.to_thread(shutil.which, self._binary):
+            if await self._binary_missing():
                 raise kit.tool_missing(self._binary, e) from e
             raise kit.vmm_failed(spec.vm_id, str(e)) from e
         finally:
@@ -171,10 +171,15 @@ class QemuBackend(kit.VmmBackend[Qmp]):
             vmm.detach()
             raise
         if not connected:
+            if await self._binary_missing():  # the sandbox wrapper ran, but QEMU is not there
+                raise kit.tool_missing(self._binary)
             raise qemu_control.did_not_come_up(
                 spec.vm_id, await asyncio.to_thread(kit.read_log_tail, spec.vm_dir, vmm.log_offset)
             )
         return Launched(vmm, control, fds.incoming, offset)
+
+    async def _binary_missing(self) -> bool:
+        return not await asyncio.to_thread(shutil.which, self._binary)
 
     async def adopt(self, spec: kit.LaunchSpec) -> kit.VmRuntime | None:
         if (vm := self._vms.find(spec.vm_id)) is not None:
