@@ -254,7 +254,7 @@ async def serve_api(app: ASGIApp, settings: Settings) -> None:
 async def serve_in_envoy(app: ASGIApp, settings: Settings) -> None:
     """`server = pyvoy`: Envoy (this process) serves; until its lifespan ends (metald.api.pyvoy_host)."""
     if not inside_envoy():
-        raise ConfigError("server = pyvoy is for `metald serve` only")
+        raise ConfigError("server = pyvoy serves `metald serve` and `metald gateway` from inside Envoy only")
     raise_fd_limit()
     log.info("metald listening on %s (cleartext, pyvoy)", settings.listen)
     await HOST.serve(edge_app(app, settings))

@@ -10,6 +10,7 @@ from metald.api.asgi import ASGIApp
 from metald.api.auth import build_authenticator
 from metald.api.health import HealthReporter
 from metald.api.metrics import Metrics
+from metald.api.pyvoy_host import enter_envoy
 from metald.api.serve import serve_api
 from metald.daemon import build_app, service_options
 from metald.domain.paging import PageTokens
@@ -50,6 +51,7 @@ def gateway_options(settings: Settings) -> GatewayOptions:
 
 
 async def run_gateway(settings: Settings) -> None:
+    enter_envoy(settings, "metald.fleet.serve:run_gateway")  # server = pyvoy: this process becomes Envoy
     configure_logging(settings.log_format, settings.log_level)
     secret = gateway_fleet_secret(settings)
     operator_token = load_operator_token(settings.fleet_operator_token_file)

@@ -43,7 +43,7 @@ def test_pyvoy_serves_cleartext_only(tmp_path: Path) -> None:
     cert = tmp_path / "c.pem"
     cert.write_text("")
     with pytest.raises(ConfigError, match="cleartext only"):
-        pyvoy_host.exec_envoy(Settings(server="pyvoy", tls_cert=cert, tls_key=cert))
+        pyvoy_host.exec_envoy(Settings(server="pyvoy", tls_cert=cert, tls_key=cert), "metald.daemon:run")
 
 
 async def test_serve_api_outside_envoy_refuses_pyvoy() -> None:
