@@ -6,7 +6,8 @@ network namespace, 2 gateways) and three measurements, VMs created but never boo
   a gateway, interleaved call by call in one run (the order alternates each round), binary Connect
   over one HTTP connection per side, from a client inside the bridge namespace (as a client next
   to a gateway: the gateway on loopback, hosts over their veths; no test proxy in the path);
-  ratio = gateway p50 / direct p50 (target <= 1.5); and the floor of each server (a 404 from the
+  ratio = gateway p50 / direct p50 (target <= 1.5); with --pyvoy-side (default when pyvoy is
+  installed) a third gateway served by pyvoy is a third side of the same rounds; and the floor of each server (a 404 from the
   same stack, no RPC), interleaved the same way;
 - balance: 60 VMs created through both gateways: VMs per host, most/fewest (target <= 1.5);
 - create rate: CreateVm calls per second through one gateway, then through two (the same total,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import statistics
 import subprocess
 import sys
@@ -26,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,32 +67,42 @@ def _summary(samples_ms: Sequence[float]) -> dict[str, float]:
     }
 
 
-async def _interleaved(direct: Call, gateway: Call, rounds: int, warmup: int) -> dict[str, Any]:
+async def _interleaved(sides: dict[str, Call], rounds: int, warmup: int) -> dict[str, Any]:
+    """Each side called once per round, the order rotating each round; ratios against "direct"."""
+    calls = list(sides.items())
     for _ in range(warmup):
-        await direct()
-        await gateway()
-    times: dict[str, list[float]] = {"direct": [], "gateway": []}
-    sides = (("direct", direct), ("gateway", gateway))
+        for _, call in calls:
+            await call()
+    times: dict[str, list[float]] = {name: [] for name in sides}
     for i in range(rounds):
-        for name, call in sides if i % 2 == 0 else sides[::-1]:
+        shift = i % len(calls)
+        for name, call in calls[shift:] + calls[:shift]:
             started = time.perf_counter()
             await call()
             times[name].append((time.perf_counter() - started) * 1000)
     out: dict[str, Any] = {name: _summary(samples) for name, samples in times.items()}
-    out["ratio_p50"] = out["gateway"]["p50_ms"] / out["direct"]["p50_ms"]
-    out["ratio_p99"] = out["gateway"]["p99_ms"] / out["direct"]["p99_ms"]
+    for name in sides:
+        if name != "direct":
+            suffix = name.removeprefix("gateway")  # "ratio_p50" for the gateway, "ratio_p50-pyvoy"…
+            out[f"ratio_p50{suffix}"] = out[name]["p50_ms"] / out["direct"]["p50_ms"]
+            out[f"ratio_p99{suffix}"] = out[name]["p99_ms"] / out["direct"]["p99_ms"]
     return out
 
 
 async def latency(fleet: Fleet, customer: str, vm_id: str, rounds: int, warmup: int) -> dict[str, Any]:
+    """Direct, through gateway1, and with --pyvoy-side through a pyvoy gateway too (the last one)."""
     host, gateway = fleet.hosts[0], fleet.gateways[0]
+    pyvoy = fleet.gateways[-1] if fleet.gateway_servers[-1] == "pyvoy" else None
     gateway_headers = {"authorization": f"Bearer dev_customer_{customer}"}
     codec = proto_binary_codec()
     http = HttpClient()
-    async with (
-        VmServiceClient(host.inner_url, codec=codec) as direct,
-        VmServiceClient(gateway.inner_url, codec=codec) as through,
-    ):
+    async with AsyncExitStack() as stack:
+        direct = await stack.enter_async_context(VmServiceClient(host.inner_url, codec=codec))
+        through = await stack.enter_async_context(VmServiceClient(gateway.inner_url, codec=codec))
+        gateways = {"gateway": (gateway.inner_url, through)}
+        if pyvoy is not None:
+            client = await stack.enter_async_context(VmServiceClient(pyvoy.inner_url, codec=codec))
+            gateways["gateway-pyvoy"] = (pyvoy.inner_url, client)
 
         def host_headers() -> dict[str, str]:  # what a gateway sends: a fresh gateway token
             return {"authorization": f"Bearer {fleet.host_token(host, customer)}"}
@@ -97,26 +110,43 @@ async def latency(fleet: Fleet, customer: str, vm_id: str, rounds: int, warmup: 
         info = pb.GetVmInfoRequest(vm_id=vm_id)
         listing = pb.ListVmsRequest(page_size=LIST_VMS)
         direct_list = await direct.list_vms(listing, headers=host_headers())
-        gateway_list = await through.list_vms(listing, headers=gateway_headers)
-        assert len(direct_list.vms) == len(gateway_list.vms) == LIST_VMS, "both sides list the same VMs"
+        for _, client in gateways.values():
+            listed = await client.list_vms(listing, headers=gateway_headers)
+            assert len(direct_list.vms) == len(listed.vms) == LIST_VMS, "every side lists the same VMs"
+
+        def info_call(client: VmServiceClient) -> Call:
+            return lambda: client.get_vm_info(info, headers=gateway_headers)
+
+        def list_call(client: VmServiceClient) -> Call:
+            return lambda: client.list_vms(listing, headers=gateway_headers)
+
+        def empty_call(url: str) -> Call:
+            return lambda: http.get(f"{url}/no-such-endpoint")
+
         return {
             "GetVmInfo": await _interleaved(
-                lambda: direct.get_vm_info(info, headers=host_headers()),
-                lambda: through.get_vm_info(info, headers=gateway_headers),
+                {
+                    "direct": lambda: direct.get_vm_info(info, headers=host_headers()),
+                    **{name: info_call(client) for name, (_, client) in gateways.items()},
+                },
                 rounds,
                 warmup,
             ),
             "ListVms": await _interleaved(
-                lambda: direct.list_vms(listing, headers=host_headers()),
-                lambda: through.list_vms(listing, headers=gateway_headers),
+                {
+                    "direct": lambda: direct.list_vms(listing, headers=host_headers()),
+                    **{name: list_call(client) for name, (_, client) in gateways.items()},
+                },
                 rounds,
                 warmup,
             ),
-            # The server floor on each side: a 404 from the same stack (hypercorn, the edge layers,
+            # The server floor on each side: a 404 from the same stack (the server, the edge layers,
             # the root app), no RPC. What a gateway adds to GetVmInfo compares with the gateway's.
             "empty request (404)": await _interleaved(
-                lambda: http.get(f"{host.inner_url}/no-such-endpoint"),
-                lambda: http.get(f"{gateway.inner_url}/no-such-endpoint"),
+                {
+                    "direct": empty_call(host.inner_url),
+                    **{name: empty_call(url) for name, (url, _) in gateways.items()},
+                },
                 rounds,
                 warmup,
             ),
@@ -202,11 +232,19 @@ def main(argv: Sequence[str]) -> int:
         "--profile", action=argparse.BooleanOptionalAction, default=True, help="py-spy the gateway"
     )
     p.add_argument("--profile-seconds", type=float, default=5.0)
+    p.add_argument(
+        "--pyvoy-side",
+        action=argparse.BooleanOptionalAction,
+        default=importlib.util.find_spec("pyvoy") is not None,
+        help="a third gateway served by pyvoy (`--server pyvoy`), a third interleaved latency side"
+        " [default: on when pyvoy is installed]",
+    )
     args = p.parse_args(argv)
     context = machine_context()
     with workdir(args.workdir) as root:
         (root / "fleet").mkdir(parents=True, exist_ok=True)
-        fleet = Fleet(root / "fleet", args.assets_dir.resolve())
+        servers = ("hypercorn", "hypercorn", *(("pyvoy",) if args.pyvoy_side else ()))
+        fleet = Fleet(root / "fleet", args.assets_dir.resolve(), gateway_servers=servers)
         try:
             fleet.start()
             results = run(fleet, args, root)
@@ -221,7 +259,7 @@ def run(fleet: Fleet, args: Any, root: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
 
     # Balance first, on empty hosts.
-    urls = [g.inner_url for g in fleet.gateways]
+    urls = [g.inner_url for g in fleet.gateways[:2]]  # the two hypercorn gateways
     ids, _ = in_bridge(fleet, _create_many, urls, "bench-balance", args.balance_vms, args.concurrency)
     per_host = Counter({name: len(vms) for name, vms in rpc.truth("bench-balance").items()})
     assert sum(per_host.values()) == len(ids) == args.balance_vms
@@ -246,9 +284,16 @@ def run(fleet: Fleet, args: Any, root: Path) -> dict[str, Any]:
         fleet, lambda: latency(fleet, "bench-latency", made[0], args.rounds, args.warmup)
     )
     rows = [
-        (rpc_name, side, r[side]["p50_ms"], r[side]["p99_ms"], r["ratio_p50"] if side == "gateway" else "")
+        (
+            rpc_name,
+            side,
+            r[side]["p50_ms"],
+            r[side]["p99_ms"],
+            r.get(f"ratio_p50{side.removeprefix('gateway')}", ""),
+        )
         for rpc_name, r in results["latency"].items()
-        for side in ("direct", "gateway")
+        for side in ("direct", "gateway", "gateway-pyvoy")
+        if side in r
     ]
     print_table("latency (ms)", ["rpc", "side", "p50", "p99", "ratio p50"], rows)
     if args.profile:

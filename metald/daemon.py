@@ -18,7 +18,7 @@ from metald.api.health import HealthReporter
 from metald.api.interceptor import AuthInterceptor, ErrorInterceptor
 from metald.api.metrics import Metrics, StateCounts
 from metald.api.openapi import render as render_openapi
-from metald.api.pyvoy_host import exec_envoy, inside_envoy
+from metald.api.pyvoy_host import enter_envoy
 from metald.api.reflection import reflection_apps
 from metald.api.rest import RestApi
 from metald.api.serve import serve_api
@@ -146,8 +146,7 @@ def host_identity(settings: Settings) -> HostIdentity:
 
 
 async def run(settings: Settings) -> None:
-    if settings.server == "pyvoy" and not inside_envoy():
-        exec_envoy(settings)  # this process becomes Envoy, which runs this function again inside it
+    enter_envoy(settings, "metald.daemon:run")  # server = pyvoy: this process becomes Envoy
     configure_logging(settings.log_format, settings.log_level)
     fleet_secret = host_fleet_secret(settings)
     authenticator = build_host_authenticator(settings, fleet_secret)

@@ -1,11 +1,13 @@
 """`server = pyvoy` (opt-in): the daemon inside pyvoy's Envoy instead of hypercorn.
 
 pyvoy runs an ASGI application inside Envoy's process (an embedded interpreter on an asyncio loop
-of its own thread), loaded by name. So `metald serve` replaces itself with Envoy (same pid: a
-service manager's signals and kill -9, the VMM supervisors' parent, the tests' daemon are still the
-daemon), and Envoy loads `HOST`, whose lifespan runs `metald.daemon.run` with the settings this
-process parsed; that run's `serve_api` hands its application to `HOST` and serves until Envoy
-shuts the lifespan down (SIGTERM). Envoy's own admin listener is left out of its configuration.
+of its own thread), loaded by name. So `metald serve` (or `metald gateway`) replaces itself with
+Envoy (same pid: a service manager's signals and kill -9, the VMM supervisors' parent, the tests'
+daemon are still the daemon), and Envoy loads `HOST`, whose lifespan runs the same command's run
+function (`metald.daemon.run` or `metald.fleet.serve.run_gateway`, named in the environment) with
+the settings this process parsed; that run's `serve_api` hands its application to `HOST` and serves
+until Envoy shuts the lifespan down (SIGTERM). Envoy's own admin listener is left out of its
+configuration.
 
 What Envoy needs in its environment to load Python (LD_PRELOAD of libpython, PYTHONHOME,
 PYTHONPATH) is put back as it was before anything is spawned, and `sys.executable` (Envoy's binary
@@ -24,6 +26,7 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 from metald.api.asgi import ASGIApp, Message, Receive, Scope, Send
@@ -34,14 +37,23 @@ ENTRY = "metald.api.pyvoy_host:HOST"
 _SETTINGS = "METALD_PYVOY_SETTINGS"  # the parsed settings, as JSON, for the run inside Envoy
 _RESTORE = "METALD_PYVOY_RESTORE"  # {name: value or null} of the variables set for Envoy
 _PYTHON = "METALD_PYVOY_PYTHON"
+_RUN = "METALD_PYVOY_RUN"  # "module:function", the command's run(settings) to call inside Envoy
+Run = Callable[[Settings], Awaitable[None]]
 
 
 def inside_envoy() -> bool:
     return HOST.settings is not None
 
 
-def exec_envoy(settings: Settings) -> NoReturn:
-    """Become Envoy serving the daemon (does not return)."""
+def enter_envoy(settings: Settings, run: str) -> None:
+    """With server = pyvoy and outside Envoy: become Envoy, which calls `run` ("module:function",
+    the caller itself) again inside it. Otherwise nothing."""
+    if settings.server == "pyvoy" and not inside_envoy():
+        exec_envoy(settings, run)
+
+
+def exec_envoy(settings: Settings, run: str) -> NoReturn:
+    """Become Envoy serving `run(settings)` (does not return)."""
     if settings.tls_cert or settings.tls_key:
         raise ConfigError("server = pyvoy serves cleartext only; use server = hypercorn for TLS")
     try:  # not a dependency of metald: an operator who chooses pyvoy installs it
@@ -59,6 +71,7 @@ def exec_envoy(settings: Settings) -> NoReturn:
     env[_SETTINGS] = settings.model_dump_json(exclude_unset=False)
     env[_RESTORE] = json.dumps({name: os.environ.get(name) for name in for_envoy})
     env[_PYTHON] = sys.executable
+    env[_RUN] = run
     envoy: str = pyvoy.get_envoy_path()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -79,6 +92,7 @@ class Host:
     def __init__(self) -> None:
         raw = os.environ.get(_SETTINGS)
         self.settings = Settings.model_validate(json.loads(raw)) if raw else None
+        self.run = os.environ.get(_RUN, "")
         self._app: asyncio.Future[ASGIApp] | None = None
         self._stop: asyncio.Event | None = None
 
@@ -97,9 +111,8 @@ class Host:
         await app(scope, shielded(receive) if scope["type"] == "http" else receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        from metald.daemon import run
-
         assert self.settings is not None
+        run = _runner(self.run)
         loop = asyncio.get_running_loop()
         _accept_shutdown_timeout(loop)
         _restore_environment()
@@ -122,6 +135,12 @@ class Host:
             await send({"type": "lifespan.shutdown.failed", "message": _failure(running)})
             return
         await send({"type": "lifespan.shutdown.complete"})
+
+
+def _runner(name: str) -> Run:
+    module, _, function = name.partition(":")
+    run: Run = getattr(importlib.import_module(module), function)
+    return run
 
 
 def _failure(task: asyncio.Future[Any]) -> str:
@@ -152,6 +171,7 @@ def _restore_environment() -> None:
             os.environ[name] = value
     sys.executable = os.environ.pop(_PYTHON, sys.executable)
     os.environ.pop(_SETTINGS, None)
+    os.environ.pop(_RUN, None)
 
 
 HOST = Host()

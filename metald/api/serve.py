@@ -219,10 +219,12 @@ def edge_app(app: ASGIApp, settings: Settings) -> ASGIApp:
     return DrainRequestBody(edge, max(MIN_DRAIN_BYTES, 8 * settings.max_request_bytes))
 
 
-async def serve_api(app: ASGIApp, settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT; cleartext HTTP/1.1 + h2c, or TLS with ALPN h2/http1.1."""
+async def serve_api(app: ASGIApp, settings: Settings, *, edge: bool = True) -> None:
+    """Serve until SIGTERM/SIGINT; cleartext HTTP/1.1 + h2c, or TLS with ALPN h2/http1.1.
+    `edge=False`: `app` already has `edge_app` inside it, behind a layer that runs first."""
+    served = edge_app(app, settings) if edge else app
     if settings.server == "pyvoy":
-        await serve_in_envoy(app, settings)
+        await serve_in_envoy(served, settings)
         return
     context = tls_context(settings)
     fd_limit = raise_fd_limit()
@@ -247,15 +249,15 @@ async def serve_api(app: ASGIApp, settings: Settings) -> None:
         cap,
         fd_limit,
     )
-    await serve(edge_app(app, settings), config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    await serve(served, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     log.info("metald stopped; VMs keep running and are re-adopted at the next start")
 
 
 async def serve_in_envoy(app: ASGIApp, settings: Settings) -> None:
     """`server = pyvoy`: Envoy (this process) serves; until its lifespan ends (metald.api.pyvoy_host)."""
     if not inside_envoy():
-        raise ConfigError("server = pyvoy is for `metald serve` only")
+        raise ConfigError("server = pyvoy serves `metald serve` and `metald gateway` from inside Envoy only")
     raise_fd_limit()
     log.info("metald listening on %s (cleartext, pyvoy)", settings.listen)
-    await HOST.serve(edge_app(app, settings))
+    await HOST.serve(app)
     log.info("metald stopped; VMs keep running and are re-adopted at the next start")

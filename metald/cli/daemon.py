@@ -33,7 +33,7 @@ def _flag_type(annotation: object) -> object:
 GATEWAY_SETTINGS = (
     "listen", "log_format", "log_level", "auth_mode", "insecure_dev_auth", "jwt_secret", "jwt_jwks_file",
     "jwt_audience", "jwt_issuer", "jwt_customer_claim", "jwt_leeway_seconds", "tls_cert", "tls_key",
-    "tls_client_ca", "default_vcpus", "default_memory_mib", "max_vms_per_customer",
+    "tls_client_ca", "server", "default_vcpus", "default_memory_mib", "max_vms_per_customer",
     "max_vcpus_per_customer", "max_memory_mib_per_customer", "max_snapshots_per_customer",
     "max_snapshot_mib_per_customer", "max_request_bytes", "max_metadata_entries",
     "max_kernel_args_length", "fleet_dsn", "fleet_secret_file", "fleet_operator_token_file", "config_file",

@@ -1,7 +1,7 @@
 """The gateway's forwarding fast path for GetVmInfo over Connect unary (binary and JSON).
 
-In front of the gateway's API app, it serves the common case without the Connect server stack
-and without the pyqwest client: the caller authenticated as on the full path, its VM in the
+Outermost, in front of the edge layers (metald.api.serve.edge_app) and the gateway's API app, it
+serves the common case without the Connect server stack and without the pyqwest client: the caller authenticated as on the full path, its VM in the
 routing cache on a host whose lease is live by a fresh host view (routes.py: no query, no wait),
 the host reached over a pooled HTTP/1.1 keep-alive connection on the gateway's own event loop
 (h1.py), and the host answering 200. The host's message gets `backend_info["host_id"]` (decoded
@@ -10,11 +10,11 @@ as the full path does (the same `rpc` log line and per-RPC series, the same forw
 
 Anything else takes the full path with the request body replayed, so every refusal and every
 error is the full path's own answer (codes, ErrorInfo reasons such as HOST_UNAVAILABLE, the stale
-location retry): another protocol (gRPC, gRPC-Web, Connect GET), a compressed or oversized body, a
-body that does not decode, a refused credential, a VM not cached for this caller, a host view due
-for its once-a-second read, any non-200 answer or a host that did not answer (GetVmInfo reads only,
-so sending it again is safe; the replayed call gets the time left of the caller's deadline). With
-tracing on, the fast path is not installed: spans come from the full path's interceptors.
+location retry): another protocol (gRPC, gRPC-Web, Connect GET), a browser's call (an Origin
+header: CORS is the full path's), a compressed or oversized body, a body that does not decode, a
+refused credential, a VM not cached for this caller, a host view due for its once-a-second read,
+any non-200 answer or a host that did not answer (GetVmInfo reads only, so sending it again is
+safe; the replayed call gets the time left of the caller's deadline). With tracing on, the fast path is not installed: spans come from the full path's interceptors.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ class FastForward:
             headers = _ascii_headers(scope)
             codec = _CODECS.get(headers.get("content-type", ""))
             encoding = headers.get("content-encoding", "identity")
-            if codec is None or encoding not in _ENCODINGS:
-                raise _Fallback
+            if codec is None or encoding not in _ENCODINGS or "origin" in headers:
+                raise _Fallback  # (a browser's call: CORS is an edge layer of the full path)
             deadline = _deadline(headers)
             body = await self._body(receive, consumed)
             if encoding == "gzip":

@@ -10,7 +10,8 @@ from metald.api.asgi import ASGIApp
 from metald.api.auth import build_authenticator
 from metald.api.health import HealthReporter
 from metald.api.metrics import Metrics
-from metald.api.serve import serve_api
+from metald.api.pyvoy_host import enter_envoy
+from metald.api.serve import edge_app, serve_api
 from metald.daemon import build_app, service_options
 from metald.domain.paging import PageTokens
 from metald.domain.quotas import Quotas
@@ -50,6 +51,7 @@ def gateway_options(settings: Settings) -> GatewayOptions:
 
 
 async def run_gateway(settings: Settings) -> None:
+    enter_envoy(settings, "metald.fleet.serve:run_gateway")  # server = pyvoy: this process becomes Envoy
     configure_logging(settings.log_format, settings.log_level)
     secret = gateway_fleet_secret(settings)
     operator_token = load_operator_token(settings.fleet_operator_token_file)
@@ -88,8 +90,11 @@ async def run_gateway(settings: Settings) -> None:
             tracing=tracing,
         )
         front: ASGIApp = OperatorApi(app, db, operator_token)
-        if not tracing.enabled:  # spans come from the full path's interceptors
-            fast = FastForward(front, gateway, hosts, authenticator, metrics, settings.max_request_bytes)
-            stack.push_async_callback(fast.close)
-            front = fast
-        await serve_api(front, settings)
+        if tracing.enabled:  # spans come from the full path's interceptors: no fast path
+            await serve_api(front, settings)
+            return
+        # Outermost: the edge layers (body draining, CORS, gRPC wire) are for the full path only.
+        full = edge_app(front, settings)
+        fast = FastForward(full, gateway, hosts, authenticator, metrics, settings.max_request_bytes)
+        stack.push_async_callback(fast.close)
+        await serve_api(fast, settings, edge=False)

@@ -18,6 +18,8 @@ from tests.support.daemon import METALD, ServedProcess, kill_leftovers
 HOST_PORT = 8080
 HEARTBEAT_SECONDS = 1.0
 LEASE_SECONDS = 4.0
+# The gateways' HTTP server: METALD_TEST_GATEWAY_SERVER=pyvoy runs the fleet tests against pyvoy gateways.
+GATEWAY_SERVER = os.environ.get("METALD_TEST_GATEWAY_SERVER", "hypercorn")
 
 
 class FleetProcess(ServedProcess):
@@ -39,8 +41,18 @@ class FleetProcess(ServedProcess):
 
 
 class Fleet:
-    def __init__(self, root: Path, assets_dir: Path, *, hosts: int = 3, gateways: int = 2) -> None:
+    def __init__(
+        self,
+        root: Path,
+        assets_dir: Path,
+        *,
+        hosts: int = 3,
+        gateways: int = 2,
+        gateway_servers: tuple[str, ...] = (),
+    ) -> None:
+        """`gateway_servers`: each gateway's HTTP server (default: GATEWAY_SERVER for all)."""
         self.root = root
+        self.gateway_servers = gateway_servers or (GATEWAY_SERVER,) * gateways
         prefix = f"mdf{os.getpid() % 100000}"
         self.pg = Postgres()
         self.net = FleetNetwork(prefix, hosts)
@@ -56,7 +68,7 @@ class Fleet:
         self.assets_dir = assets_dir
         self._proxies: list[NetnsProxy] = []
         self.hosts = [self._host(i) for i in range(hosts)]
-        self.gateways = [self._gateway(i) for i in range(gateways)]
+        self.gateways = [self._gateway(i) for i in range(len(self.gateway_servers))]
 
     def _proxy(self, netns: str, target: tuple[str, int]) -> NetnsProxy:
         proxy = NetnsProxy(netns, target)
@@ -96,7 +108,7 @@ class Fleet:
     def _gateway(self, i: int) -> FleetProcess:
         name, port = f"gateway{i + 1}", 9100 + i
         argv = [
-            "gateway", "--listen", f"127.0.0.1:{port}",
+            "gateway", "--listen", f"127.0.0.1:{port}", "--server", self.gateway_servers[i],
             "--fleet-operator-token-file", str(self.operator_token_file), *self.fleet_flags(),
         ]  # fmt: skip
         proxy = self._proxy(self.net.bridge_ns, ("127.0.0.1", port))

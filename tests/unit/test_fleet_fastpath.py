@@ -197,6 +197,7 @@ async def test_json_call_is_answered_in_json(setup: Setup) -> None:
         ({"content-type": "application/grpc"}, 200),
         ({"content-encoding": "br"}, 200),
         ({"connect-timeout-ms": "soon"}, 200),
+        ({"origin": "https://console.example"}, 200),  # a browser's call: CORS is an edge layer
         ({}, 404),  # the host's refusal: the full path's answer (and its stale-location retry)
         ({}, 503),
     ],

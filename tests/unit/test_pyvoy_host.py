@@ -43,7 +43,7 @@ def test_pyvoy_serves_cleartext_only(tmp_path: Path) -> None:
     cert = tmp_path / "c.pem"
     cert.write_text("")
     with pytest.raises(ConfigError, match="cleartext only"):
-        pyvoy_host.exec_envoy(Settings(server="pyvoy", tls_cert=cert, tls_key=cert))
+        pyvoy_host.exec_envoy(Settings(server="pyvoy", tls_cert=cert, tls_key=cert), "metald.daemon:run")
 
 
 async def test_serve_api_outside_envoy_refuses_pyvoy() -> None:
@@ -68,3 +68,11 @@ def test_children_get_the_environment_from_before_envoy(monkeypatch: pytest.Monk
     assert os.environ["PYTHONPATH"] == "/was/before"
     assert sys.executable == "/venv/bin/python"
     assert pyvoy_host._PYTHON not in os.environ and pyvoy_host._RESTORE not in os.environ
+
+
+def test_envoy_runs_the_command_that_entered_it() -> None:
+    from metald.daemon import run
+    from metald.fleet.serve import run_gateway
+
+    assert pyvoy_host._runner("metald.fleet.serve:run_gateway") is run_gateway
+    assert pyvoy_host._runner("metald.daemon:run") is run
