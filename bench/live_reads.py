@@ -100,14 +100,26 @@ def _netns(name: str, *commands: str) -> None:
         subprocess.run(["ip", "-n", name, *command.split()], check=True)
 
 
+def _boot(vm: common.HandVm) -> str:
+    """Start the guest and wait for its ready line; the reads are measured either way."""
+    vm.start()
+    try:
+        common.wait_ready({vm.spec.vm_id: vm.spec.console_path}, 60)
+    except TimeoutError:
+        for name in ("vmm.log", "console.log"):
+            path = vm.spec.vm_dir / name
+            print(f"--- {name}:", path.read_text(errors="replace")[-600:] if path.exists() else "(none)")
+        return "not ready after 60 s"
+    return "ready"
+
+
 def main() -> None:
     p = common.parser("live_reads", "The cost of each live read of GetVmInfo, in process.")
     p.add_argument("--calls", type=int, default=2000, help="calls per read")
     args = p.parse_args()
     netns = f"metald-bench-{uuid.uuid4().hex[:8]}"
     with common.workdir(args.workdir) as root, common.hand_vms(root, args.assets_dir, 1, 256) as vms:
-        vms[0].start()
-        common.wait_ready({"vm": vms[0].spec.console_path}, 120)
+        state = _boot(vms[0])
         subprocess.run(["ip", "netns", "add", netns], check=True)
         try:
             _netns(netns, "tuntap add dev tap0 mode tap", "link add v0 type veth peer name v1")
@@ -116,7 +128,7 @@ def main() -> None:
             subprocess.run(["ip", "netns", "del", netns], check=False)
     load = Path("/proc/loadavg").read_text().split()[0]
     common.print_table(
-        f"live reads, {args.calls} calls each, load {load}",
+        f"live reads, {args.calls} calls each, guest {state}, load {load}",
         ["read", "p50 ms", "mean ms", "CPU ms/call"],
         [(name, f"{p50:.3f}", f"{mean:.3f}", f"{cpu:.3f}") for name, p50, mean, cpu in rows],
     )
