@@ -12,6 +12,7 @@ import signal
 from typing import NamedTuple
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -25,10 +26,8 @@ class ProcStat(NamedTuple):  # not a dataclass: see vmm/supervisor.py on its sta
 
 def read_stat(pid: int) -> ProcStat | None:
     """None when the process does not exist (any more)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except (FileNotFoundError, ProcessLookupError):
+    raw = _read(f"/proc/{pid}/stat")
+    if raw is None:
         return None
     # comm (field 2) may contain spaces and parentheses: split after the last ")".
     fields = raw[raw.rindex(b")") + 2 :].split()
@@ -41,15 +40,26 @@ def read_stat(pid: int) -> ProcStat | None:
 
 
 def read_rss_bytes(pid: int) -> int:
-    """VmRSS of the process, 0 if it is gone or has no memory (zombie)."""
+    """Resident memory of the process (VmRSS), 0 if it is gone or has no memory (zombie).
+
+    From /proc/PID/statm (its second field, in pages): the same counter as status's VmRSS
+    (get_mm_rss), in one short line instead of the ~55 lines the kernel formats for status."""
+    raw = _read(f"/proc/{pid}/statm")
+    return int(raw.split()[1]) * _PAGE_SIZE if raw else 0
+
+
+def _read(path: str) -> bytes | None:
+    """The whole of a small /proc file in one read, None if the process is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
+        return None
+    try:
+        return os.read(fd, 4096)
+    except ProcessLookupError:  # ended between open and read
+        return None
+    finally:
+        os.close(fd)
 
 
 def read_cmdline(pid: int) -> list[str]:

@@ -105,7 +105,10 @@ class LinuxNetwork:
     async def detach(self, vm: Vm) -> None:
         started = time.monotonic()
         veths = [names.host_veth(vm.vm_id, i) for i in range(len(vm.config.network))]
-        await plumbing.remove_vm(self._host, names.vm_netns(vm.vm_id), veths)
+        try:
+            await plumbing.remove_vm(self._host, names.vm_netns(vm.vm_id), veths)
+        finally:
+            self._links.forget(names.vm_netns(vm.vm_id))  # after: frees the namespace (netlink.py)
         if self._walls.close_for(vm.vm_id) and ip.netns_exists(self._host):
             await self._walls.apply()
         log.info(
@@ -170,6 +173,7 @@ class LinuxNetwork:
             owner = names.netns_id8(netns)
             if owner and owner not in live and await plumbing.belongs_to(self._host, netns):
                 removed += await plumbing.remove_vm(self._host, netns, ())
+                self._links.forget(netns)
         return removed
 
     async def ping(self) -> CheckResult:

@@ -2,8 +2,15 @@
 
 A netlink socket belongs to the namespace it was created in, so the socket is opened inside the
 VM's namespace (setns on a dedicated thread, then back) and the dump runs on it: one RTM_GETLINK
-request, answered with every link's name, flags and 64-bit counters. Nothing is cached between
-reads: a kept socket would keep a deleted namespace alive.
+request, answered with every link's name, flags and 64-bit counters.
+
+The socket is kept per namespace (no setns, no thread hop on later reads: the dump is answered from
+kernel memory, so sending and receiving it on the event loop never waits), but never answers for a
+namespace other than the one the name now refers to: each read first compares the name's inode
+(a stat of /run/netns/NAME, tmpfs) with the kept socket's, and a socket whose namespace is no longer
+there is closed. A kept socket keeps its namespace alive, so whoever deletes a namespace calls
+`forget` after the deletion (NetworkManager.detach, remove_orphans): a read that opened a socket
+while the deletion ran sees the name gone or changed before it keeps the socket.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _RTATTR = struct.Struct("=HH")  # len, type
 _STATS64 = struct.Struct("=4Q")  # rx_packets, tx_packets, rx_bytes, tx_bytes (first of 23+)
 _RECV_BYTES = 1 << 16
+_KEPT_MAX = 512  # sockets kept (one descriptor each); beyond, the oldest is closed
 
 
 @dataclass(frozen=True)
@@ -102,20 +110,20 @@ def _align(length: int) -> int:
 
 
 class LinkReader:
-    """Reads namespaces' links off the event loop; concurrent reads of one namespace share one dump."""
+    """Reads namespaces' links; concurrent reads of one namespace share one dump."""
 
     def __init__(self, netns_dir: Path = NETNS_RUN_DIR) -> None:
         self._dir = netns_dir
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._inflight: dict[str, asyncio.Future[list[Link]]] = {}
+        self._kept: dict[str, tuple[socket.socket, tuple[int, int]]] = {}  # name: socket, (dev, inode)
         self._libc = ctypes.CDLL(None, use_errno=True)
 
     async def links(self, netns: str) -> list[Link] | None:
         """Every link of a named namespace, or None if the namespace does not exist."""
         future = self._inflight.get(netns)
         if future is None:
-            loop = asyncio.get_running_loop()
-            future = asyncio.ensure_future(loop.run_in_executor(self._executor, self._read, netns))
+            future = asyncio.ensure_future(self._read(netns))
             self._inflight[netns] = future
             future.add_done_callback(lambda _: self._inflight.pop(netns, None))
         try:
@@ -123,23 +131,59 @@ class LinkReader:
         except NetnsGone:
             return None
 
+    def forget(self, netns: str) -> None:
+        """Close the socket kept for `netns` (after its deletion: the namespace is freed)."""
+        kept = self._kept.pop(netns, None)
+        if kept is not None:
+            kept[0].close()
+
     def close(self) -> None:
+        for netns in list(self._kept):
+            self.forget(netns)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _read(self, netns: str) -> list[Link]:
-        sock = self._socket_in(netns)
+    async def _read(self, netns: str) -> list[Link]:
+        sock = await self._socket(netns)
         try:
-            sock.sendto(dump_request(1), (0, 0))
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(sock, dump_request(1))
             links: list[Link] = []
             done = False
             while not done:
-                chunk, done = parse(sock.recv(_RECV_BYTES))
+                chunk, done = parse(await loop.sock_recv(sock, _RECV_BYTES))
                 links += chunk
             return links
-        finally:
-            sock.close()
+        except BaseException:  # a half-read answer must not be read as the next one's
+            self.forget(netns)
+            raise
 
-    def _socket_in(self, netns: str) -> socket.socket:
+    async def _socket(self, netns: str) -> socket.socket:
+        """The kept socket of the namespace `netns` names now, opened if there is none."""
+        named = self._named(netns)
+        kept = self._kept.get(netns)
+        if kept is not None and kept[1] == named:
+            return kept[0]
+        self.forget(netns)
+        if named is None:
+            raise NetnsGone(netns)
+        loop = asyncio.get_running_loop()
+        sock, opened = await loop.run_in_executor(self._executor, self._socket_in, netns)
+        if self._named(netns) != opened:  # deleted or replaced while it opened: not kept
+            sock.close()
+            raise NetnsGone(netns)
+        if len(self._kept) >= _KEPT_MAX:
+            self.forget(next(iter(self._kept)))
+        self._kept[netns] = (sock, opened)
+        return sock
+
+    def _named(self, netns: str) -> tuple[int, int] | None:
+        """What the name refers to now (a stat on tmpfs: no disk wait), None if nothing."""
+        try:
+            return _identity(os.stat(self._dir / netns))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _socket_in(self, netns: str) -> tuple[socket.socket, tuple[int, int]]:
         try:
             target = os.open(self._dir / netns, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -150,9 +194,11 @@ class LinkReader:
         try:
             self._setns(target, netns)
             try:
-                return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
             finally:
                 self._setns(home, "(home)")
+            sock.setblocking(False)
+            return sock, _identity(os.fstat(target))
         finally:
             os.close(target)
             os.close(home)
@@ -163,3 +209,7 @@ class LinkReader:
             if code == errno.EINVAL:  # the file is no namespace (an unmounted leftover): gone
                 raise NetnsGone(what)
             raise OSError(code, f"setns into {what}: {os.strerror(code)}")
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino

@@ -60,24 +60,25 @@ class Queries(Launch):
         return VmDetails(vm, self.backend_type, runtime, metrics, attachment)
 
     async def _read_live(self, vm: Vm) -> Live:
+        """The three reads at once: their round trips overlap (QEMU's query-status and
+        query-blockstats travel pipelined on its one QMP connection); metrics only with a runtime."""
         vm_id = vm.vm_id
-        runtime = None
-        metrics = VmMetrics()
-        attachment = None
-        if vm.state in ACTIVE_STATES:
-            runtime = await _known(vm_id, "runtime", lambda: self._backend.runtime(vm_id), None)
-            if runtime is not None:
-                metrics = await _known(vm_id, "metrics", lambda: self._backend.metrics(vm_id), metrics)
+        active = vm.state in ACTIVE_STATES
         network = self._networked(vm)
-        if network is not None:
-            attachment = await _known(vm_id, "network", lambda: network.describe(vm), None)
-            if attachment is not None:
-                counters = attachment.counters
-                metrics = dataclasses.replace(
-                    metrics,
-                    network_rx_bytes=counters.guest_rx_bytes,
-                    network_tx_bytes=counters.guest_tx_bytes,
-                )
+        runtime, metrics, attachment = await asyncio.gather(
+            _known(vm_id, "runtime", lambda: self._backend.runtime(vm_id), None) if active else _none(),
+            _known(vm_id, "metrics", lambda: self._backend.metrics(vm_id), VmMetrics())
+            if active
+            else _none(),
+            _known(vm_id, "network", lambda: network.describe(vm), None) if network else _none(),
+        )
+        if runtime is None or metrics is None:
+            metrics = VmMetrics()
+        if attachment is not None:
+            counters = attachment.counters
+            metrics = dataclasses.replace(
+                metrics, network_rx_bytes=counters.guest_rx_bytes, network_tx_bytes=counters.guest_tx_bytes
+            )
         return runtime, metrics, attachment
 
     async def list(
@@ -101,6 +102,10 @@ async def _known(vm_id: str, what: str, read: Callable[[], Awaitable[T]], unknow
     except Exception as exc:
         log.debug("%s of %s not readable now: %s", what, vm_id, exc, extra={"vm_id": vm_id})
         return unknown
+
+
+async def _none() -> None:
+    """A read that is not made."""
 
 
 def _read_chunk(path: os.PathLike[str], offset: int, limit: int) -> ConsoleChunk:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import struct
-import threading
 from pathlib import Path
 
 import pytest
@@ -67,11 +68,11 @@ async def test_concurrent_reads_of_one_namespace_share_one_dump(
 ) -> None:
     reader = LinkReader(tmp_path)
     calls: list[str] = []
-    release = threading.Event()
+    release = asyncio.Event()
 
-    def fake_read(netns: str) -> list[Link]:
+    async def fake_read(netns: str) -> list[Link]:
         calls.append(netns)
-        release.wait(5)
+        await asyncio.wait_for(release.wait(), 5)
         if netns == "gone":
             raise NetnsGone(netns)
         return [Link("tap", True, len(calls), 0)]
@@ -85,5 +86,42 @@ async def test_concurrent_reads_of_one_namespace_share_one_dump(
         assert calls == ["ns_a"] and all(r == [Link("tap", True, 1, 0)] for r in results)
         assert await reader.links("ns_a") == [Link("tap", True, 2, 0)]  # a later read is fresh
         assert await reader.links("gone") is None
+    finally:
+        reader.close()
+
+
+async def test_a_kept_socket_answers_only_for_the_namespace_the_name_refers_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name's file stands for the namespace; the socket is one of this process's namespace."""
+    reader = LinkReader(tmp_path)
+    opened: list[socket.socket] = []
+
+    def fake_socket_in(netns: str) -> tuple[socket.socket, tuple[int, int]]:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        sock.setblocking(False)
+        opened.append(sock)
+        st = os.stat(tmp_path / netns)
+        return sock, (st.st_dev, st.st_ino)
+
+    monkeypatch.setattr(reader, "_socket_in", fake_socket_in)
+    name = tmp_path / "ns_a"
+    try:
+        name.write_text("")
+        assert "lo" in {link.name for link in await reader.links("ns_a") or []}
+        assert await reader.links("ns_a") is not None
+        assert len(opened) == 1  # the second read used the kept socket
+        kept = name.with_name("kept")
+        name.rename(kept)  # (held, so the new file cannot reuse its inode)
+        name.write_text("")  # the name now refers to another namespace
+        assert await reader.links("ns_a") is not None
+        assert len(opened) == 2 and opened[0].fileno() == -1
+        name.unlink()
+        assert await reader.links("ns_a") is None
+        assert opened[1].fileno() == -1  # gone: its socket is closed, nothing is kept
+        name.write_text("")
+        assert await reader.links("ns_a") is not None
+        reader.forget("ns_a")  # what the deleter calls after deleting the namespace
+        assert opened[2].fileno() == -1
     finally:
         reader.close()
