@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -97,16 +98,6 @@ async def test_an_agent_of_version_3_sets_the_nics_in_the_same_request(tmp_path:
     assert frame.text(Tag.HOSTNAME) == "vm-v3"
 
 
-async def test_a_nic_the_agent_cannot_set_fails_as_the_ip_path_does(tmp_path: Path) -> None:
-    pool = pool_for(tmp_path)
-    async with FakeGuest(tmp_path / "m.sock", refuses_mac):
-        with pytest.raises(MetaldError) as e:
-            await pool.refresh("m", "vm-m", [NIC], ENTROPY, timeout=5)
-    await pool.close()
-    assert (e.value.code, e.value.reason) == (ErrorCode.FAILED_PRECONDITION, "GUEST_IDENTITY_FAILED")
-    assert "eth0: MAC" in e.value.message
-
-
 async def test_a_clone_with_nics_gets_them_readdressed_after_the_refresh(tmp_path: Path) -> None:
     pool = pool_for(tmp_path)
     async with FakeGuest(tmp_path / "n.sock", version2) as guest:
@@ -154,11 +145,17 @@ async def test_no_agent_is_unavailable_after_the_timeout(tmp_path: Path) -> None
     await pool.close()
 
 
-async def test_a_failed_step_is_reported_with_the_guests_reason(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("guest", "step"),
+    [(refuses_hostname, "hostname"), (refuses_mac, "eth0: MAC")],  # a NIC fails as the ip path does
+)
+async def test_a_failed_step_is_reported_with_the_guests_reason(
+    tmp_path: Path, guest: Callable[[Frame, asyncio.StreamWriter], Awaitable[None]], step: str
+) -> None:
     pool: GuestAgentPool = pool_for(tmp_path)
-    async with FakeGuest(tmp_path / "e.sock", refuses_hostname):
+    async with FakeGuest(tmp_path / "e.sock", guest):
         with pytest.raises(MetaldError) as e:
             await pool.refresh("e", "vm-e", [NIC], ENTROPY, timeout=5)
     await pool.close()
     assert (e.value.code, e.value.reason) == (ErrorCode.FAILED_PRECONDITION, "GUEST_IDENTITY_FAILED")
-    assert "hostname" in e.value.message
+    assert step in e.value.message
