@@ -25,7 +25,7 @@ from metald.agent.channel import (
     GuestError,
     request_ids,
 )
-from metald.agent.protocol import MAX_DATA, FieldValue, Frame, MsgType, Tag
+from metald.agent.protocol import MAX_DATA, FieldValue, Frame, MsgType, Tag, sets_nics
 from metald.domain.errors import ErrorCode, MetaldError, precondition, unavailable
 from metald.domain.model import NicAddress
 from metald.usecases import ExecCommand, ExecResult, GuestFile
@@ -235,22 +235,25 @@ class GuestAgentPool:
     async def refresh(
         self, vm_id: str, guest_vm_id: str, nics: Sequence[NicAddress], entropy: bytes, timeout: float
     ) -> None:
-        """A restored clone's clock, entropy, hostname and vm_id in one REFRESH, sent as soon as
-        the agent answers: no ping first (REFRESH is idempotent, so it is retried like a ping until
-        `timeout`). Then, only for a clone with NICs, their MACs and addresses through `ip`. An
-        agent older than version 2 (ENOSYS) gets the separate requests instead."""
+        """A restored clone's clock, entropy, hostname, vm_id and NICs (MACs, addresses, default
+        routes) in one REFRESH, sent as soon as the agent answers: no ping first (REFRESH is
+        idempotent, so it is retried like a ping until `timeout`). An agent of version 2 ignores
+        the NICs (its OK carries no version 3): they are then set through `ip`. An agent older
+        than version 2 (ENOSYS) gets the separate requests instead."""
         deadline = time.monotonic() + timeout
+        specs = _nic_specs(nics)
         while True:
             fields: list[tuple[Tag, FieldValue]] = [
                 (Tag.TIME_NS, time.time_ns()), (Tag.DATA, entropy),
                 (Tag.HOSTNAME, guest_vm_id), (Tag.VM_ID, guest_vm_id),
+                *((Tag.NIC, spec) for spec in specs),
             ]  # fmt: skip
             call = AgentCall(
                 MsgType.REFRESH, fields, (MsgType.OK,), min(PING_TRY, deadline - time.monotonic())
             )
             try:
                 async with self._use(vm_id) as channel:
-                    await channel.request(call)
+                    answer = await channel.request(call)
                 break
             except AgentUnavailable as e:
                 if deadline - time.monotonic() <= PING_RETRY_INTERVAL:
@@ -262,8 +265,8 @@ class GuestAgentPool:
                 await self.set_clock(vm_id)
                 await self.add_entropy(vm_id, entropy)
                 return await self.set_identity(vm_id, guest_vm_id, nics)
-        if nics:
-            await self._net_script(vm_id, _NICS_SCRIPT, *_nic_specs(nics))
+        if specs and not sets_nics(answer):
+            await self._net_script(vm_id, _NICS_SCRIPT, *specs)
 
     async def _net_script(self, vm_id: str, script: str, *args: str) -> None:
         argv = ("sh", "-c", script, "metald-identity", *args)

@@ -37,7 +37,7 @@ class MsgType(enum.IntEnum):
     CLOCK = 48
     ENTROPY = 49
     POWER = 50
-    REFRESH = 51  # agent version 2: a restored clone's clock, entropy, hostname and vm_id
+    REFRESH = 51  # agent version 2: a restored clone's clock, entropy, hostname and vm_id; 3: NICs
 
 
 class Tag(enum.IntEnum):
@@ -63,6 +63,10 @@ class Tag(enum.IntEnum):
     UPTIME_MS = 20
     HOSTNAME = 21
     VM_ID = 22
+    NIC = 23  # agent version 3, in REFRESH: MAC,IP4/PFX,GW4,IP6/PFX,GW6 of eth0, eth1, ... in order
+
+
+NICS_VERSION = 3  # the first agent whose REFRESH sets the NICs: its OK says so with a VERSION
 
 
 class ProtocolError(Exception):
@@ -141,3 +145,10 @@ def parse_fields(payload: bytes) -> tuple[tuple[int, bytes], ...]:
         fields.append((tag, bytes(view[offset : offset + length])))
         offset += length
     return tuple(fields)
+
+
+def sets_nics(refresh_ok: Frame) -> bool:
+    """Whether the agent that answered a REFRESH with this OK set the NICs it named (version 3 on);
+    an older agent ignores them and answers with no version."""
+    version = refresh_ok.text(Tag.VERSION)
+    return version.isdigit() and int(version) >= NICS_VERSION

@@ -119,3 +119,41 @@ async def test_refresh_sets_clock_entropy_hostname_vm_id_and_nics_at_once(
         await pool.refresh(booting, "x" * 65, [], bytes(range(256)), timeout=10)
     assert e.value.reason == "GUEST_IDENTITY_FAILED" and "hostname" in e.value.message
     assert (await sh(pool, booting, "hostname")).strip() == "clone-9"
+
+
+NET_STATE = "ip addr show dev eth0; ip route; ip -6 route; cat /proc/sys/net/ipv6/conf/eth0/accept_dad"
+
+
+async def test_the_agent_sets_a_nic_to_the_end_state_of_the_ip_path(
+    booting: str, pool: GuestAgentPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert await pool.ping(booting, 60)
+    nic = NicAddress("eth0", "02:fc:00:00:00:0a", "10.99.0.10/24", "10.99.0.1", "fd00:99::a/64", "fd00:99::1")
+    await pool.set_identity(booting, "clone-10", [nic])  # metald-net.sh's ip commands
+    by_ip = await sh(pool, booting, NET_STATE)
+    await sh(pool, booting, "ip link set eth0 address 02:fc:00:00:00:0b; ip addr add 10.98.0.2/24 dev eth0")
+    execs: list[ExecCommand] = []
+    exec_ = pool.exec
+
+    async def counted(vm_id: str, command: ExecCommand, timeout: float) -> object:
+        execs.append(command)
+        return await exec_(vm_id, command, timeout)
+
+    monkeypatch.setattr(pool, "exec", counted)
+    await pool.refresh(booting, "clone-10", [nic], bytes(range(256)), timeout=10)
+    assert execs == [], "agent version 3 sets the NICs itself, in the REFRESH"
+    monkeypatch.undo()
+    native = await sh(pool, booting, NET_STATE)
+    assert native == by_ip
+    assert "link/ether 02:fc:00:00:00:0a" in native and "inet 10.99.0.10/24" in native, native
+    assert "inet6 fd00:99::a/64" in native and "10.98.0.2" not in native, native
+    assert "default via 10.99.0.1 dev eth0" in native and "metric 100" in native, native
+    assert "default via fd00:99::1 dev eth0" in native, native
+
+
+async def test_a_nic_the_agent_cannot_set_is_an_identity_failure(booting: str, pool: GuestAgentPool) -> None:
+    assert await pool.ping(booting, 60)
+    nics = [NicAddress("eth0", "02:fc:00:00:00:0c"), NicAddress("eth1", "02:fc:00:00:01:0c")]
+    with pytest.raises(MetaldError) as e:
+        await pool.refresh(booting, "clone-12", nics, bytes(range(256)), timeout=10)
+    assert e.value.reason == "GUEST_IDENTITY_FAILED" and "eth1: interface" in e.value.message, e.value

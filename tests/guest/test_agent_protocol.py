@@ -15,6 +15,7 @@ from metald.agent.protocol import (
     encode,
     parse_fields,
     parse_header,
+    sets_nics,
 )
 
 
@@ -80,3 +81,26 @@ def test_integer_fields_have_eight_bytes() -> None:
 def test_oversized_payload_is_not_encoded() -> None:
     with pytest.raises(ValueError):
         encode(MsgType.WRITE, 1, [(Tag.DATA, b"\0" * (MAX_PAYLOAD + 1))])
+
+
+def test_a_nic_field_is_tag_23_with_the_spec_as_text() -> None:
+    spec = "02:fc:00:00:00:07,10.9.0.7/24,10.9.0.1,,"
+    data = encode(MsgType.REFRESH, 9, [(Tag.HOSTNAME, "h"), (Tag.NIC, spec)])
+    assert data[HEADER.size + 6 :] == bytes([23]) + len(spec).to_bytes(4, "big") + spec.encode()
+    assert decode(data).text(Tag.NIC) == spec
+
+
+@pytest.mark.parametrize(
+    ("fields", "set_by_agent"),
+    [
+        ((), False),  # version 2: a bare OK, the NICs were ignored
+        (((Tag.VERSION, b"2"),), False),
+        (((Tag.VERSION, b"3"),), True),
+        (((Tag.VERSION, b"12"),), True),
+        (((Tag.VERSION, b"3a"),), False),
+    ],
+)
+def test_only_an_ok_of_version_3_on_says_the_nics_were_set(
+    fields: tuple[tuple[int, bytes], ...], set_by_agent: bool
+) -> None:
+    assert sets_nics(Frame(MsgType.OK, 1, fields)) is set_by_agent

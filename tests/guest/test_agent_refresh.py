@@ -1,12 +1,14 @@
 """REFRESH (agent version 2): a restored clone's clock, entropy, hostname and vm_id in one request,
-against fake guests on UNIX sockets — one of version 2, one of version 1 (ENOSYS: the host falls
-back to the separate requests) and one whose socket appears late."""
+and (version 3) its NICs too, against fake guests on UNIX sockets — one of version 3, one of
+version 2 (NICs through `ip` after the refresh), one of version 1 (ENOSYS: the host falls back to
+the separate requests) and one whose socket appears late."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,18 @@ async def version2(frame: Frame, writer: asyncio.StreamWriter) -> None:
         writer.write(encode(MsgType.OK, rid))
     elif frame.type == MsgType.EXEC:
         writer.write(encode(MsgType.EXIT, rid, [(Tag.CODE, 0), (Tag.TIMED_OUT, 0), (Tag.TRUNCATED, 0)]))
+    await writer.drain()
+
+
+async def version3(frame: Frame, writer: asyncio.StreamWriter) -> None:
+    """OK with the agent's version to REFRESH: the NICs it named are set."""
+    writer.write(encode(MsgType.OK, frame.request_id, [(Tag.VERSION, "3")]))
+    await writer.drain()
+
+
+async def refuses_mac(frame: Frame, writer: asyncio.StreamWriter) -> None:
+    fields = [(Tag.CODE, errno.EADDRNOTAVAIL), (Tag.MESSAGE, "eth0: MAC: Cannot assign requested address")]
+    writer.write(encode(MsgType.ERROR, frame.request_id, fields))
     await writer.drain()
 
 
@@ -67,6 +81,21 @@ async def test_one_request_sets_clock_entropy_hostname_and_vm_id(tmp_path: Path)
     assert before <= frame.integer(Tag.TIME_NS) <= after
     assert frame.raw(Tag.DATA) == ENTROPY
     assert (frame.text(Tag.HOSTNAME), frame.text(Tag.VM_ID)) == ("vm-c", "vm-c")
+
+
+async def test_an_agent_of_version_3_sets_the_nics_in_the_same_request(tmp_path: Path) -> None:
+    pool = pool_for(tmp_path)
+    second = NicAddress("eth1", "02:fc:00:00:01:07", "10.9.1.7/24")
+    async with FakeGuest(tmp_path / "v3.sock", version3) as guest:
+        await pool.refresh("v3", "vm-v3", [NIC, second], ENTROPY, timeout=5)
+    await pool.close()
+    assert [f.type for f in guest.received] == [MsgType.REFRESH]  # no exec: one round trip
+    (frame,) = guest.received
+    assert [v.decode() for t, v in frame.fields if t == Tag.NIC] == [
+        "02:fc:00:00:00:07,10.9.0.7/24,10.9.0.1,fd00::7/64,fd00::1",
+        "02:fc:00:00:01:07,10.9.1.7/24,,,",
+    ]
+    assert frame.text(Tag.HOSTNAME) == "vm-v3"
 
 
 async def test_a_clone_with_nics_gets_them_readdressed_after_the_refresh(tmp_path: Path) -> None:
@@ -116,11 +145,17 @@ async def test_no_agent_is_unavailable_after_the_timeout(tmp_path: Path) -> None
     await pool.close()
 
 
-async def test_a_failed_step_is_reported_with_the_guests_reason(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("guest", "step"),
+    [(refuses_hostname, "hostname"), (refuses_mac, "eth0: MAC")],  # a NIC fails as the ip path does
+)
+async def test_a_failed_step_is_reported_with_the_guests_reason(
+    tmp_path: Path, guest: Callable[[Frame, asyncio.StreamWriter], Awaitable[None]], step: str
+) -> None:
     pool: GuestAgentPool = pool_for(tmp_path)
-    async with FakeGuest(tmp_path / "e.sock", refuses_hostname):
+    async with FakeGuest(tmp_path / "e.sock", guest):
         with pytest.raises(MetaldError) as e:
             await pool.refresh("e", "vm-e", [NIC], ENTROPY, timeout=5)
     await pool.close()
     assert (e.value.code, e.value.reason) == (ErrorCode.FAILED_PRECONDITION, "GUEST_IDENTITY_FAILED")
-    assert "hostname" in e.value.message
+    assert step in e.value.message

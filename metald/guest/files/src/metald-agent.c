@@ -12,11 +12,15 @@
  * the kernel sends when the host side opens (O_ASYNC); SIGCHLD and SIGIO arrive on a signalfd.
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/random.h>
+#include <linux/rtnetlink.h>
+#include <net/if.h>
+#include <net/if_arp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
@@ -25,6 +29,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -32,7 +37,7 @@
 #include <unistd.h>
 
 #define PORT_NAME "org.metald.agent"
-#define AGENT_VERSION "2" /* 2: REFRESH */
+#define AGENT_VERSION "3" /* 2: REFRESH; 3: REFRESH sets NICs (F_NIC), its OK carries F_VERSION */
 #define MAGIC 0xF5
 #define PROTO_VERSION 1
 #define HDR 12
@@ -50,7 +55,7 @@ enum { T_PING = 2, T_PONG = 3, T_OK = 4, T_ERROR = 5,
 enum { F_ARG = 1, F_ENV = 2, F_CWD = 3, F_STDIN = 4, F_TIMEOUT_MS = 5, F_PATH = 6, F_MODE = 7,
        F_DATA = 8, F_CODE = 9, F_MESSAGE = 10, F_STREAM = 11, F_TIMED_OUT = 12, F_TRUNCATED = 13,
        F_SIZE = 14, F_TIME_NS = 15, F_BOOT_ID = 16, F_VERSION = 17, F_ACTION = 18, F_SIGNAL = 19,
-       F_UPTIME_MS = 20, F_HOSTNAME = 21, F_VM_ID = 22 };
+       F_UPTIME_MS = 20, F_HOSTNAME = 21, F_VM_ID = 22, F_NIC = 23 };
 
 struct field { const unsigned char *p; uint32_t len; };
 
@@ -576,9 +581,212 @@ static void handle_clock(uint32_t id, int64_t ns) {
     send_simple(T_OK, id);
 }
 
+/* ---- nics (version 3): a restored clone's MACs, addresses and default routes, without ip(8) ----
+ * The same end state as metald_nics in /etc/metald-net.sh, per NIC i (eth<i>, in order): link
+ * down, every address flushed, the MAC set, accept_dad off when it gets an IPv6 address, link up,
+ * the IPv4 address, its default route (metric 100 + i), the IPv6 address, its default route. */
+
+#define MAX_NICS 16
+
+struct nic {
+    unsigned char mac[6], ip4[4], gw4[4], ip6[16], gw6[16];
+    int pfx4, pfx6, has_ip4, has_gw4, has_ip6, has_gw6;
+};
+
+/* "ADDR[/PFX]" or "" into `addr`; 0 if empty, 1 if set, -1 if malformed. */
+static int parse_addr(int family, char *text, unsigned char *addr, int *pfx) {
+    if (!*text) return 0;
+    int max = family == AF_INET ? 32 : 128;
+    char *slash = strchr(text, '/'), *end;
+    *pfx = max;
+    if (slash) {
+        *slash = 0;
+        long v = strtol(slash + 1, &end, 10);
+        if (slash[1] == 0 || *end || v < 0 || v > max) return -1;
+        *pfx = (int)v;
+    }
+    return inet_pton(family, text, addr) == 1 ? 1 : -1;
+}
+
+/* metald-net.sh's NIC argument MAC,IP4/PFX,GW4,IP6/PFX,GW6 (every field but MAC may be empty). */
+static int parse_nic(struct field f, struct nic *nic) {
+    char *s = field_to_str(f), *part[5], *rest = s;
+    int ok = s != NULL, pfx_unused;
+    for (int i = 0; ok && i < 5; i++) ok = (part[i] = strsep(&rest, ",")) != NULL;
+    ok = ok && rest == NULL;
+    unsigned int m[6];
+    char tail;
+    ok = ok && sscanf(part[0], "%2x:%2x:%2x:%2x:%2x:%2x%c", &m[0], &m[1], &m[2], &m[3], &m[4], &m[5], &tail) == 6;
+    for (int i = 0; ok && i < 6; i++) nic->mac[i] = (unsigned char)m[i];
+    ok = ok && (nic->has_ip4 = parse_addr(AF_INET, part[1], nic->ip4, &nic->pfx4)) >= 0;
+    ok = ok && (nic->has_gw4 = parse_addr(AF_INET, part[2], nic->gw4, &pfx_unused)) >= 0 && !strchr(part[2], '/');
+    ok = ok && (nic->has_ip6 = parse_addr(AF_INET6, part[3], nic->ip6, &nic->pfx6)) >= 0;
+    ok = ok && (nic->has_gw6 = parse_addr(AF_INET6, part[4], nic->gw6, &pfx_unused)) >= 0 && !strchr(part[4], '/');
+    free(s);
+    return ok ? 0 : -1;
+}
+
+struct nlreq {
+    struct nlmsghdr h;
+    union { struct ifaddrmsg ifa; struct rtmsg rt; } u;
+    unsigned char attrs[128];
+};
+
+static void nl_attr(struct nlreq *r, int type, const void *data, size_t n) {
+    struct rtattr *a = (struct rtattr *)((char *)r + NLMSG_ALIGN(r->h.nlmsg_len));
+    a->rta_type = (unsigned short)type;
+    a->rta_len = (unsigned short)RTA_LENGTH(n);
+    memcpy(RTA_DATA(a), data, n);
+    r->h.nlmsg_len = NLMSG_ALIGN(r->h.nlmsg_len) + RTA_ALIGN(a->rta_len);
+}
+
+/* Send one request and wait for its acknowledgement; -1 with errno if the kernel refused it. */
+static int nl_talk(int nl, struct nlmsghdr *h) {
+    static uint32_t seq;
+    h->nlmsg_seq = ++seq;
+    h->nlmsg_flags |= NLM_F_REQUEST | NLM_F_ACK;
+    if (send(nl, h, h->nlmsg_len, 0) < 0) return -1;
+    char buf[8192];
+    for (;;) {
+        ssize_t n = recv(nl, buf, sizeof buf, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return -1;
+        for (struct nlmsghdr *m = (struct nlmsghdr *)buf; NLMSG_OK(m, (size_t)n); m = NLMSG_NEXT(m, n)) {
+            if (m->nlmsg_seq != seq || m->nlmsg_type != NLMSG_ERROR) continue;
+            int err = ((struct nlmsgerr *)NLMSG_DATA(m))->error;
+            if (err == 0) return 0;
+            errno = -err;
+            return -1;
+        }
+    }
+}
+
+/* Delete every address of interface `index` (ip addr flush dev): dump them all, then delete each. */
+static int flush_addrs(int nl, int index) {
+    struct { struct nlmsghdr h; struct ifaddrmsg ifa; } dump = {
+        .h = {.nlmsg_len = sizeof dump, .nlmsg_type = RTM_GETADDR, .nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP},
+    };
+    if (send(nl, &dump, sizeof dump, 0) < 0) return -1;
+    char buf[16384], *doomed = NULL;
+    size_t doomed_len = 0;
+    int done = 0, err = 0;
+    while (!done) {
+        ssize_t n = recv(nl, buf, sizeof buf, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) { err = errno; break; }
+        for (struct nlmsghdr *m = (struct nlmsghdr *)buf; NLMSG_OK(m, (size_t)n); m = NLMSG_NEXT(m, n)) {
+            if (m->nlmsg_type == NLMSG_DONE || m->nlmsg_type == NLMSG_ERROR) { done = 1; break; }
+            if (m->nlmsg_type != RTM_NEWADDR || ((struct ifaddrmsg *)NLMSG_DATA(m))->ifa_index != (unsigned)index) continue;
+            doomed = realloc(doomed, doomed_len + NLMSG_ALIGN(m->nlmsg_len));
+            if (!doomed) abort();
+            memcpy(doomed + doomed_len, m, m->nlmsg_len);
+            doomed_len += NLMSG_ALIGN(m->nlmsg_len);
+        }
+    }
+    for (size_t off = 0; !err && off < doomed_len;) {
+        struct nlmsghdr *m = (struct nlmsghdr *)(doomed + off);
+        off += NLMSG_ALIGN(m->nlmsg_len);
+        m->nlmsg_type = RTM_DELADDR;
+        m->nlmsg_flags = 0;
+        if (nl_talk(nl, m) < 0 && errno != EADDRNOTAVAIL) err = errno;
+    }
+    free(doomed);
+    errno = err;
+    return err ? -1 : 0;
+}
+
+static int add_addr(int nl, int index, int family, const unsigned char *addr, int pfx) {
+    struct nlreq r = {.h = {.nlmsg_len = NLMSG_LENGTH(sizeof r.u.ifa), .nlmsg_type = RTM_NEWADDR,
+                            .nlmsg_flags = NLM_F_CREATE | NLM_F_EXCL},
+                      .u.ifa = {.ifa_family = (unsigned char)family, .ifa_prefixlen = (unsigned char)pfx,
+                                .ifa_index = (unsigned)index}};
+    size_t n = family == AF_INET ? 4 : 16;
+    nl_attr(&r, IFA_LOCAL, addr, n);
+    nl_attr(&r, IFA_ADDRESS, addr, n);
+    return nl_talk(nl, &r.h);
+}
+
+/* ip route add default via GW dev DEV metric METRIC (protocol boot, table main). */
+static int add_default_route(int nl, int index, int family, const unsigned char *gw, uint32_t metric) {
+    struct nlreq r = {.h = {.nlmsg_len = NLMSG_LENGTH(sizeof r.u.rt), .nlmsg_type = RTM_NEWROUTE,
+                            .nlmsg_flags = NLM_F_CREATE | NLM_F_EXCL},
+                      .u.rt = {.rtm_family = (unsigned char)family, .rtm_table = RT_TABLE_MAIN,
+                               .rtm_protocol = RTPROT_BOOT, .rtm_scope = RT_SCOPE_UNIVERSE, .rtm_type = RTN_UNICAST}};
+    uint32_t oif = (uint32_t)index;
+    nl_attr(&r, RTA_GATEWAY, gw, family == AF_INET ? 4 : 16);
+    nl_attr(&r, RTA_OIF, &oif, sizeof oif);
+    nl_attr(&r, RTA_PRIORITY, &metric, sizeof metric);
+    return nl_talk(nl, &r.h);
+}
+
+static int set_up(int sock, const char *dev, int up) {
+    struct ifreq ifr = {0};
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", dev);
+    if (ioctl(sock, SIOCGIFFLAGS, &ifr) < 0) return -1;
+    ifr.ifr_flags = (short)(up ? ifr.ifr_flags | IFF_UP : ifr.ifr_flags & ~IFF_UP);
+    return ioctl(sock, SIOCSIFFLAGS, &ifr);
+}
+
+static int set_mac(int sock, const char *dev, const unsigned char *mac) {
+    struct ifreq ifr = {0};
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", dev);
+    ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+    memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+    return ioctl(sock, SIOCSIFHWADDR, &ifr);
+}
+
+/* As metald-net.sh's `echo 0 > accept_dad`, whose failure the script ignores (the IPv6 address
+ * that follows fails clearly if the guest has no IPv6). */
+static void dad_off(const char *dev) {
+    char path[96];
+    snprintf(path, sizeof path, "/proc/sys/net/ipv6/conf/%s/accept_dad", dev);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd >= 0 && write(fd, "0\n", 2) < 0) { /* ignored, as in the script */ }
+    if (fd >= 0) close(fd);
+}
+
+/* One NIC; on failure -1 with errno and `step` naming what failed. */
+static int configure_nic(int sock, int nl, int i, const struct nic *nic, const char **step) {
+    char dev[IFNAMSIZ];
+    snprintf(dev, sizeof dev, "eth%d", i);
+    int index = (int)if_nametoindex(dev);
+    uint32_t metric = 100 + (uint32_t)i;
+    if (!index) return *step = "interface", -1;
+    if (set_up(sock, dev, 0) < 0) return *step = "link down", -1;
+    if (flush_addrs(nl, index) < 0) return *step = "address flush", -1;
+    if (set_mac(sock, dev, nic->mac) < 0) return *step = "MAC", -1;
+    if (nic->has_ip6) dad_off(dev);
+    if (set_up(sock, dev, 1) < 0) return *step = "link up", -1;
+    if (nic->has_ip4 && add_addr(nl, index, AF_INET, nic->ip4, nic->pfx4) < 0) return *step = "IPv4 address", -1;
+    if (nic->has_gw4 && add_default_route(nl, index, AF_INET, nic->gw4, metric) < 0) return *step = "IPv4 default route", -1;
+    if (nic->has_ip6 && add_addr(nl, index, AF_INET6, nic->ip6, nic->pfx6) < 0) return *step = "IPv6 address", -1;
+    if (nic->has_gw6 && add_default_route(nl, index, AF_INET6, nic->gw6, metric) < 0) return *step = "IPv6 default route", -1;
+    return 0;
+}
+
+/* Every NIC in order; on failure -1 with errno and `what` naming the interface and the step. */
+static int configure_nics(const struct nic *nics, int count, char *what, size_t what_len) {
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    int nl = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    const char *step = "netlink socket";
+    int i = 0, failed = sock < 0 || nl < 0;
+    for (; !failed && i < count; i++) failed = configure_nic(sock, nl, i, &nics[i], &step) < 0;
+    int err = errno;
+    if (sock >= 0) close(sock);
+    if (nl >= 0) close(nl);
+    if (failed) snprintf(what, what_len, "eth%d: %s", i > 0 ? i - 1 : 0, step);
+    errno = err;
+    return failed ? -1 : 0;
+}
+
 /* ---- refresh: a restored clone's own clock, entropy, hostname and vm_id, in one request ---- */
 
-struct refresh_req { struct field entropy, host, vm_id; int64_t time_ns; int has_time, has_entropy, has_host, has_vm_id; };
+struct refresh_req {
+    struct field entropy, host, vm_id;
+    int64_t time_ns;
+    int has_time, has_entropy, has_host, has_vm_id, nic_count, bad_nic;
+    struct nic nics[MAX_NICS];
+};
 
 static int on_refresh_field(void *ctx, int tag, struct field f) {
     struct refresh_req *r = ctx;
@@ -586,6 +794,10 @@ static int on_refresh_field(void *ctx, int tag, struct field f) {
     if (tag == F_DATA) r->entropy = f, r->has_entropy = 1;
     if (tag == F_HOSTNAME) r->host = f, r->has_host = 1;
     if (tag == F_VM_ID) r->vm_id = f, r->has_vm_id = 1;
+    if (tag == F_NIC && !r->bad_nic) {
+        if (r->nic_count == MAX_NICS || parse_nic(f, &r->nics[r->nic_count]) < 0) r->bad_nic = r->nic_count + 1;
+        else r->nic_count++;
+    }
     return 0;
 }
 
@@ -600,8 +812,9 @@ static int write_vm_id(struct field vm_id) {
     return failed ? -1 : 0;
 }
 
-/* Every field is checked before anything is changed; then clock, entropy, hostname, vm_id file in
- * that order (the clock first: it is the one a delay makes wrong). ERROR names the step that failed. */
+/* Every field is checked before anything is changed; then clock, entropy, hostname, vm_id file, NICs
+ * in that order (the clock first: it is the one a delay makes wrong). ERROR names the step that
+ * failed; OK carries the agent's version, which tells the host that the NICs were set (version 3). */
 static void handle_refresh(uint32_t id, const unsigned char *p, uint32_t n) {
     struct refresh_req r = {0};
     if (parse_fields(p, n, on_refresh_field, &r) < 0) return send_error(id, EINVAL, "malformed fields", NULL);
@@ -611,12 +824,20 @@ static void handle_refresh(uint32_t id, const unsigned char *p, uint32_t n) {
         return send_error(id, EINVAL, "hostname: 1 to 64 bytes, no NUL", NULL);
     if (r.has_vm_id && (r.vm_id.len > 255 || memchr(r.vm_id.p, 0, r.vm_id.len) || memchr(r.vm_id.p, '\n', r.vm_id.len)))
         return send_error(id, EINVAL, "vm_id: at most 255 bytes, one line", NULL);
+    if (r.bad_nic) return send_error(id, EINVAL, "nic: at most 16, each MAC,IP4/PFX,GW4,IP6/PFX,GW6", NULL);
     if (r.has_time && set_clock(r.time_ns) < 0) return send_error(id, errno, "clock", strerror(errno));
     if (r.has_entropy && add_entropy(r.entropy) < 0) return send_error(id, errno, "entropy", strerror(errno));
     if (r.has_host && sethostname((const char *)r.host.p, r.host.len) < 0)
         return send_error(id, errno, "hostname", strerror(errno));
     if (r.has_vm_id && write_vm_id(r.vm_id) < 0) return send_error(id, errno, VM_ID_FILE, strerror(errno));
-    send_simple(T_OK, id);
+    char what[64];
+    if (r.nic_count && configure_nics(r.nics, r.nic_count, what, sizeof what) < 0)
+        return send_error(id, errno, what, strerror(errno));
+    struct out o = {0};
+    frame_start(&o, T_OK, id);
+    field_str(&o, F_VERSION, AGENT_VERSION);
+    frame_send(&o);
+    free(o.p);
 }
 
 /* busybox init: SIGTERM reboots, SIGUSR2 powers off (after running ::shutdown). */
