@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import cast
 
 from metald.domain.errors import invalid, precondition
 from metald.domain.guest_args import guest_kernel_args
@@ -18,17 +21,31 @@ class Launch(Snapshots):
         """`stored`: the VM's paths were accepted before (boot, adoption), not a request's input."""
         config = vm.config
         assert config.boot is not None and config.cpu is not None and config.console is not None
-        kernel = await self._assets.resolve_kernel(
-            config.boot.kernel_path, "config.boot.kernel_path", accepted=stored
-        )
-        initrd = None
-        if config.boot.initrd_path:
-            initrd = await self._assets.resolve(config.boot.initrd_path, "config.boot.initrd_path")
-        disks = []
         ordered = sorted(enumerate(config.storage), key=lambda p: (not p[1].is_root_device, p[0]))
-        for i, dev in ordered:
-            path = await self._assets.resolve(dev.path_on_host, f"config.storage[{i}].path_on_host")
-            disks.append(DiskSpec(dev.device_id, path, dev.is_read_only, dev.is_root_device))
+        # Every path at once (each is a thread's work, on a boot's clock); the first in this order
+        # that fails is the error reported, as when they were resolved one by one.
+        boot = config.boot
+        lookups: list[Awaitable[Path]] = [
+            self._assets.canonical_root(),
+            self._assets.resolve_kernel(boot.kernel_path, "config.boot.kernel_path", accepted=stored),
+        ]
+        if boot.initrd_path:
+            lookups.append(self._assets.resolve(boot.initrd_path, "config.boot.initrd_path"))
+        lookups += [
+            self._assets.resolve(dev.path_on_host, f"config.storage[{i}].path_on_host") for i, dev in ordered
+        ]
+        found = await asyncio.gather(*lookups, return_exceptions=True)
+        for result in found:
+            if isinstance(result, BaseException):
+                raise result
+        paths = cast("list[Path]", found)
+        root, kernel = paths[0], paths[1]
+        initrd = paths[2] if boot.initrd_path else None
+        disk_paths = paths[len(paths) - len(ordered) :]
+        disks = [
+            DiskSpec(dev.device_id, path, dev.is_read_only, dev.is_root_device)
+            for (_, dev), path in zip(ordered, disk_paths, strict=True)
+        ]
         return LaunchSpec(
             vm_id=vm.vm_id,
             vm_dir=self._vm_dir(vm.vm_id),
@@ -46,7 +63,7 @@ class Launch(Snapshots):
             console_path=self._console_path(vm),
             labels={"customer_id": vm.customer_id},
             restore_from=self._snapshot_dir(vm.snapshot_id) if restores(vm.state, vm.snapshot_id) else None,
-            assets_root=await self._assets.canonical_root(),
+            assets_root=root,
         )
 
     async def _reset_clone(self, vm: Vm) -> None:

@@ -246,16 +246,20 @@ class QemuBackend(kit.VmmBackend[Qmp]):
     # ---- snapshots (snapshot.py) ----------------------------------------------------------------
     async def _restore(self, vm: kit.RunningVm[Qmp], state_fd: int, snapshot_dir: Path) -> None:
         """Load a clone's device state (a VMM that cannot be restored is killed); a snapshot of a
-        guest that was up is up at once (no new ready line)."""
+        guest that was up is up at once (no new ready line). The snapshot's manifest is read in a
+        thread while QEMU loads the state: that read is off a clone's clock."""
         assert vm.control.client is not None
+        was_ready = asyncio.ensure_future(asyncio.to_thread(snapshot.source_was_ready, snapshot_dir))
         try:
             await snapshot.restore(vm.control.client, state_fd)
         except (snapshot.SnapshotError, QmpError, QmpClosedError, TimeoutError) as e:
+            await asyncio.wait([was_ready])  # a read that cannot fail: source_was_ready is lenient
             await self.stop(vm.vm_id, graceful=False, timeout=0)
             raise kit.vmm_failed(vm.vm_id, f"cannot restore the snapshot: {e}") from e
-        vm.control.restored_ready = vm.watch.ready = await asyncio.to_thread(
-            snapshot.source_was_ready, snapshot_dir
-        )
+        except BaseException:
+            was_ready.cancel()
+            raise
+        vm.control.restored_ready = vm.watch.ready = await was_ready
 
     async def snapshot(self, vm_id: str, dest: Path) -> kit.SnapshotResult:
         return await snapshot.take_vm(
