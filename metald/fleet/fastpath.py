@@ -20,7 +20,6 @@ safe; the replayed call gets the time left of the caller's deadline). With traci
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -32,15 +31,13 @@ from connectrpc.errors import ConnectError
 from metald.api.asgi import ASGIApp, Message, Receive, Scope, Send
 from metald.api.auth import Authenticator, current_peer
 from metald.api.codec import CheckedProtoCodec, SnakeCaseJsonCodec
-from metald.api.interceptor import _request_id
+from metald.api.interceptor import _request_id, record_call
 from metald.api.metrics import Metrics
 from metald.domain.errors import MetaldError
 from metald.fleet.forward import DEFAULT_TIMEOUT_SECONDS, HostClients
 from metald.fleet.gateway import FleetGateway
 from metald.fleet.h1 import Http1Pool, Origin, ProtocolError
 from metald.gen.vmprovisioner.v1 import vm_pb as pb
-
-log = logging.getLogger("metald.rpc")  # the full path's `rpc` log line (metald.api.interceptor)
 
 RPC = "GetVmInfo"
 PATH = f"/vmprovisioner.v1.VmService/{RPC}"
@@ -197,22 +194,14 @@ class FastForward:
             }
         )
         await send({"type": "http.response.body", "body": payload})
-        self._finished(request_id, customer, vm_id, time.monotonic() - started)
-
-    def _finished(self, request_id: str, customer: str, vm_id: str, seconds: float) -> None:
-        self.metrics.rpc_finished(RPC, "ok", seconds)
-        log.info(
-            "rpc %s %s",
+        record_call(
+            self.metrics,
             RPC,
             "ok",
-            extra={
-                "request_id": request_id,
-                "rpc": RPC,
-                "customer_id": customer,
-                "vm_id": vm_id,
-                "code": "ok",
-                "duration_ms": round(seconds * 1000, 2),
-            },
+            time.monotonic() - started,
+            request_id=request_id,
+            customer=customer,
+            vm_id=vm_id,
         )
 
 
