@@ -44,7 +44,7 @@ class AuthInterceptor:
         self._metrics = metrics
 
     async def on_start(self, ctx: RequestContext[Any, Any]) -> CallStart:
-        request_id = _request_id(ctx.request_headers.get("x-request-id", ""))
+        request_id = request_id_for(ctx.request_headers.get("x-request-id", ""))
         ctx.response_headers["x-request-id"] = request_id
         start = CallStart(time.monotonic(), request_id, "")
         try:
@@ -100,7 +100,7 @@ def result_code(error: Exception | None) -> str:
     return error.code.name.lower() if isinstance(error, ConnectError) else "internal"
 
 
-def _request_id(given: str) -> str:
+def request_id_for(given: str) -> str:
     """The caller's x-request-id (at most 64 characters), unless it is empty or carries a
     credential (then a fresh one, 64 random bits in hex: a token must not reach the logs or come
     back in a header)."""

@@ -31,7 +31,7 @@ from connectrpc.errors import ConnectError
 from metald.api.asgi import ASGIApp, Message, Receive, Scope, Send
 from metald.api.auth import Authenticator, current_peer
 from metald.api.codec import CheckedProtoCodec, SnakeCaseJsonCodec
-from metald.api.interceptor import _request_id, record_call
+from metald.api.interceptor import record_call, request_id_for
 from metald.api.metrics import Metrics
 from metald.domain.errors import MetaldError
 from metald.fleet.forward import DEFAULT_TIMEOUT_SECONDS, HostClients
@@ -154,7 +154,7 @@ class FastForward:
             origin = self._origins[location.url] = Origin.of(location.url)
         if origin is None:
             raise _Fallback  # https to hosts: the full path's client
-        request_id = _request_id(headers.get("x-request-id", ""))
+        request_id = request_id_for(headers.get("x-request-id", ""))
         sent = [
             ("content-type", headers["content-type"]),
             ("authorization", f"Bearer {self.hosts.token(location.host_id, customer)}"),

@@ -9,7 +9,7 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
-from metald.api.interceptor import _request_id, result_code
+from metald.api.interceptor import request_id_for, result_code
 from metald.logs import JsonFormatter, TextFormatter
 
 FIELDS = {"request_id": "r1", "rpc": "GetVmInfo", "customer_id": "acme", "vm_id": "", "code": "ok"}
@@ -53,7 +53,7 @@ def test_result_codes_and_request_ids() -> None:
     assert result_code(None) == "ok"
     assert result_code(ConnectError(Code.NOT_FOUND, "gone")) == "not_found"
     assert result_code(ValueError("boom")) == "internal"
-    fresh = {_request_id("") for _ in range(100)}
+    fresh = {request_id_for("") for _ in range(100)}
     assert len(fresh) == 100 and all(len(r) == 16 and int(r, 16) >= 0 for r in fresh)
-    assert _request_id("mine") == "mine"
-    assert _request_id("Bearer tok") not in ("Bearer tok", "")
+    assert request_id_for("mine") == "mine"
+    assert request_id_for("Bearer tok") not in ("Bearer tok", "")
