@@ -40,7 +40,7 @@ static void keep_only(int *keep, int count) {
     close_range(low, ~0U, 0);
 }
 
-static void exec_vmm(pid_t parent, int argc, char **argv, int split, const int *fds, int nfds) {
+static void exec_vmm(pid_t parent, char **argv, int split, const int *fds, int nfds) {
     int keep[MAX_FDS + 1];
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) fail("prctl", "PR_SET_PDEATHSIG");
     if (getppid() != parent) _exit(1);
@@ -63,7 +63,6 @@ static void exec_vmm(pid_t parent, int argc, char **argv, int split, const int *
         if (fcntl(fds[i], F_SETFD, 0) < 0) fail("cannot pass descriptor", "--fd");
     signal(SIGPIPE, SIG_DFL);
     signal(SIGXFSZ, SIG_DFL);
-    (void)argc;
     execvp(argv[split + 1], argv + split + 1);
     fail("cannot exec", argv[split + 1]);
 }
@@ -92,7 +91,7 @@ int main(int argc, char **argv) {
     }
     if (child == 0) {
         close(pipe_fds[0]);
-        exec_vmm(parent, argc, argv, split, fds, nfds);
+        exec_vmm(parent, argv, split, fds, nfds);
     }
     close(report);
     if (fcntl(pipe_fds[0], F_SETFD, 0) < 0) {  /* the supervisor reads it after the exec */
