@@ -6,14 +6,11 @@ synchronous functions that are safe to call from the event loop.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 from typing import NamedTuple
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-_PR_SET_PDEATHSIG = 1
 
 
 class ProcStat(NamedTuple):  # not a dataclass: see vmm/supervisor.py on its start
@@ -85,13 +82,3 @@ def is_live(pid: int, start_time: int) -> bool:
     """
     stat = read_stat(pid)
     return stat is not None and stat.start_time == start_time and stat.state not in ("Z", "X")
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In a forked child before exec (preexec_fn of a single-threaded parent): get SIGKILL when the
-    parent dies; exit at once if it already has."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    if os.getppid() != parent_pid:
-        os._exit(1)

@@ -147,7 +147,10 @@ async def test_supervisor_runs_the_command_in_its_cgroup_with_the_given_fds(
 
 async def test_supervisor_records_an_oom_kill(tmp_path: Path, real_cgroups: cg.Cgroups) -> None:
     dirs = await asyncio.to_thread(real_cgroups.create, "oom", cg.vmm_limits(1, 16 * MIB, overhead=0))
-    hog = [sys.executable, "-c", "x = bytearray(256 << 20)"]
+    # It allocates once its supervisor has recorded it (vmm.json, in its cwd): the launcher starts it
+    # alongside the supervisor's Python, and a VMM gone before that record is a failed start.
+    wait = "import os, time\nwhile not os.path.exists('vmm.json'): time.sleep(0.005)\n"
+    hog = [sys.executable, "-c", wait + "x = bytearray(256 << 20)"]
     vmm = await VmmProcess.spawn(tmp_path, hog, cgroup=dirs)
     assert await asyncio.wait_for(vmm.exited, 30) == ExitInfo(-9, oom_killed=True)
     assert read_exit(tmp_path) == ExitInfo(-9, oom_killed=True)

@@ -23,11 +23,11 @@ import metald
 from metald.backends import procfs
 from metald.backends.vmm import cgroups, layout
 from metald.backends.vmm.jsonfile import read_json
+from metald.backends.vmm.launcher import launcher
 from metald.backends.vmm.relay import Relay
 
 log = logging.getLogger(__name__)
 
-_SUPERVISOR_MODULE = "metald.backends.vmm.supervisor"
 _PACKAGE_ROOT = str(Path(metald.__file__).resolve().parent.parent)
 
 # Whether a process command line is the VMM of a given VM (checked before re-adopting a pid).
@@ -182,10 +182,10 @@ class VmmProcess:
             *(f"--cgroup={d}" for d in cgroup),
             *(relay.option() for relay in relays),
         ]
-        # -S: no site module. The supervisor needs the standard library and this package only (on
-        # PYTHONPATH), and site's processing of the environment's .pth files (an editable install's
-        # import hook) was half of its start: every VM start waits for it (docs/snapshots.md).
-        command = [sys.executable, "-S", "-m", _SUPERVISOR_MODULE, *options, "--", *argv]
+        # The launcher (vmm/launch.c) forks the VMM and execs `python -S -m metald.backends.vmm.
+        # supervisor` in its place: the VMM's start waits for no Python start. -S: no site module
+        # (the supervisor needs the standard library and this package only, on PYTHONPATH).
+        command = [str(await launcher()), f"--python={sys.executable}", *options, "--", *argv]
 
         def start() -> tuple[subprocess.Popen[bytes], int]:
             log_fd = os.open(
