@@ -72,6 +72,14 @@ def exchange_dirs(a: Path, b: Path) -> None:
         raise OSError(errno, os.strerror(errno), str(a))
 
 
+def _move_in(slot_dir: Path, vm_dir: Path) -> None:
+    """The slot's directory becomes vm_dir; what create made there goes (blocking: one thread hop
+    on a pooled clone's clock instead of three)."""
+    vm_dir.mkdir(0o750, parents=True, exist_ok=True)
+    exchange_dirs(slot_dir, vm_dir)
+    shutil.rmtree(slot_dir, ignore_errors=True)  # what create made for the clone
+
+
 class PoolSlots:
     """The slots this daemon started, by directory. `launch` starts a QEMU for a spec (the
     backend's own launch), `start` a VM; `lifecycle` is the backend's VMM bookkeeping."""
@@ -121,15 +129,13 @@ class PoolSlots:
         if slot.monitor is not None:
             slot.monitor.cancel()
         try:
-            await asyncio.to_thread(spec.vm_dir.mkdir, 0o750, True, True)
-            await asyncio.to_thread(exchange_dirs, spec.pool_slot, spec.vm_dir)
+            await asyncio.to_thread(_move_in, spec.pool_slot, spec.vm_dir)
         except OSError as e:
             log.warning("cannot take warm pool slot %s for %s: %s", spec.pool_slot.name, spec.vm_id, e)
             await self.stop(spec.pool_slot, slot)
             return None
         slot.launched.vmm.vm_dir = spec.vm_dir
         self.mark_pool_born(slot.launched.control, spec)
-        await asyncio.to_thread(shutil.rmtree, spec.pool_slot, True)  # what create made for the clone
         return slot.launched
 
     async def stop(self, slot_dir: Path, slot: Slot | None = None) -> None:
