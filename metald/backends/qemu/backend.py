@@ -160,7 +160,8 @@ class QemuBackend(kit.VmmBackend[Qmp]):
         except kit.VmmStartError as e:
             if await self._binary_missing():
                 raise kit.tool_missing(self._binary, e) from e
-            raise kit.vmm_failed(spec.vm_id, str(e)) from e
+            # With the launcher, a QEMU that refuses its kernel exits before the supervisor is up.
+            raise qemu_control.did_not_come_up(spec.vm_id, e.tail) from e
         finally:
             close_fds(fds)
         control = Qmp(accel, model, ram_fd=fds.ram)

@@ -35,7 +35,11 @@ CmdlineMatcher = Callable[[Sequence[str]], bool]
 
 
 class VmmStartError(Exception):
-    """The VMM (or its supervisor) ended before it was up; the message ends with its log."""
+    """The VMM (or its supervisor) ended before it was up; `tail`: the end of its log."""
+
+    def __init__(self, tail: str) -> None:
+        super().__init__(f"the VMM did not start or exited at once: {tail}")
+        self.tail = tail
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,7 @@ class VmmProcess:
         vmm = cls._open(vm_dir, ident) if ident is not None else None
         if vmm is None:
             tail = await asyncio.to_thread(read_log_tail, vm_dir, log_offset)
-            raise VmmStartError(f"the VMM did not start or exited at once: {tail}")
+            raise VmmStartError(tail)
         vmm._child = child
         vmm.log_offset = log_offset
         return vmm
