@@ -2,7 +2,9 @@
 
 A real fleet (tests/fleet/cluster.py: a throwaway PostgreSQL, 3 equal hosts each in its own
 network namespace, 2 gateways) and three measurements, VMs created but never booted:
-- latency: GetVmInfo and ListVms (the same 20 VMs, all on host1) straight to the host and through
+- latency: GetVmInfo and ListVms (the same 20 VMs, all on host1; with --running-vm, default, also
+  GetVmInfo of one of them booted, whose every call reads its QEMU live, measured after the
+  other rows since its TCG guest takes CPU) straight to the host and through
   a gateway, interleaved call by call in one run (the order alternates each round), binary Connect
   over one HTTP connection per side, from a client inside the bridge namespace (as a client next
   to a gateway: the gateway on loopback, hosts over their veths; no test proxy in the path);
@@ -89,8 +91,11 @@ async def _interleaved(sides: dict[str, Call], rounds: int, warmup: int) -> dict
     return out
 
 
-async def latency(fleet: Fleet, customer: str, vm_id: str, rounds: int, warmup: int) -> dict[str, Any]:
-    """Direct, through gateway1, and with --pyvoy-side through a pyvoy gateway too (the last one)."""
+async def latency(
+    fleet: Fleet, customer: str, vm_id: str, rounds: int, warmup: int, *, info_only: bool = False
+) -> dict[str, Any]:
+    """Direct, through gateway1, and with --pyvoy-side through a pyvoy gateway too (the last one).
+    `info_only`: the GetVmInfo row alone (of a booted VM, measured apart: its TCG guest takes CPU)."""
     host, gateway = fleet.hosts[0], fleet.gateways[0]
     pyvoy = fleet.gateways[-1] if fleet.gateway_servers[-1] == "pyvoy" else None
     gateway_headers = {"authorization": f"Bearer dev_customer_{customer}"}
@@ -123,15 +128,18 @@ async def latency(fleet: Fleet, customer: str, vm_id: str, rounds: int, warmup: 
         def empty_call(url: str) -> Call:
             return lambda: http.get(f"{url}/no-such-endpoint")
 
+        info_row = await _interleaved(
+            {
+                "direct": lambda: direct.get_vm_info(info, headers=host_headers()),
+                **{name: info_call(client) for name, (_, client) in gateways.items()},
+            },
+            rounds,
+            warmup,
+        )
+        if info_only:
+            return {"GetVmInfo": info_row}
         return {
-            "GetVmInfo": await _interleaved(
-                {
-                    "direct": lambda: direct.get_vm_info(info, headers=host_headers()),
-                    **{name: info_call(client) for name, (_, client) in gateways.items()},
-                },
-                rounds,
-                warmup,
-            ),
+            "GetVmInfo": info_row,
             "ListVms": await _interleaved(
                 {
                     "direct": lambda: direct.list_vms(listing, headers=host_headers()),
@@ -218,7 +226,7 @@ def _wait_listed(rpc: FleetRpc, customer: str, count: int, timeout: float = 30) 
 
 def _delete_all(rpc: FleetRpc, customer: str) -> None:
     for vm_id in rpc.list_all(0, customer):
-        rpc.ok(0, "DeleteVm", {"vm_id": vm_id}, customer)
+        rpc.ok(0, "DeleteVm", {"vm_id": vm_id, "force": True}, customer)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -232,6 +240,13 @@ def main(argv: Sequence[str]) -> int:
         "--profile", action=argparse.BooleanOptionalAction, default=True, help="py-spy the gateway"
     )
     p.add_argument("--profile-seconds", type=float, default=5.0)
+    p.add_argument(
+        "--running-vm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also a GetVmInfo row for a booted VM (live reads of its VMM on each call), measured"
+        " after the other rows",
+    )
     p.add_argument(
         "--pyvoy-side",
         action=argparse.BooleanOptionalAction,
@@ -283,6 +298,21 @@ def run(fleet: Fleet, args: Any, root: Path) -> dict[str, Any]:
     results["latency"] = in_bridge(
         fleet, lambda: latency(fleet, "bench-latency", made[0], args.rounds, args.warmup)
     )
+    if args.profile:
+        prof = profile_gateway(fleet, "bench-latency", made[0], args.profile_seconds, root / "gateway.txt")
+        results["gateway_profile"] = prof
+        print_table(
+            f"py-spy: gateway GetVmInfo ({prof['calls']} calls)", ["frame", "% incl"], prof["inclusive_pct"]
+        )
+    if args.running_vm:  # a VM whose every GetVmInfo reads its QEMU live (booted after the rows above)
+        token = fleet.host_token(host, "bench-latency")
+        booted = rpc.call(host.url, "BootVm", {"vm_id": made[1], "wait_for_ready": True}, token)
+        assert booted.status_code == 200, booted.text
+        running = in_bridge(
+            fleet,
+            lambda: latency(fleet, "bench-latency", made[1], args.rounds, args.warmup, info_only=True),
+        )
+        results["latency"]["GetVmInfo, running VM"] = running["GetVmInfo"]
     rows = [
         (
             rpc_name,
@@ -296,12 +326,6 @@ def run(fleet: Fleet, args: Any, root: Path) -> dict[str, Any]:
         if side in r
     ]
     print_table("latency (ms)", ["rpc", "side", "p50", "p99", "ratio p50"], rows)
-    if args.profile:
-        prof = profile_gateway(fleet, "bench-latency", made[0], args.profile_seconds, root / "gateway.txt")
-        results["gateway_profile"] = prof
-        print_table(
-            f"py-spy: gateway GetVmInfo ({prof['calls']} calls)", ["frame", "% incl"], prof["inclusive_pct"]
-        )
     _delete_all(rpc, "bench-latency")
 
     # Create rate through one gateway, then two.
