@@ -10,7 +10,9 @@
   (watch_fanout.json; the lag of the fixed-rate run watch_fanout_rate30.json if present; the runs
   before the shared tail, *_before.json, and the pause/resume run beside them).
 - snapshot_boot.png: start to ready per start path (cold, clone, clone from a warm pool, and the
-  same restores by hand), and N clones at once against N restores by hand.
+  same restores by hand), and N clones at once against N restores by hand;
+- fleet_gateway.png: p50 and p99 of each RPC straight to a host and through each gateway, and the
+  gateway/direct ratio of p50s against the 1.5x target.
 
 Each plot's footer names the machine, the commit and the load during its run.
 
@@ -256,6 +258,43 @@ def plot_snapshots(payload: dict[str, Any], path: Path) -> Path:
     return _save(fig, payload, path)
 
 
+GATEWAY_SIDE_COLOR = {"direct": "tab:blue", "gateway": "tab:orange", "gateway-pyvoy": "tab:green"}
+
+
+def plot_fleet_gateway(payload: dict[str, Any], path: Path) -> Path:
+    latency: dict[str, dict[str, Any]] = payload["results"]["latency"]
+    rpcs = list(latency)
+    sides = [s for s in ("direct", "gateway", "gateway-pyvoy") if s in latency[rpcs[0]]]
+    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(13, 5))
+    width = 0.8 / len(sides)
+    for i, side in enumerate(sides):
+        xs = [r + (i - (len(sides) - 1) / 2) * width for r in range(len(rpcs))]
+        p50 = [latency[rpc][side]["p50_ms"] for rpc in rpcs]
+        p99 = [latency[rpc][side]["p99_ms"] for rpc in rpcs]
+        ax.bar(xs, p50, width, label=f"{side} p50", color=GATEWAY_SIDE_COLOR[side])
+        ax.scatter(xs, p99, marker="_", s=200, color="black", zorder=3, label="p99" if i == 0 else None)
+    ax.set_xticks(range(len(rpcs)), [textwrap.fill(rpc, 14) for rpc in rpcs], fontsize=8)
+    ax.set_ylabel("ms per call, one client, interleaved")
+    ax.set_title("Straight to the host and through a gateway")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    gateways = [s for s in sides if s != "direct"]
+    for i, side in enumerate(gateways):
+        xs = [r + (i - (len(gateways) - 1) / 2) * 0.35 for r in range(len(rpcs))]
+        ratios = [latency[rpc][f"ratio_p50{side.removeprefix('gateway')}"] for rpc in rpcs]
+        ax_ratio.bar(xs, ratios, 0.35, label=side, color=GATEWAY_SIDE_COLOR[side])
+        for x, ratio in zip(xs, ratios, strict=True):
+            ax_ratio.annotate(f"{ratio:.2f}", (x, ratio), fontsize=7, ha="center", va="bottom")
+    ax_ratio.axhline(1.5, color="tab:red", linestyle="--", label="target 1.5")
+    ax_ratio.set_xticks(range(len(rpcs)), [textwrap.fill(rpc, 14) for rpc in rpcs], fontsize=8)
+    ax_ratio.set_ylabel("gateway p50 / direct p50")
+    ax_ratio.set_title("What a gateway costs")
+    ax_ratio.set_ylim(bottom=0)
+    ax_ratio.grid(True, axis="y", alpha=0.3)
+    ax_ratio.legend(fontsize=8)
+    return _save(fig, payload, path)
+
+
 def plot_all(results_dir: Path = RESULTS_DIR) -> list[Path]:
     """Every plot whose results file is present."""
     written = []
@@ -295,6 +334,9 @@ def plot_all(results_dir: Path = RESULTS_DIR) -> list[Path]:
     snapshots = results_dir / "snapshot_boot.json"
     if snapshots.exists():
         written.append(plot_snapshots(json.loads(snapshots.read_text()), results_dir / "snapshot_boot.png"))
+    fleet = results_dir / "fleet_gateway.json"
+    if fleet.exists():
+        written.append(plot_fleet_gateway(json.loads(fleet.read_text()), results_dir / "fleet_gateway.png"))
     return written
 
 
