@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from protobuf import Message
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
@@ -87,27 +88,42 @@ def config_from_proto(message: pb.VmConfig | None) -> model.VmConfig:
     return from_message(message, model.VmConfig)
 
 
-# id(config) -> (config, its message). The store hands out one VmConfig object per stored row (a
-# config is frozen and never changes after CreateVm), so a listing converts each config once, not
-# on every page. The entry holds the config, so its id cannot be reused while the entry lives.
-_CONFIG_MESSAGES: OrderedDict[int, tuple[model.VmConfig, pb.VmConfig]] = OrderedDict()
-_CONFIG_MESSAGES_MAX = 20_000
+K = TypeVar("K")
+V = TypeVar("V")
 
 
-def config_to_proto(config: model.VmConfig) -> pb.VmConfig:
-    """The message of a config; the same object for the same config: never mutate it."""
-    entry = _CONFIG_MESSAGES.get(id(config))
-    if entry is not None and entry[0] is config:
-        return entry[1]
-    message = to_message(config, pb.VmConfig)
-    _CONFIG_MESSAGES[id(config)] = (config, message)
-    if len(_CONFIG_MESSAGES) > _CONFIG_MESSAGES_MAX:
-        _CONFIG_MESSAGES.popitem(last=False)
-    return message
+class _ByIdentity(Generic[K, V]):
+    """Messages of immutable values that the store hands out as one object per stored row (a
+    config, a creation time: never changed after CreateVm), so a listing converts each once, not on
+    every page. An entry holds its value, so the value's id cannot be reused while the entry lives.
+    The message is shared: never mutate it."""
+
+    def __init__(self, convert: Callable[[K], V], most: int = 20_000) -> None:
+        self._convert = convert
+        self._most = most
+        self._entries: OrderedDict[int, tuple[K, V]] = OrderedDict()
+
+    def __call__(self, value: K) -> V:
+        entry = self._entries.get(id(value))
+        if entry is not None and entry[0] is value:
+            return entry[1]
+        message = self._convert(value)
+        self._entries[id(value)] = (value, message)
+        if len(self._entries) > self._most:
+            self._entries.popitem(last=False)
+        return message
+
+
+def _config_message(config: model.VmConfig) -> pb.VmConfig:
+    return to_message(config, pb.VmConfig)
+
+
+config_to_proto: _ByIdentity[model.VmConfig, pb.VmConfig] = _ByIdentity(_config_message)
+_STATES = {state: pb.VmState(int(state)) for state in VmState}
 
 
 def state_to_proto(state: VmState) -> pb.VmState:
-    return pb.VmState(int(state))
+    return _STATES[state]
 
 
 def state_from_proto(state: pb.VmState | int) -> VmState:
@@ -120,3 +136,7 @@ def state_from_proto(state: pb.VmState | int) -> VmState:
 def timestamp(value: datetime) -> Timestamp:
     micros = int(value.timestamp() * 1_000_000)
     return Timestamp(seconds=micros // 1_000_000, nanos=(micros % 1_000_000) * 1000)
+
+
+# A VM's created_at: the store hands out one object per stored row.
+created_timestamp: _ByIdentity[datetime, Timestamp] = _ByIdentity(timestamp)

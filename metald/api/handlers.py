@@ -10,6 +10,7 @@ from connectrpc.request import RequestContext
 from metald.api.convert import (
     config_from_proto,
     config_to_proto,
+    created_timestamp,
     state_from_proto,
     state_to_proto,
     timestamp,
@@ -88,7 +89,7 @@ class VmServiceHandler(VmServiceProtocol):
                     vm_id=vm.vm_id,
                     config=config_to_proto(vm.config),
                     state=state_to_proto(vm.state),
-                    created_at=timestamp(vm.created_at),
+                    created_at=created_timestamp(vm.created_at),
                 )
                 for vm in page.vms
             ],
@@ -205,5 +206,5 @@ def info_to_proto(details: VmDetails) -> pb.GetVmInfoResponse:
         metrics=to_message(metrics, pb.VmMetrics),
         backend_info=backend_info,
         network_info=network_info,
-        created_at=timestamp(vm.created_at),
+        created_at=created_timestamp(vm.created_at),
     )

@@ -144,30 +144,38 @@ def _nics_json(nics: Sequence[NicAddress]) -> str:
     return json.dumps([to_dict(n) for n in nics])
 
 
+_STATES = {int(state): state for state in VmState}
+
+
 class _ConfigCache:
-    """Parsed configs by row seq. A VM's config never changes after CreateVm and a seq is never
-    reused (AUTOINCREMENT), so entries need no invalidation; the size bound caps memory."""
+    """What never changes in a row, parsed once by row seq: the config and the creation time (one
+    object each per row, which the API's conversion memos rely on). A seq is never reused
+    (AUTOINCREMENT), so entries need no invalidation; the size bound caps memory."""
 
     def __init__(self, size: int = 20_000) -> None:
         self._size = size
-        self._configs: OrderedDict[int, VmConfig] = OrderedDict()
+        self._fixed: OrderedDict[int, tuple[VmConfig, datetime]] = OrderedDict()
 
-    def config(self, seq: int, text: str) -> VmConfig:
-        config = self._configs.get(seq)
-        if config is None:
-            config = self._configs[seq] = from_dict(VmConfig, json.loads(text))
-            if len(self._configs) > self._size:
-                self._configs.popitem(last=False)
-        return config
+    def fixed(self, seq: int, config: str, created: str) -> tuple[VmConfig, datetime]:
+        kept = self._fixed.get(seq)
+        if kept is None:
+            kept = self._fixed[seq] = (
+                from_dict(VmConfig, json.loads(config)),
+                datetime.fromisoformat(created),
+            )
+            if len(self._fixed) > self._size:
+                self._fixed.popitem(last=False)
+        return kept
 
     def vm(self, row: Any) -> Vm:
         seq, vm_id, customer_id, state, config, nics, reason, pending, created, updated, snapshot_id = row
+        fixed_config, created_at = self.fixed(seq, config, created)
         return Vm(
             vm_id=vm_id,
             customer_id=customer_id,
-            config=self.config(seq, config),
-            state=VmState(state),
-            created_at=datetime.fromisoformat(created),
+            config=fixed_config,
+            state=_STATES[state],
+            created_at=created_at,
             updated_at=datetime.fromisoformat(updated),
             nics=tuple(from_dict(NicAddress, n) for n in json.loads(nics)) if nics != "[]" else (),
             shutdown_reason=reason,

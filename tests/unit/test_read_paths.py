@@ -1,4 +1,5 @@
-"""The read paths' shortcuts: configs converted once per stored object, listing counts from an index."""
+"""The read paths' shortcuts: configs and creation times converted once per stored object, listing
+counts from an index."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
-from metald.api.convert import config_to_proto
+from metald.api.convert import config_to_proto, created_timestamp, timestamp
 from metald.domain import model
 from metald.domain.events import VmEvent, VmEventType
 from metald.domain.pending import PendingOp
@@ -22,6 +23,30 @@ def test_a_config_is_converted_once_and_equal_configs_each_get_their_own_message
     assert config_to_proto(config) is first
     assert config_to_proto(twin) is not first and config_to_proto(twin) == first
     assert first.memory.size_bytes == 1 << 28 and dict(first.metadata) == {"k": "v"}
+
+
+def test_a_creation_time_is_converted_once_and_an_equal_time_gets_its_own_message() -> None:
+    created = datetime(2026, 12, 2, 14, 0, 0, 123456, tzinfo=UTC)
+    twin = created.replace()
+    first = created_timestamp(created)
+    assert created_timestamp(created) is first and first == timestamp(created)
+    assert (first.seconds, first.nanos) == (int(created.timestamp()), 123456000)
+    assert created_timestamp(twin) is not first and created_timestamp(twin) == first
+
+
+async def test_each_read_of_a_row_shares_its_config_and_creation_time(tmp_path: Path) -> None:
+    """What the conversion memos above need from the store: one object per stored row."""
+    store = await SqliteStore.open(tmp_path / "metald.db")
+    try:
+        await store.vms.insert(*_created(_vm("vm_a", VmState.CREATED)))
+        listed = (await store.vms.list_page("c1", [], 0, 10))[0]
+        listed.state = VmState.RUNNING
+        await store.vms.save(listed)  # a write: the next read builds the record from its row again
+        again = await store.vms.get("vm_a")
+        assert again is not None and again is not listed and again.state is VmState.RUNNING
+        assert again.config is listed.config and again.created_at is listed.created_at
+    finally:
+        await store.close()
 
 
 def _vm(vm_id: str, state: VmState, pending: str = "") -> model.Vm:
