@@ -52,7 +52,7 @@ class RecordReads:
         generation = self._generation
         vm = await read()
         if vm is not None and generation == self._generation:
-            _bounded(self._records, self._records_max)[vm_id] = copy.copy(vm)
+            bounded(self._records, self._records_max)[vm_id] = copy.copy(vm)
         return vm
 
     async def count(
@@ -65,11 +65,11 @@ class RecordReads:
         generation = self._generation
         count = await read()
         if generation == self._generation:
-            _bounded(self._counts, self._counts_max)[key] = count
+            bounded(self._counts, self._counts_max)[key] = count
         return count
 
 
-def _bounded(kept: dict[K, V], most: int) -> dict[K, V]:
+def bounded(kept: dict[K, V], most: int) -> dict[K, V]:
     """`kept`, its oldest entry dropped if it holds `most`."""
     if len(kept) >= most:
         del kept[next(iter(kept))]

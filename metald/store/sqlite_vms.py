@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -14,7 +13,7 @@ from metald.domain.model import NicAddress, Vm, VmConfig, from_dict, to_dict
 from metald.domain.states import VmState
 from metald.store.sqlite_db import Db
 from metald.store.sqlite_events import SqliteEventLog
-from metald.store.sqlite_reads import RecordReads
+from metald.store.sqlite_reads import RecordReads, bounded
 
 _COLUMNS = "seq, vm_id, customer_id, state, config, nics, shutdown_reason, pending, created_at, updated_at, snapshot_id"
 
@@ -23,7 +22,7 @@ class SqliteVmRecords:
     def __init__(self, db: Db, events: SqliteEventLog) -> None:
         self._db = db
         self._events = events
-        self._configs = _ConfigCache()
+        self._rows = _RowReader()
         self._reads = RecordReads()
 
     async def insert(self, vm: Vm, event: VmEvent) -> Vm:
@@ -63,7 +62,7 @@ class SqliteVmRecords:
 
     async def _read(self, vm_id: str) -> Vm | None:
         row = await self._db.read_one(f"SELECT {_COLUMNS} FROM vms WHERE vm_id = ?", (vm_id,))
-        return self._configs.vm(row) if row else None
+        return self._rows.vm(row) if row else None
 
     async def save(self, vm: Vm, event: VmEvent | None = None) -> None:
         params = (
@@ -96,7 +95,7 @@ class SqliteVmRecords:
         where, params = _filter(customer_id, states)
         sql = f"SELECT {_COLUMNS} FROM vms WHERE {where} AND seq > ? ORDER BY seq LIMIT ?"
         rows = await self._db.read(sql, (*params, after_seq, limit))
-        return [self._configs.vm(r) for r in rows]
+        return [self._rows.vm(r) for r in rows]
 
     async def count(self, customer_id: str, states: Sequence[VmState]) -> int:
         where, params = _filter(customer_id, states)
@@ -109,7 +108,7 @@ class SqliteVmRecords:
 
     async def all_vms(self) -> list[Vm]:
         rows = await self._db.read(f"SELECT {_COLUMNS} FROM vms ORDER BY seq")
-        return [self._configs.vm(r) for r in rows]
+        return [self._rows.vm(r) for r in rows]
 
     async def state_counts(self) -> dict[tuple[str, VmState], int]:
         rows = await self._db.read("SELECT customer_id, state, COUNT(*) FROM vms GROUP BY customer_id, state")
@@ -147,24 +146,20 @@ def _nics_json(nics: Sequence[NicAddress]) -> str:
 _STATES = {int(state): state for state in VmState}
 
 
-class _ConfigCache:
-    """What never changes in a row, parsed once by row seq: the config and the creation time (one
-    object each per row, which the API's conversion memos rely on). A seq is never reused
-    (AUTOINCREMENT), so entries need no invalidation; the size bound caps memory."""
+class _RowReader:
+    """Rows into `Vm`s, with what never changes in a row parsed once by row seq: the config and the
+    creation time (one object each per row, which the API's conversion memos rely on). A seq is
+    never reused (AUTOINCREMENT), so entries need no invalidation; the size bound caps memory."""
 
     def __init__(self, size: int = 20_000) -> None:
         self._size = size
-        self._fixed: OrderedDict[int, tuple[VmConfig, datetime]] = OrderedDict()
+        self._fixed: dict[int, tuple[VmConfig, datetime]] = {}
 
     def fixed(self, seq: int, config: str, created: str) -> tuple[VmConfig, datetime]:
         kept = self._fixed.get(seq)
         if kept is None:
-            kept = self._fixed[seq] = (
-                from_dict(VmConfig, json.loads(config)),
-                datetime.fromisoformat(created),
-            )
-            if len(self._fixed) > self._size:
-                self._fixed.popitem(last=False)
+            kept = (from_dict(VmConfig, json.loads(config)), datetime.fromisoformat(created))
+            bounded(self._fixed, self._size)[seq] = kept
         return kept
 
     def vm(self, row: Any) -> Vm:
