@@ -265,6 +265,7 @@ def plot_fleet_gateway(payload: dict[str, Any], path: Path) -> Path:
     latency: dict[str, dict[str, Any]] = payload["results"]["latency"]
     rpcs = list(latency)
     sides = [s for s in ("direct", "gateway", "gateway-pyvoy") if s in latency[rpcs[0]]]
+    labels = [textwrap.fill(rpc, 14) for rpc in rpcs]
     fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(13, 5))
     width = 0.8 / len(sides)
     for i, side in enumerate(sides):
@@ -273,7 +274,7 @@ def plot_fleet_gateway(payload: dict[str, Any], path: Path) -> Path:
         p99 = [latency[rpc][side]["p99_ms"] for rpc in rpcs]
         ax.bar(xs, p50, width, label=f"{side} p50", color=GATEWAY_SIDE_COLOR[side])
         ax.scatter(xs, p99, marker="_", s=200, color="black", zorder=3, label="p99" if i == 0 else None)
-    ax.set_xticks(range(len(rpcs)), [textwrap.fill(rpc, 14) for rpc in rpcs], fontsize=8)
+    ax.set_xticks(range(len(rpcs)), labels, fontsize=8)
     ax.set_ylabel("ms per call, one client, interleaved")
     ax.set_title("Straight to the host and through a gateway")
     ax.grid(True, axis="y", alpha=0.3)
@@ -286,7 +287,7 @@ def plot_fleet_gateway(payload: dict[str, Any], path: Path) -> Path:
         for x, ratio in zip(xs, ratios, strict=True):
             ax_ratio.annotate(f"{ratio:.2f}", (x, ratio), fontsize=7, ha="center", va="bottom")
     ax_ratio.axhline(1.5, color="tab:red", linestyle="--", label="target 1.5")
-    ax_ratio.set_xticks(range(len(rpcs)), [textwrap.fill(rpc, 14) for rpc in rpcs], fontsize=8)
+    ax_ratio.set_xticks(range(len(rpcs)), labels, fontsize=8)
     ax_ratio.set_ylabel("gateway p50 / direct p50")
     ax_ratio.set_title("What a gateway costs")
     ax_ratio.set_ylim(bottom=0)
