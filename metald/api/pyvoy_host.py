@@ -61,7 +61,7 @@ def exec_envoy(settings: Settings, run: str) -> NoReturn:
     except ImportError:
         raise ConfigError("server = pyvoy needs the pyvoy package: pip install pyvoy==1.3.0") from None
     host, port = settings.host_port
-    server = pyvoy.PyvoyServer(
+    server = pyvoy.PyvoyServer(  # asyncio, not pyvoy's default uvloop (docs/operations.md says why)
         ENTRY, address=host, port=port, loop="asyncio", worker_threads=1, lifespan=True
     )
     config = server.get_envoy_config()
