@@ -94,8 +94,11 @@ class SqliteVmRecords:
     ) -> list[Vm]:
         where, params = _filter(customer_id, states)
         sql = f"SELECT {_COLUMNS} FROM vms WHERE {where} AND seq > ? ORDER BY seq LIMIT ?"
-        rows = await self._db.read(sql, (*params, after_seq, limit))
-        return [self._rows.vm(r) for r in rows]
+
+        async def read() -> list[Vm]:
+            return [self._rows.vm(r) for r in await self._db.read(sql, (*params, after_seq, limit))]
+
+        return await self._reads.page((customer_id, tuple(states), after_seq, limit), read)
 
     async def count(self, customer_id: str, states: Sequence[VmState]) -> int:
         where, params = _filter(customer_id, states)

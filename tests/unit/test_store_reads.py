@@ -43,6 +43,11 @@ def counts(hold: bool = False) -> Reading[int]:
     return Reading(lambda number: number, hold)
 
 
+def pages(size: int = 2, hold: bool = False) -> Reading[list[Vm]]:
+    """Pages of `size` fresh VMs, named after the read that made them (vm_1_0, vm_1_1, ...)."""
+    return Reading(lambda number: [_vm(f"vm_{number}_{i}") for i in range(size)], hold)
+
+
 async def test_a_record_is_read_once_until_its_write_and_handed_out_as_copies() -> None:
     reads, read = RecordReads(), record(_vm())
     first = await reads.record("vm_a", read)
@@ -97,6 +102,58 @@ async def test_counts_are_kept_per_filter_until_any_write() -> None:
     with reads.writing("vm_a"):
         pass
     assert await reads.count("acme", (VmState.RUNNING,), counting) == 4
+
+
+async def test_a_page_is_kept_per_query_until_any_write_and_handed_out_as_copies() -> None:
+    reads, paging = RecordReads(), pages()
+    key = ("acme", (VmState.SHUTDOWN,), 0, 51)
+    first = await reads.page(key, paging)
+    second = await reads.page(key, paging)
+    assert paging.reads == 1 and first == second
+    assert all(a is not b for a, b in zip(first, second, strict=True))
+    second[0].state = VmState.RUNNING  # a caller changing its copy changes nothing kept
+    first[1].state = VmState.RUNNING  # nor does the reader whose read filled the cache
+    assert [vm.state for vm in await reads.page(key, paging)] == [VmState.CREATED] * 2
+    for other in (
+        ("acme", (VmState.SHUTDOWN,), 7, 51),
+        ("acme", (), 0, 51),
+        ("globex", (VmState.SHUTDOWN,), 0, 51),
+    ):
+        await reads.page(other, paging)
+    assert paging.reads == 4  # each query its own page
+    with reads.writing("vm_elsewhere"):  # any write may move a VM into or out of any page
+        pass
+    assert (await reads.page(key, paging))[0].vm_id == "vm_5_0"
+
+
+async def test_a_page_read_while_a_write_ran_is_not_kept() -> None:
+    reads, paging = RecordReads(), pages(hold=True)
+    key = ("acme", (), 0, 51)
+    held = asyncio.ensure_future(reads.page(key, paging))
+    await asyncio.sleep(0)
+    with reads.writing("vm_a"):
+        pass
+    paging.release.set()
+    assert (await held)[0].vm_id == "vm_1_0"
+    assert (await reads.page(key, paging))[0].vm_id == "vm_2_0"
+    assert (await reads.page(key, paging))[0].vm_id == "vm_2_0"
+
+
+async def test_kept_pages_are_bounded_by_rows() -> None:
+    reads = RecordReads(page_rows=5)
+    keys = [("acme", (), after, 3) for after in (0, 10, 20)]
+    for key in keys[:2]:
+        await reads.page(key, pages(size=2))
+    third = pages(size=2)
+    await reads.page(keys[2], third)  # 6 rows: the oldest page goes
+    again = [pages(size=2) for _ in keys]
+    for key, paging in zip(keys[::-1], again, strict=True):
+        await reads.page(key, paging)
+    assert [paging.reads for paging in again] == [0, 0, 1]  # the third and second kept, the first dropped
+    too_big = pages(size=6)
+    await reads.page(("acme", (), 99, 6), too_big)
+    await reads.page(("acme", (), 99, 6), too_big)
+    assert too_big.reads == 2  # a page larger than the bound is never kept
 
 
 async def test_the_kept_answers_are_bounded() -> None:
