@@ -120,11 +120,12 @@ class LinuxNetwork:
         from one netlink dump of the VM's namespace; None if the namespace is gone."""
         if not _planned(vm):
             return None
-        links = await self._links.links(names.vm_netns(vm.vm_id))
+        planned = plumbing.nic_links(vm)
+        links = await self._links.links(names.vm_netns(vm.vm_id), frozenset(nic.tap for nic in planned))
         if links is None:
             return None
         taps = {link.name: link for link in links}
-        nics = [nic for nic in plumbing.nic_links(vm) if nic.tap in taps]
+        nics = [nic for nic in planned if nic.tap in taps]
         counters = TrafficCounters(
             sum(taps[nic.tap].tx_bytes for nic in nics), sum(taps[nic.tap].rx_bytes for nic in nics)
         )

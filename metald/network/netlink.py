@@ -22,7 +22,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,47 +62,59 @@ def dump_request(seq: int) -> bytes:
     return _NLMSG.pack(_NLMSG.size + len(body), RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
-def parse(data: bytes) -> tuple[list[Link], bool]:
-    """Links in a chunk of the dump answer, and whether the dump is done."""
+def parse(data: bytes, names: Collection[str] | None = None) -> tuple[list[Link], bool]:
+    """Links in a chunk of the dump answer (only those called one of `names`, if given: the others
+    are skipped at their first attribute), and whether the dump is done."""
     links: list[Link] = []
-    for kind, payload in _messages(data):
+    for kind, start, end in _messages(data):
         if kind == NLMSG_DONE:
             return links, True
         if kind == NLMSG_ERROR:
-            code = -struct.unpack_from("=i", payload)[0]
+            code = -struct.unpack_from("=i", data, start)[0]
             if code:
                 raise OSError(code, f"rtnetlink: {os.strerror(code)}")
             continue
-        if kind == RTM_NEWLINK:
-            links.append(_link(payload))
+        if kind == RTM_NEWLINK and (link := _link(data, start, end, names)) is not None:
+            links.append(link)
     return links, False
 
 
-def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+def _messages(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(type, start, end) of each message's payload in `data`."""
     offset = 0
     while offset + _NLMSG.size <= len(data):
         length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
         if length < _NLMSG.size:
             break
-        yield kind, data[offset + _NLMSG.size : offset + length]
+        yield kind, offset + _NLMSG.size, min(offset + length, len(data))
         offset += _align(length)
 
 
-def _link(payload: bytes) -> Link:
-    _family, _type, _index, flags, _change = _IFINFO.unpack_from(payload)
-    name, rx, tx = "", 0, 0
-    offset = _IFINFO.size
-    while offset + _RTATTR.size <= len(payload):
-        length, kind = _RTATTR.unpack_from(payload, offset)
+def _link(data: bytes, start: int, end: int, names: Collection[str] | None) -> Link | None:
+    """The name, flags and counters of one RTM_NEWLINK, None if not one of `names`. The kernel
+    sends IFLA_IFNAME first and IFLA_STATS64 about 30 attributes in: the walk ends there and
+    slices no other value."""
+    if start + _IFINFO.size > end:
+        return None
+    _family, _type, _index, flags, _change = _IFINFO.unpack_from(data, start)
+    name, rx, tx = None, 0, 0
+    offset = start + _IFINFO.size
+    while offset + _RTATTR.size <= end:
+        length, kind = _RTATTR.unpack_from(data, offset)
         if length < _RTATTR.size:
             break
-        value = payload[offset + _RTATTR.size : offset + length]
         if kind == IFLA_IFNAME:
-            name = value.split(b"\0", 1)[0].decode(errors="replace")
-        elif kind == IFLA_STATS64 and len(value) >= _STATS64.size:
-            _rx_packets, _tx_packets, rx, tx = _STATS64.unpack_from(value)
+            name = data[offset + _RTATTR.size : offset + length].split(b"\0", 1)[0].decode(errors="replace")
+            if names is not None and name not in names:
+                return None
+        elif kind == IFLA_STATS64 and length - _RTATTR.size >= _STATS64.size:
+            _rx_packets, _tx_packets, rx, tx = _STATS64.unpack_from(data, offset + _RTATTR.size)
+            if name is not None:
+                break
         offset += _align(length)
-    return Link(name, bool(flags & IFF_UP), rx, tx)
+    if names is not None and name is None:
+        return None
+    return Link(name or "", bool(flags & IFF_UP), rx, tx)
 
 
 def _align(length: int) -> int:
@@ -115,17 +127,19 @@ class LinkReader:
     def __init__(self, netns_dir: Path = NETNS_RUN_DIR) -> None:
         self._dir = netns_dir
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
-        self._inflight: dict[str, asyncio.Future[list[Link]]] = {}
+        self._inflight: dict[tuple[str, frozenset[str] | None], asyncio.Future[list[Link]]] = {}
         self._kept: dict[str, tuple[socket.socket, tuple[int, int]]] = {}  # name: socket, (dev, inode)
         self._libc = ctypes.CDLL(None, use_errno=True)
 
-    async def links(self, netns: str) -> list[Link] | None:
-        """Every link of a named namespace, or None if the namespace does not exist."""
-        future = self._inflight.get(netns)
+    async def links(self, netns: str, names: frozenset[str] | None = None) -> list[Link] | None:
+        """The links of a named namespace (those called one of `names`, if given), or None if the
+        namespace does not exist."""
+        key = netns, names
+        future = self._inflight.get(key)
         if future is None:
-            future = asyncio.ensure_future(self._read(netns))
-            self._inflight[netns] = future
-            future.add_done_callback(lambda _: self._inflight.pop(netns, None))
+            future = asyncio.ensure_future(self._read(netns, names))
+            self._inflight[key] = future
+            future.add_done_callback(lambda _: self._inflight.pop(key, None))
         try:
             return await asyncio.shield(future)
         except NetnsGone:
@@ -142,7 +156,7 @@ class LinkReader:
             self.forget(netns)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _read(self, netns: str) -> list[Link]:
+    async def _read(self, netns: str, names: frozenset[str] | None) -> list[Link]:
         sock = await self._socket(netns)
         try:
             loop = asyncio.get_running_loop()
@@ -150,7 +164,7 @@ class LinkReader:
             links: list[Link] = []
             done = False
             while not done:
-                chunk, done = parse(await loop.sock_recv(sock, _RECV_BYTES))
+                chunk, done = parse(await loop.sock_recv(sock, _RECV_BYTES), names)
                 links += chunk
             return links
         except BaseException:  # a half-read answer must not be read as the next one's

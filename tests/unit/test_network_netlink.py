@@ -44,6 +44,15 @@ def test_parse_reads_names_flags_and_64_bit_counters() -> None:
     assert netlink.parse(_message(netlink.NLMSG_DONE, b"\0" * 4)) == ([], True)
 
 
+def test_parse_keeps_only_the_links_asked_for() -> None:
+    chunk = _newlink("lo", 0x49, 5, 5) + _newlink("tap_0a1b2c3d", 0x1043, 9, 8) + _newlink("veth_x", 1, 1, 1)
+    assert netlink.parse(chunk, frozenset({"tap_0a1b2c3d", "tap_other"})) == (
+        [Link("tap_0a1b2c3d", True, 9, 8)],
+        False,
+    )
+    assert netlink.parse(chunk, frozenset()) == ([], False)
+
+
 def test_parse_raises_a_netlink_error() -> None:
     with pytest.raises(OSError, match="rtnetlink"):
         netlink.parse(_message(netlink.NLMSG_ERROR, struct.pack("=i", -1) + b"\0" * 16))
@@ -70,7 +79,7 @@ async def test_concurrent_reads_of_one_namespace_share_one_dump(
     calls: list[str] = []
     release = asyncio.Event()
 
-    async def fake_read(netns: str) -> list[Link]:
+    async def fake_read(netns: str, names: frozenset[str] | None) -> list[Link]:
         calls.append(netns)
         await asyncio.wait_for(release.wait(), 5)
         if netns == "gone":
