@@ -60,18 +60,28 @@ class Queries(Launch):
         return VmDetails(vm, self.backend_type, runtime, metrics, attachment)
 
     async def _read_live(self, vm: Vm) -> Live:
-        """The three reads at once: their round trips overlap (QEMU's query-status and
-        query-blockstats travel pipelined on its one QMP connection); metrics only with a runtime."""
+        """The three reads, overlapping: QEMU's counters (a QMP round trip) are asked first and
+        read last; the netlink dump and the runtime (QMP only while QEMU is not known to run) go
+        in between, without a task of their own. Metrics only with a runtime."""
         vm_id = vm.vm_id
         active = vm.state in ACTIVE_STATES
         network = self._networked(vm)
-        runtime, metrics, attachment = await asyncio.gather(
-            _known(vm_id, "runtime", lambda: self._backend.runtime(vm_id), None) if active else _none(),
-            _known(vm_id, "metrics", lambda: self._backend.metrics(vm_id), VmMetrics())
+        metrics_read = (
+            asyncio.ensure_future(_known(vm_id, "metrics", lambda: self._backend.metrics(vm_id), VmMetrics()))
             if active
-            else _none(),
-            _known(vm_id, "network", lambda: network.describe(vm), None) if network else _none(),
+            else None
         )
+        try:
+            attachment = (
+                await _known(vm_id, "network", lambda: network.describe(vm), None) if network else None
+            )
+            runtime = (
+                await _known(vm_id, "runtime", lambda: self._backend.runtime(vm_id), None) if active else None
+            )
+            metrics = await metrics_read if metrics_read is not None else None
+        finally:
+            if metrics_read is not None:
+                metrics_read.cancel()  # (done by then, unless this read itself was cancelled)
         if runtime is None or metrics is None:
             metrics = VmMetrics()
         if attachment is not None:
@@ -102,10 +112,6 @@ async def _known(vm_id: str, what: str, read: Callable[[], Awaitable[T]], unknow
     except Exception as exc:
         log.debug("%s of %s not readable now: %s", what, vm_id, exc, extra={"vm_id": vm_id})
         return unknown
-
-
-async def _none() -> None:
-    """A read that is not made."""
 
 
 def _read_chunk(path: os.PathLike[str], offset: int, limit: int) -> ConsoleChunk:

@@ -12,7 +12,6 @@ import functools
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 from metald.backends.qemu import control as qemu_control
 from metald.backends.qemu import layout, snapshot
@@ -317,8 +316,7 @@ class QemuBackend(kit.VmmBackend[Qmp]):
         async def politely(vm: kit.RunningVm[Qmp]) -> str | None:
             with contextlib.suppress(MetaldError):
                 if await vm.watch.poll():  # else the power button would be lost: quit at once
-                    status = await vm.control.execute("query-status")
-                    if status.get("status") == "paused":
+                    if await vm.control.status() == "paused":
                         await vm.control.execute("cont")
                     await vm.control.execute("system_powerdown")
                     if await self._vms.ended(vm, timeout):
@@ -332,14 +330,14 @@ class QemuBackend(kit.VmmBackend[Qmp]):
     # ---- observing ----------------------------------------------------------------------------
 
     async def _runtime(self, vm: kit.RunningVm[Qmp]) -> kit.VmRuntime:
-        status: dict[str, Any] = {}
+        status = ""
         with contextlib.suppress(MetaldError):
-            status = await vm.control.execute("query-status", timeout=2.0)
+            status = await vm.control.status(timeout=2.0)
         return kit.VmRuntime(
             pid=vm.vmm.pid,
             socket_path=str(vm.vm_dir / layout.QMP_SOCKET),
             guest_ready=await vm.watch.poll(),
-            paused=status.get("status") == "paused",
+            paused=status == "paused",
             extra={"accelerator": vm.control.accel, "cpu_model": vm.control.cpu_model}
             | ({"warm_pool_slot": vm.control.vmm_name} if vm.control.vmm_name else {}),
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,9 +55,22 @@ class Qmp:
     async def execute(
         self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0
     ) -> Any:
-        assert self.client is not None and self.vm is not None
-        try:
+        assert self.client is not None
+        with self._failing(command):
             return await self.client.execute(command, arguments, timeout=timeout)
+
+    async def status(self, timeout: float = 10.0) -> str:
+        """QEMU's run state (QmpClient.status: no query while it is known to run)."""
+        assert self.client is not None
+        with self._failing("query-status"):
+            return await self.client.status(timeout=timeout)
+
+    @contextlib.contextmanager
+    def _failing(self, command: str) -> Iterator[None]:
+        """QMP's failures as the VMM's."""
+        assert self.vm is not None
+        try:
+            yield
         except (QmpError, QmpClosedError, TimeoutError) as e:
             raise vmm_failed(self.vm.vm_id, f"QMP {command} failed: {e}") from e
 
@@ -82,8 +95,7 @@ async def awaiting_restore(control: Qmp) -> bool:
     """Whether the QEMU still waits for the device state it was started to load."""
     assert control.client is not None
     with contextlib.suppress(QmpError, QmpClosedError, TimeoutError):
-        status: dict[str, Any] = await control.client.execute("query-status")
-        return status.get("status") == "inmigrate"
+        return await control.client.status() == "inmigrate"
     return False
 
 

@@ -1,4 +1,10 @@
-"""A small asyncio QMP client: commands matched to replies by id, events handed to a callback."""
+"""A small asyncio QMP client: commands matched to replies by id, events handed to a callback.
+
+It also knows when QEMU runs without asking: QEMU writes an event on a monitor before its answer
+to any later command there, and every change of its run state away from "running" (stop, pause,
+shutdown, panic, suspend, migration) or back to it sends one (STOP, RESUME, SUSPEND, ...). So a
+query-status answer of "running" with no event read after it, or a RESUME, stays true until the
+next event of any kind."""
 
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ class QmpClient:
         self._on_event = on_event
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 0
+        self._events = 0  # events read so far
+        self._running = False  # QEMU runs, and no event has been read since we learnt it
         self._reader_task: asyncio.Task[None] | None = None
         self._send_lock = asyncio.Lock()
 
@@ -72,13 +80,16 @@ class QmpClient:
             while line := await self._reader.readline():
                 msg = json.loads(line)
                 if "event" in msg:
+                    self._events += 1
+                    self._running = msg["event"] == "RESUME"
                     if self._on_event is not None:
                         self._on_event(msg)
                 elif (fut := self._pending.pop(msg.get("id", -1), None)) is not None and not fut.done():
-                    fut.set_result(msg)
+                    fut.set_result((msg, self._events))
         except (ConnectionError, OSError, ValueError):
             pass
         finally:
+            self._running = False
             for fut in self._pending.values():
                 if not fut.done():
                     fut.set_exception(QmpClosedError("QMP connection closed"))
@@ -87,17 +98,28 @@ class QmpClient:
     async def execute(
         self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float = 10.0
     ) -> Any:
-        return await self._call(command, arguments, timeout, fd=None)
+        return (await self._call(command, arguments, timeout, fd=None))[0]
+
+    async def status(self, *, timeout: float = 10.0) -> str:
+        """QEMU's run state ("running", "paused", ...): no query-status while it is known to run."""
+        if self._running:
+            return "running"
+        answer, events = await self._call("query-status", None, timeout, fd=None)
+        status = str(answer.get("status", ""))
+        if events == self._events:  # no event came after the answer
+            self._running = status == "running"
+        return status
 
     async def execute_with_fd(
         self, command: str, arguments: dict[str, Any] | None, fd: int, *, timeout: float = 10.0
     ) -> Any:
         """Send `command` with `fd` attached (SCM_RIGHTS), as `getfd` and `add-fd` need."""
-        return await self._call(command, arguments, timeout, fd=fd)
+        return (await self._call(command, arguments, timeout, fd=fd))[0]
 
     async def _call(
         self, command: str, arguments: dict[str, Any] | None, timeout: float, fd: int | None
-    ) -> Any:
+    ) -> tuple[Any, int]:
+        """The answer to `command`, and how many events had been read when it came."""
         if self._reader_task is not None and self._reader_task.done():
             raise QmpClosedError("QMP connection closed")
         self._next_id += 1
@@ -106,7 +128,7 @@ class QmpClient:
         if arguments:
             msg["arguments"] = arguments
         data = json.dumps(msg).encode() + b"\n"
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[tuple[dict[str, Any], int]] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = fut
         try:
             async with self._send_lock:
@@ -115,7 +137,7 @@ class QmpClient:
                     await self._writer.drain()
                 else:
                     await self._send_with_fd(data, fd)
-            reply = await asyncio.wait_for(fut, timeout)
+            reply, events = await asyncio.wait_for(fut, timeout)
         except (ConnectionError, OSError) as e:
             raise QmpClosedError(str(e)) from e
         finally:
@@ -123,7 +145,7 @@ class QmpClient:
         if "error" in reply:
             err = reply["error"]
             raise QmpError(f"{command}: {err.get('class')}: {err.get('desc')}")
-        return reply.get("return")
+        return reply.get("return"), events
 
     async def _send_with_fd(self, data: bytes, fd: int) -> None:
         """Ancillary data needs sendmsg on the socket itself: once the stream's buffer is empty (so
